@@ -1,0 +1,430 @@
+"""The decoding engine: the one primitive that specialize/, the router and serving share.
+
+A request fans out into weighted *branches*, each a (prompt, adapter) pair. All
+branches of all requests in a batch are decoded together in one forward pass
+per step (peft mixed-adapter batches, left padding, a shared KV cache). At each
+step every request's branch distributions are combined by its rule into one
+next token, which every branch of that request then appends:
+
+- ``single``: one branch, its own distribution;
+- ``mixture``: sum_j w_j p_j(y) with the weights normalised (retrieval
+  marginalization over documents, or a mixture of experts);
+- ``contrast``: log p_a(y) - w_b log p_b(y) over the tokens with
+  p_a(y) >= alpha * max p_a (contrastive decoding, Li et al. 2023).
+
+Sampling uses one torch.Generator per request, so a request's tokens never
+depend on what else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+BASE = "__base__"  # peft's name for "no adapter" in mixed batches
+Rule = Literal["single", "mixture", "contrast"]
+FinishReason = Literal["stop", "length", "eos"]
+
+
+class EngineError(ValueError):
+    """A request or adapter the engine refuses; the message says why."""
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One prompt decoded under one adapter (None = the base model)."""
+
+    prompt: str | Sequence[int]
+    adapter: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings of one request. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    alpha: float = 0.1  # contrast: plausibility threshold relative to the expert's top token
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.alpha <= 1:
+            raise EngineError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    branches: tuple[Branch, ...]
+    rule: Rule = "single"
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        n = len(self.branches)
+        if n == 0:
+            raise EngineError("a request needs at least one branch")
+        if self.rule == "single" and n != 1:
+            raise EngineError(f"rule 'single' takes exactly one branch, got {n}")
+        if self.rule == "contrast" and n != 2:
+            raise EngineError(f"rule 'contrast' takes two branches (expert, amateur), got {n}")
+        if self.rule == "mixture" and any(b.weight <= 0 or not math.isfinite(b.weight) for b in self.branches):
+            raise EngineError("mixture weights must be positive and finite")
+        if self.rule not in ("single", "mixture", "contrast"):
+            raise EngineError(f"unknown rule {self.rule!r}: use single, mixture or contrast")
+
+    @classmethod
+    def single(cls, prompt: str | Sequence[int], adapter: str | None = None, sampling: Sampling | None = None) -> "GenerationRequest":
+        return cls((Branch(prompt, adapter),), "single", sampling or Sampling())
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """New text of one request after a decoding step; ``finish_reason`` set on its last event."""
+
+    index: int
+    delta: str
+    token_id: int | None
+    finish_reason: FinishReason | None = None
+
+
+def combine(logprobs: "torch.Tensor", rule: Rule, weights: Sequence[float], alpha: float = 0.1) -> "torch.Tensor":
+    """Combine branch log-probabilities [n_branches, vocab] into one score vector [vocab].
+
+    The scores are log-space: for ``single`` and ``mixture`` a log-distribution,
+    for ``contrast`` the contrastive score with implausible tokens at -inf.
+    """
+    import torch
+
+    if rule == "single":
+        return logprobs[0]
+    if rule == "mixture":
+        w = torch.tensor(weights, dtype=logprobs.dtype, device=logprobs.device)
+        log_w = torch.log(w / w.sum()).unsqueeze(1)
+        return torch.logsumexp(logprobs + log_w, dim=0)
+    if rule == "contrast":
+        expert, amateur = logprobs[0], logprobs[1]
+        plausible = expert >= expert.max() + math.log(alpha) if alpha > 0 else torch.ones_like(expert, dtype=torch.bool)
+        score = expert - weights[1] * amateur
+        return torch.where(plausible, score, torch.full_like(score, -math.inf))
+    raise EngineError(f"unknown rule {rule!r}")
+
+
+def pick_token(scores: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None") -> int:
+    """Greedy argmax, or a temperature / top-p sample drawn with the request's own generator."""
+    import torch
+
+    if sampling.temperature == 0:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        keep = cumulative - sorted_probs < sampling.top_p  # always keeps the top token
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _TextTracker:
+    """Decodes one request's tokens incrementally, applying stop strings.
+
+    Streaming withholds text that could still become a stop string and a
+    trailing partial UTF-8 character, so streamed deltas concatenate to exactly
+    the non-streamed text.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def add(self, token_id: int) -> bool:
+        """Append a token; True when a stop string has appeared (text cut before it)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in self.stop:
+            at = self.text.find(stop)
+            if at != -1:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def delta(self, final: bool) -> str:
+        safe = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                safe = len(self.text.rstrip("\ufffd"))
+            for stop in self.stop:
+                for k in range(min(len(stop) - 1, safe), 0, -1):
+                    if self.text[:safe].endswith(stop[:k]):
+                        safe -= k
+                        break
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out
+
+
+@dataclass
+class _Row:
+    request: int
+    ids: list[int]
+    adapter: str
+
+
+class Engine:
+    """Batched branch decoding over one base model with any number of LoRA adapters.
+
+    ``model`` is a causal LM (or a peft model wrapping one); adapters are loaded
+    with :meth:`load_adapter`. Calls are serialised by a lock: one batch at a time.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, base_label: str = "base model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_label = base_label
+        self.lock = threading.RLock()
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = self._eos_ids()
+
+    # -- adapters ---------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        config = getattr(self.model, "peft_config", None)
+        return sorted(config) if config else []
+
+    def base_linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every linear module of the base, by module name."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        shapes: dict[str, tuple[int, int]] = {}
+        for name, module in base.named_modules():
+            if ".lora_" in name or name.endswith(".base_layer"):
+                continue  # peft's own sub-modules
+            inner = getattr(module, "base_layer", module)
+            if hasattr(inner, "in_features") and hasattr(inner, "out_features"):
+                shapes[name] = (int(inner.out_features), int(inner.in_features))
+        return shapes
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT adapter folder under ``name``, after checking that it fits this base."""
+        from carve.adapters.validation import check_adapter_files, check_adapter_fits
+
+        if name == BASE or not name:
+            raise EngineError(f"{name!r} is reserved and cannot name an adapter")
+        with self.lock:
+            if name in self.adapters:
+                raise EngineError(f"adapter {name!r} is already loaded")
+            info = check_adapter_files(Path(path))
+            check_adapter_fits(info, self.base_linear_shapes(), base_label=self.base_label)
+            from peft import PeftModel
+
+            if hasattr(self.model, "peft_config"):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.model.eval()
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self.adapters:
+                raise EngineError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
+            if len(self.adapters) == 1:
+                # peft cannot delete its last adapter: unwrap back to the bare base.
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
+
+    # -- decoding ---------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Decode every request to completion; one Completion per request, in order."""
+        ids: list[list[int]] = [[] for _ in requests]
+        reasons: list[FinishReason | None] = [None] * len(requests)
+        texts = [""] * len(requests)
+        prompt_tokens = [0] * len(requests)
+        for event in self._decode(requests, prompt_tokens):
+            texts[event.index] += event.delta
+            if event.token_id is not None:
+                ids[event.index].append(event.token_id)
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+        return [Completion(texts[i], ids[i], reasons[i] or "length", prompt_tokens[i]) for i in range(len(requests))]
+
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
+        """Yield each request's new text after every decoding step (token streaming)."""
+        yield from self._decode(requests, [0] * len(requests))
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=not _has_bos(self.tokenizer, prompt))["input_ids"])
+        return [int(t) for t in prompt]
+
+    def _eos_ids(self) -> set[int]:
+        eos: set[int] = set()
+        candidates: list[Any] = [getattr(self.tokenizer, "eos_token_id", None)]
+        gen_config = getattr(self.model, "generation_config", None)
+        if gen_config is not None:
+            candidates.append(gen_config.eos_token_id)
+        for candidate in candidates:
+            if isinstance(candidate, int):
+                eos.add(candidate)
+            elif isinstance(candidate, (list, tuple)):
+                eos.update(int(c) for c in candidate)
+        return eos
+
+    def _check_adapters(self, requests: Sequence[GenerationRequest]) -> None:
+        loaded = set(self.adapters)
+        for i, request in enumerate(requests):
+            for branch in request.branches:
+                if branch.adapter is not None and branch.adapter not in loaded:
+                    raise EngineError(
+                        f"request {i}: adapter {branch.adapter!r} is not loaded (loaded: {', '.join(sorted(loaded)) or 'none'})"
+                    )
+
+    def _decode(self, requests: Sequence[GenerationRequest], prompt_tokens: list[int]) -> Iterator[StreamEvent]:
+        import torch
+
+        if not requests:
+            return
+        self._check_adapters(requests)
+        with self.lock, torch.inference_mode():
+            rows: list[_Row] = []
+            for i, request in enumerate(requests):
+                for branch in request.branches:
+                    token_ids = self.encode(branch.prompt)
+                    if not token_ids:
+                        raise EngineError(f"request {i}: empty prompt")
+                    rows.append(_Row(i, token_ids, branch.adapter or BASE))
+                prompt_tokens[i] = sum(len(r.ids) for r in rows if r.request == i)
+            device = _model_device(self.model)
+            generators = [_generator(r.sampling.seed) for r in requests]
+            trackers = [_TextTracker(self.tokenizer, r.sampling.stop) for r in requests]
+            steps = [0] * len(requests)
+            active = list(range(len(requests)))  # requests still decoding
+            row_request = [row.request for row in rows]  # owner of each row of the current batch
+            row_of = _rows_by_request(row_request)
+
+            width = max(len(r.ids) for r in rows)
+            pad = int(self.tokenizer.pad_token_id)
+            input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
+            attention = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            adapter_names = [r.adapter for r in rows]
+            cache = _new_cache(self.model)
+            logits = self._forward(input_ids, attention, positions, cache, adapter_names)
+
+            while True:
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                next_token: dict[int, int] = {}
+                events: list[StreamEvent] = []
+                finished: list[int] = []
+                for req in active:
+                    request = requests[req]
+                    branch_rows = row_of[req]
+                    scores = combine(logprobs[branch_rows], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+                    token = pick_token(scores, request.sampling, generators[req])
+                    steps[req] += 1
+                    reason: FinishReason | None = None
+                    if token in self.eos_ids:
+                        reason = "eos"
+                    elif trackers[req].add(token):
+                        reason = "stop"
+                    elif steps[req] >= request.sampling.max_new_tokens:
+                        reason = "length"
+                    delta = trackers[req].delta(final=reason is not None)
+                    events.append(StreamEvent(req, delta, token, reason))
+                    if reason:
+                        finished.append(req)
+                    else:
+                        next_token[req] = token
+                yield from events
+                if finished:
+                    active = [r for r in active if r not in finished]
+                if not active:
+                    break
+                if finished:  # drop the finished requests' rows from the batch and the cache
+                    keep = [pos for req in active for pos in row_of[req]]
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    attention = attention[index]
+                    positions = positions[index]
+                    adapter_names = [adapter_names[p] for p in keep]
+                    row_request = [row_request[p] for p in keep]
+                    row_of = _rows_by_request(row_request)
+                step_ids = torch.tensor([[next_token[req]] for req in row_request], device=device)
+                attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+                positions = positions[:, -1:] + 1
+                logits = self._forward(step_ids, attention, positions, cache, adapter_names)
+
+    def _forward(self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", cache: Any, adapter_names: list[str]) -> "torch.Tensor":
+        kwargs: dict[str, Any] = dict(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if hasattr(self.model, "peft_config"):
+            kwargs["adapter_names"] = adapter_names
+        elif any(name != BASE for name in adapter_names):
+            raise EngineError("no adapter is loaded")
+        return self.model(**kwargs).logits[:, -1, :]
+
+
+def _rows_by_request(row_request: list[int]) -> dict[int, list[int]]:
+    """Request index -> positions of its rows in the batch."""
+    rows: dict[int, list[int]] = {}
+    for position, request in enumerate(row_request):
+        rows.setdefault(request, []).append(position)
+    return rows
+
+
+def _has_bos(tokenizer: Any, prompt: str) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and prompt.startswith(bos)
+
+
+def _generator(seed: int | None) -> "torch.Generator":
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    return generator
+
+
+def _model_device(model: Any) -> "torch.device":
+    return next(model.parameters()).device
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return DynamicCache(config=base.config)

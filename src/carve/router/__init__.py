@@ -1,0 +1,1 @@
+"""carve.router: turn a request into a list of (adapter, weight) branches."""
