@@ -1,0 +1,74 @@
+"""The `carve` command line. Each command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Carve self-specialized experts out of one base model and serve them.")
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def models(
+    path: List[str] = typer.Argument(None, help="Local Hugging Face folders to check as well."),
+    cache: Optional[Path] = typer.Option(None, "--cache", envvar="CARVE_MODEL_CACHE", help="Where converted models live."),
+) -> None:
+    """List the base models Carve knows and whether each is ready."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from carve.platform.models import DEFAULT_MODEL, model_statuses
+
+    table = Table("model", "kind", "state", "path")
+    for status in model_statuses(cache, tuple(path or ())):
+        label = status.name + (" (default)" if status.name == DEFAULT_MODEL else "")
+        table.add_row(label, status.kind, status.state, status.path)
+    Console().print(table)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to ask."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model name or Hugging Face folder."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="A PEFT LoRA adapter folder."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    stream: bool = typer.Option(True, help="Print tokens as they come."),
+) -> None:
+    """Generate a completion from a base model, optionally with an adapter."""
+    from carve.adapters.validation import AdapterValidationError
+    from carve.platform.engine import EngineError, GenerationRequest, Sampling
+    from carve.platform.loading import format_user_prompt, open_engine
+    from carve.platform.models import ModelError
+
+    try:
+        engine, _, _ = open_engine(model, [("cli", adapter)] if adapter else [])
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        text = prompt if raw else format_user_prompt(engine.tokenizer, prompt)
+        request = GenerationRequest.single(text, "cli" if adapter else None, sampling)
+        if stream:
+            for event in engine.stream([request]):
+                typer.echo(event.delta, nl=False)
+            typer.echo()
+        else:
+            typer.echo(engine.generate([request])[0].text)
+    except (ModelError, AdapterValidationError, EngineError) as exc:
+        raise fail(str(exc))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
