@@ -66,6 +66,12 @@ def generate(
         raise fail(str(exc))
 
 
+# carve adapters ... (the registry)
+from carve.adapters.cli import app as adapters_app  # noqa: E402
+
+app.add_typer(adapters_app, name="adapters")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
