@@ -72,6 +72,7 @@ class GenerationRequest:
     branches: tuple[Branch, ...]
     rule: Rule = "single"
     sampling: Sampling = field(default_factory=Sampling)
+    record_scores: bool = False  # keep every step's combined score vector (for inspection and tests)
 
     def __post_init__(self) -> None:
         n = len(self.branches)
@@ -97,6 +98,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    step_scores: list["torch.Tensor"] | None = None  # combined log-space scores per step, when recorded
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class StreamEvent:
     delta: str
     token_id: int | None
     finish_reason: FinishReason | None = None
+    scores: "torch.Tensor | None" = None  # the step's combined scores, when the request records them
 
 
 def combine(logprobs: "torch.Tensor", rule: Rule, weights: Sequence[float], alpha: float = 0.1) -> "torch.Tensor":
@@ -268,13 +271,16 @@ class Engine:
         reasons: list[FinishReason | None] = [None] * len(requests)
         texts = [""] * len(requests)
         prompt_tokens = [0] * len(requests)
+        scores: list[list[Any] | None] = [[] if r.record_scores else None for r in requests]
         for event in self._decode(requests, prompt_tokens):
             texts[event.index] += event.delta
             if event.token_id is not None:
                 ids[event.index].append(event.token_id)
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
-        return [Completion(texts[i], ids[i], reasons[i] or "length", prompt_tokens[i]) for i in range(len(requests))]
+            if event.scores is not None:
+                scores[event.index].append(event.scores)  # type: ignore[union-attr]
+        return [Completion(texts[i], ids[i], reasons[i] or "length", prompt_tokens[i], scores[i]) for i in range(len(requests))]
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
         """Yield each request's new text after every decoding step (token streaming)."""
@@ -358,7 +364,7 @@ class Engine:
                     elif steps[req] >= request.sampling.max_new_tokens:
                         reason = "length"
                     delta = trackers[req].delta(final=reason is not None)
-                    events.append(StreamEvent(req, delta, token, reason))
+                    events.append(StreamEvent(req, delta, token, reason, scores.clone() if request.record_scores else None))
                     if reason:
                         finished.append(req)
                     else:

@@ -1,0 +1,204 @@
+"""The decoding engine against the things it promises: batch invariance, exact
+branch combination, independent stopping, streaming, and adapter management."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from carve.adapters.validation import AdapterValidationError
+from carve.platform.engine import Branch, Engine, EngineError, GenerationRequest, Sampling
+from carve.platform.models import load_base, plan_load, resolve_model
+
+PROMPTS = [
+    "The patient was treated with",
+    "Gene expression",
+    "Question: Is metformin used for type 2 diabetes? Answer:",
+    "Revenue rose",
+    "1. Instruction: Name the disease.\n1. Input: The child had measles.\n2. Instruction:",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Engine:
+    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+    eng = Engine(model, tokenizer, base_label="tiny")
+    for name, path in tiny_adapters.items():
+        eng.load_adapter(name, path)
+    return eng
+
+
+def greedy(n: int = 12, stop: tuple[str, ...] = ()) -> Sampling:
+    return Sampling(max_new_tokens=n, stop=stop)
+
+
+def test_mixed_adapter_batch_is_token_identical_to_each_request_alone(engine: Engine) -> None:
+    adapters = [None, "alpha", "beta", "gamma", "alpha"]
+    requests = [GenerationRequest.single(p, a, greedy(14)) for p, a in zip(PROMPTS, adapters)]
+    batched = engine.generate(requests)
+    for request, together in zip(requests, batched):
+        alone = engine.generate([request])[0]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+    # the adapters really change the output, so the comparison above means something
+    outputs = {tuple(engine.generate([GenerationRequest.single(PROMPTS[0], a, greedy(14))])[0].token_ids) for a in [None, "alpha", "beta", "gamma"]}
+    assert len(outputs) == 4
+
+
+def _reference_logprobs(engine: Engine, prompt: str, adapter: str | None, generated: list[int]) -> torch.Tensor:
+    """One branch, alone, no padding, no KV cache: the full sequence re-run from scratch."""
+    ids = torch.tensor([engine.encode(prompt) + generated])
+    with torch.inference_mode():
+        if adapter is None:
+            with engine.model.disable_adapter():
+                logits = engine.model(input_ids=ids).logits[0, -1]
+        else:
+            logits = engine.model(input_ids=ids, adapter_names=[adapter]).logits[0, -1]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def test_mixture_equals_brute_force_reference(engine: Engine) -> None:
+    branches = (Branch(PROMPTS[0], "alpha", 0.2), Branch(PROMPTS[2], "beta", 0.5), Branch(PROMPTS[4], None, 0.3))
+    request = GenerationRequest(branches, "mixture", greedy(8), record_scores=True)
+    other = GenerationRequest.single(PROMPTS[1], "gamma", greedy(8))  # shares the batch, must not matter
+    result = engine.generate([other, request])[1]
+    assert result.step_scores is not None and len(result.step_scores) == 8
+    for step, scores in enumerate(result.step_scores):
+        so_far = result.token_ids[:step]
+        mixture = sum(b.weight * _reference_logprobs(engine, b.prompt, b.adapter, so_far).exp() for b in branches)
+        assert torch.allclose(scores.double().exp(), mixture, atol=1e-5)
+        assert int(mixture.argmax()) == result.token_ids[step]
+
+
+def test_contrast_equals_brute_force_reference(engine: Engine) -> None:
+    alpha = 0.1
+    branches = (Branch(PROMPTS[3], "beta"), Branch(PROMPTS[3], None))
+    request = GenerationRequest(branches, "contrast", Sampling(max_new_tokens=8, alpha=alpha), record_scores=True)
+    result = engine.generate([GenerationRequest.single(PROMPTS[0], None, greedy(3)), request])[1]
+    assert result.step_scores is not None
+    for step, scores in enumerate(result.step_scores):
+        so_far = result.token_ids[:step]
+        expert = _reference_logprobs(engine, PROMPTS[3], "beta", so_far)
+        amateur = _reference_logprobs(engine, PROMPTS[3], None, so_far)
+        plausible = expert.exp() >= alpha * expert.exp().max()
+        finite = torch.isfinite(scores)
+        assert torch.equal(finite, plausible)
+        assert torch.allclose(scores.double()[plausible], (expert - amateur)[plausible], atol=1e-5)
+        best = torch.where(plausible, expert - amateur, torch.full_like(expert, -math.inf))
+        assert int(best.argmax()) == result.token_ids[step]
+
+
+def test_stop_strings_end_rows_independently(engine: Engine) -> None:
+    free = engine.generate([GenerationRequest.single(PROMPTS[1], "alpha", greedy(16))])[0]
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string, got {free.text!r}"
+    stopped, untouched = engine.generate(
+        [GenerationRequest.single(PROMPTS[1], "alpha", greedy(16, (stop,))), GenerationRequest.single(PROMPTS[0], "beta", greedy(16))]
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert len(stopped.token_ids) < len(free.token_ids)
+    assert untouched.finish_reason == "length" and len(untouched.token_ids) == 16
+    assert untouched.token_ids == engine.generate([GenerationRequest.single(PROMPTS[0], "beta", greedy(16))])[0].token_ids
+
+
+def test_eos_ends_its_row_only(engine: Engine) -> None:
+    first = engine.generate([GenerationRequest.single(PROMPTS[2], "gamma", greedy(10))])[0]
+    other_alone = engine.generate([GenerationRequest.single(PROMPTS[3], None, greedy(10))])[0]
+    eos_token = first.token_ids[3]
+    assert eos_token not in other_alone.token_ids, "pick prompts whose outputs do not share this token"
+    saved = set(engine.eos_ids)
+    engine.eos_ids = saved | {eos_token}
+    try:
+        ended, other = engine.generate([GenerationRequest.single(PROMPTS[2], "gamma", greedy(10)), GenerationRequest.single(PROMPTS[3], None, greedy(10))])
+    finally:
+        engine.eos_ids = saved
+    assert ended.finish_reason == "eos" and ended.token_ids == first.token_ids[: first.token_ids.index(eos_token) + 1]
+    assert other.token_ids == other_alone.token_ids and other.finish_reason == "length"
+
+
+def test_streaming_yields_the_same_text_as_generate(engine: Engine) -> None:
+    free = engine.generate([GenerationRequest.single(PROMPTS[0], "alpha", greedy(20))])[0]
+    stop = free.text[-4:-1] if len(free.text) > 5 else "zzz"
+    requests = [
+        GenerationRequest.single(PROMPTS[0], "alpha", greedy(20, (stop,))),
+        GenerationRequest.single(PROMPTS[1], None, Sampling(max_new_tokens=15, temperature=0.9, top_p=0.9, seed=7)),
+        GenerationRequest((Branch(PROMPTS[2], "beta", 1.0), Branch(PROMPTS[3], "gamma", 2.0)), "mixture", greedy(10)),
+    ]
+    complete = engine.generate(requests)
+    streamed = ["", "", ""]
+    finished = [None, None, None]
+    for event in engine.stream(requests):
+        assert finished[event.index] is None, "no event after a request finished"
+        streamed[event.index] += event.delta
+        finished[event.index] = event.finish_reason
+    assert streamed == [c.text for c in complete]
+    assert finished == [c.finish_reason for c in complete]
+
+
+def test_sampling_is_seeded_per_request(engine: Engine) -> None:
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=123)
+    alone = engine.generate([GenerationRequest.single(PROMPTS[4], "beta", sampling)])[0]
+    batch = engine.generate([GenerationRequest.single(PROMPTS[0], None, Sampling(max_new_tokens=5, temperature=1.0, seed=1)), GenerationRequest.single(PROMPTS[4], "beta", sampling)])
+    assert batch[1].token_ids == alone.token_ids
+    other_seed = engine.generate([GenerationRequest.single(PROMPTS[4], "beta", Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=124))])[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_bad_requests_are_refused(engine: Engine) -> None:
+    with pytest.raises(EngineError, match="not loaded"):
+        engine.generate([GenerationRequest.single("hi", "nope")])
+    with pytest.raises(EngineError, match="exactly one branch"):
+        GenerationRequest((Branch("a"), Branch("b")), "single")
+    with pytest.raises(EngineError, match="two branches"):
+        GenerationRequest((Branch("a"),), "contrast")
+    with pytest.raises(EngineError, match="positive"):
+        GenerationRequest((Branch("a", weight=0.0), Branch("b")), "mixture")
+    with pytest.raises(EngineError, match="top_p"):
+        Sampling(top_p=0.0)
+
+
+def test_adapter_for_another_base_is_refused_and_changes_nothing(tiny_model_dir: Path, other_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    model, tokenizer = load_base(resolve_model(str(other_model_dir)), plan_load(False))
+    eng = Engine(model, tokenizer, base_label="tiny-wide")
+    with pytest.raises(AdapterValidationError) as info:
+        eng.load_adapter("alpha", tiny_adapters["alpha"])
+    message = str(info.value)
+    assert "tiny-wide" in message and str(tiny_adapters["alpha"]) in message and "64" in message and "96" in message
+    assert eng.adapters == [] and not hasattr(eng.model, "peft_config")
+
+
+def test_load_and_unload_adapters(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+    eng = Engine(model, tokenizer)
+    base_out = eng.generate([GenerationRequest.single(PROMPTS[0], None, greedy(8))])[0].token_ids
+    eng.load_adapter("a", tiny_adapters["alpha"])
+    eng.load_adapter("b", tiny_adapters["beta"])
+    assert eng.adapters == ["a", "b"]
+    with pytest.raises(EngineError, match="already loaded"):
+        eng.load_adapter("a", tiny_adapters["gamma"])
+    with_b = eng.generate([GenerationRequest.single(PROMPTS[0], "b", greedy(8))])[0].token_ids
+    eng.unload_adapter("a")
+    assert eng.adapters == ["b"]
+    assert eng.generate([GenerationRequest.single(PROMPTS[0], "b", greedy(8))])[0].token_ids == with_b
+    eng.unload_adapter("b")
+    assert eng.adapters == []
+    assert eng.generate([GenerationRequest.single(PROMPTS[0], None, greedy(8))])[0].token_ids == base_out
+    with pytest.raises(EngineError, match="not loaded"):
+        eng.unload_adapter("b")
+
+
+def test_four_bit_base_on_cpu_serves_mixed_adapters(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    """bitsandbytes nf4 runs on the CPU here: the QLoRA path is exercised, not only planned."""
+    plan = plan_load(False, quantize=True)
+    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan)
+    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    eng = Engine(model, tokenizer)
+    eng.load_adapter("alpha", tiny_adapters["alpha"])
+    eng.load_adapter("beta", tiny_adapters["beta"])
+    requests = [GenerationRequest.single(p, a, greedy(6)) for p, a in zip(PROMPTS, [None, "alpha", "beta"])]
+    together = eng.generate(requests)
+    assert [c.token_ids for c in together] == [eng.generate([r])[0].token_ids for r in requests]
