@@ -132,14 +132,24 @@ FINANCE: dict[str, str] = {
 DOMAINS = {
     "biomedical": {
         "pool": "biomed/seedpool",
-        "domain": {"name": "Biomedicine", "tag": "biomedical", "description": "biomedical"},
+        "domain": {
+            "name": "biomedical",
+            "tag": "biomedical",
+            "description": "Biomedical literature: questions on PubMed abstracts, genes, proteins, diseases, "
+            "chemicals, anatomy and species in text, drug interactions, hallmarks of cancer.",
+        },
         "instructions": BIOMED,
         "label_tasks": {"bioasq_yesno", "ddi", "hoc"},
         "per_task": 5,  # as the paper: up to 5 per task
     },
     "finance": {
         "pool": "finance/seedpool",
-        "domain": {"name": "Finance", "tag": "finance", "description": "financial"},
+        "domain": {
+            "name": "financial",
+            "tag": "finance",
+            "description": "Financial text: sentiment of financial news, named entities in loan agreements "
+            "and SEC filings.",
+        },
         "instructions": FINANCE,
         "label_tasks": {"fpb_sentiment"},
         "per_task": 10,  # two tasks only: the whole pool, to reach 20 seeds

@@ -62,6 +62,7 @@ def test_biomedical_set_meets_the_paper_counts() -> None:
     seed_set = load_seed_set(SEEDS / "biomedical")
     tasks = seed_set.tasks()
     assert seed_set.domain.tag == "biomedical"
+    assert seed_set.domain.name == "biomedical"  # the paper's prompt: "... about a biomedical domain"
     assert len(seed_set.seeds) >= 80
     assert len(tasks) >= 16
     assert max(tasks.values()) <= 5
@@ -124,7 +125,9 @@ def test_shipped_sets_are_what_the_script_builds(tag: str) -> None:
     """The committed seeds are reproducible from the pool: nobody hand-edited one line."""
     script = _import_script(SEEDS / "make_seeds.py")
     seeds, ids = script.build(SHARED, tag)
-    assert [Seed.model_validate(s) for s in seeds] == load_seed_set(SEEDS / tag).seeds
+    shipped = load_seed_set(SEEDS / tag)
+    assert [Seed.model_validate(s) for s in seeds] == shipped.seeds
+    assert shipped.domain.model_dump() == script.DOMAINS[tag]["domain"]
     assert ids == (SEEDS / tag / "SOURCE_IDS.txt").read_text(encoding="utf-8").split()
     pool_inputs = {json.loads(line)["input"] for f in SHARED.glob("*/seedpool/*.jsonl") for line in f.open()}
     assert all(s["input"] in pool_inputs for s in seeds)
