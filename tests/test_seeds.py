@@ -16,7 +16,9 @@ from carve.specialize.seeds import (
     Seed,
     SeedSetError,
     load_seed_set,
+    parse_domain,
     parse_seed_lines,
+    write_seed_set,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +261,31 @@ def test_content_hash_is_stable_and_content_sensitive(tmp_path: Path) -> None:
     other_domain = DOMAIN | {"description": "other"}
     hashes.add(load_seed_set(_write_set(tmp_path / "d", [json.dumps(r) for r in records], other_domain)).content_hash)
     assert len(hashes) == 5
+
+
+def test_write_seed_set_round_trips_and_never_overwrites(tmp_path: Path) -> None:
+    shipped = load_seed_set(SEEDS / "finance")
+    stored = write_seed_set(tmp_path / "runs" / "finance-seeds", shipped.domain, shipped.seeds)
+    assert stored.content_hash == shipped.content_hash
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["finance-seeds"]  # no staging left
+    with pytest.raises(SeedSetError, match="already exists"):
+        write_seed_set(tmp_path / "runs" / "finance-seeds", shipped.domain, shipped.seeds[:5])
+    assert load_seed_set(tmp_path / "runs" / "finance-seeds").content_hash == shipped.content_hash
+    with pytest.raises(SeedSetError, match="at least 3"):
+        write_seed_set(tmp_path / "runs" / "too-small", shipped.domain, shipped.seeds[:2])
+    with pytest.raises(SeedSetError, match="duplicate of line 1"):
+        write_seed_set(tmp_path / "runs" / "dupes", shipped.domain, [shipped.seeds[0]] * 3)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["finance-seeds"]
+
+
+def test_parse_domain_for_uploads() -> None:
+    assert parse_domain(DOMAIN).tag == "test-domain"
+    with pytest.raises(SeedSetError) as caught:
+        parse_domain({"name": "x", "tag": "a/b"}, source="request body")
+    assert [p.split(":")[0:2] for p in caught.value.problems] == [
+        ["request body", " field 'tag'"],
+        ["request body", " field 'description'"],
+    ]
 
 
 def test_seed_model_refuses_extras_and_blank_text() -> None:

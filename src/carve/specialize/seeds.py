@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -196,6 +198,11 @@ def load_domain(path: Path) -> Domain:
         raise SeedSetError([f"{source}: not UTF-8 text ({exc.reason})"]) from exc
     except json.JSONDecodeError as exc:
         raise SeedSetError([f"{source} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"]) from exc
+    return parse_domain(record, source)
+
+
+def parse_domain(record: object, source: str = DOMAIN_FILE) -> Domain:
+    """A Domain from decoded JSON (a file or an HTTP body); raises SeedSetError naming each bad field."""
     if not isinstance(record, dict):
         raise SeedSetError([f"{source}: expected a JSON object, got {type(record).__name__}"])
     try:
@@ -238,3 +245,31 @@ def load_seed_set(folder_or_jsonl: Path) -> SeedSet:
     if problems or domain is None:
         raise SeedSetError(problems)
     return SeedSet(domain=domain, seeds=seeds, path=folder.resolve())
+
+
+def write_seed_set(folder: Path, domain: Domain, seeds: list[Seed]) -> SeedSet:
+    """Store a validated set (e.g. an upload) as a new folder; never overwrites, never leaves half a folder.
+
+    The files are written in a temporary sibling folder that is renamed into
+    place, then read back with :func:`load_seed_set`, so what is stored is
+    exactly what the loader accepts.
+    """
+    folder = Path(folder)
+    _, problems = _parse("\n".join(seed.model_dump_json() for seed in seeds), SEEDS_FILE)
+    if problems:
+        raise SeedSetError(problems)
+    if folder.exists():
+        raise SeedSetError([f"{folder}: already exists (a stored seed set is never overwritten)"])
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (staging / DOMAIN_FILE).write_text(domain.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        lines = [json.dumps(seed.model_dump(exclude_none=True), ensure_ascii=False) for seed in seeds]
+        (staging / SEEDS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.rename(staging, folder)
+    except BaseException:
+        for leftover in staging.glob("*"):
+            leftover.unlink()
+        staging.rmdir()
+        raise
+    return load_seed_set(folder)
