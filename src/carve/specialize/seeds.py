@@ -1,6 +1,6 @@
 """Seed sets: the few labelled examples a domain team hands in.
 
-A seed set is a folder with ``domain.json`` (name, tag, one-line description)
+A seed set is a folder with ``domain.json`` (name, tag, description)
 and ``seeds.jsonl`` (one seed per line: instruction, input, output, task).
 Self-specialization is only as good as its seeds, so the loader is strict and
 reports *every* bad line at once (file, line, field, why) instead of stopping
@@ -70,7 +70,7 @@ class Seed(BaseModel):
 
 
 class Domain(BaseModel):
-    """What the seed set is about; ``description`` fills the prompts' "about a <domain> domain"."""
+    """What the seed set is about; ``name`` fills the prompts' "about a <name> domain", ``description`` is for people."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -91,7 +91,7 @@ class Domain(BaseModel):
 class SeedSet(BaseModel):
     """A validated seed set; ``content_hash`` identifies it in run folders and adapter cards."""
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True)
 
     domain: Domain
     seeds: list[Seed]
