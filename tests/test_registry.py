@@ -1,0 +1,470 @@
+"""The adapter registry: add/list/show/remove, versions, tags, refusals that change nothing,
+recovery from a failed or crashed add, concurrent writers in real processes, and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from carve.adapters.registry import (
+    AdapterNotFound,
+    AdapterRefused,
+    Registry,
+    RegistryError,
+    parse_ref,
+)
+from carve.platform.models import resolve_model
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def snapshot(root: Path) -> tuple[list[str], dict[str, str]]:
+    """Everything a registry holds: the database's logical content and every stored file's hash."""
+    conn = sqlite3.connect(root / "registry.sqlite3")
+    try:
+        dump = list(conn.iterdump())
+    finally:
+        conn.close()
+    files = {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / "store").rglob("*"))
+        if p.is_file()
+    }
+    dirs = {str(p.relative_to(root)) + "/": "" for p in (root / "store").rglob("*") if p.is_dir()}
+    return dump, {**files, **dirs}
+
+
+def variant(source: Path, dest: Path, config: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
+    """A copy of an adapter folder with config fields changed and/or a card added."""
+    shutil.copytree(source, dest)
+    if config:
+        path = dest / "adapter_config.json"
+        data = json.loads(path.read_text())
+        data.update(config)
+        path.write_text(json.dumps(data))
+    if card is not None:
+        (dest / "carve-card.json").write_text(json.dumps(card))
+    return dest
+
+
+def sha(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def reg(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path):
+    return resolve_model(str(tiny_model_dir))
+
+
+def make_card(base, tag: str = "biomed", fingerprint: str | None = None) -> dict[str, Any]:
+    return {
+        "base_model": base.name,
+        "base_model_id": base.model_id,
+        "base_fingerprint": fingerprint or base.fingerprint,
+        "domain": {"name": "Biomedicine", "tag": tag, "description": "biomedical QA"},
+        "counts": {"seeds": 80, "generated": 5000},
+    }
+
+
+# ---------------------------------------------------------------------------
+# add / list / get / versions / remove
+
+
+def test_add_list_get_versions(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    first = reg.add(tiny_adapters["alpha"], "med", tags=["biomed"], base=base)
+    assert (first.name, first.version, first.tags) == ("med", 1, ["biomed"])
+    assert first.base_fingerprint == base.fingerprint and first.base_model_id == base.model_id
+    assert first.rank == 4 and first.alpha == 8.0
+    assert first.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert first.path == reg.root / "store" / "med" / "v1"
+    assert first.weights_sha256 == sha(tiny_adapters["alpha"] / "adapter_model.safetensors")
+    assert sha(first.path / "adapter_model.safetensors") == first.weights_sha256
+
+    second = reg.add(tiny_adapters["beta"], "med", base=base)  # a new version inherits the tags
+    other = reg.add(tiny_adapters["gamma"], "fin", tags=["finance", "news"], base=str(base.path))
+    assert second.version == 2 and second.tags == ["biomed"]
+    assert second.created_at >= first.created_at
+    assert [(r.name, r.version) for r in reg.list()] == [("fin", 1), ("med", 2)]
+    assert [r.ref for r in reg.list("news")] == ["fin:1"]
+    assert reg.list("nothing") == []
+    assert reg.get("med") == second and reg.get("med", 1) == first
+    assert [r.version for r in reg.versions("med")] == [1, 2]
+    assert other.tags == ["finance", "news"]
+
+    # another Registry object (another process would do the same) sees the same records
+    assert Registry(reg.root).get("fin", 1) == other
+
+
+def test_remove_versions_and_never_reuse(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    for _ in range(3):
+        reg.add(tiny_adapters["alpha"], "med", base=base)
+    removed = reg.remove("med", 3)
+    assert [r.ref for r in removed] == ["med:3"] and not removed[0].path.exists()
+    assert reg.get("med").version == 2
+    assert reg.add(tiny_adapters["beta"], "med", base=base).version == 4  # 3 is never handed out again
+    removed = reg.remove("med")
+    assert sorted(r.version for r in removed) == [1, 2, 4]
+    assert reg.list() == [] and not (reg.store / "med").exists()
+    assert reg.add(tiny_adapters["alpha"], "med", base=base).version == 5
+    with pytest.raises(AdapterNotFound, match=r"adapter 'med' has no version 9; versions: 5"):
+        reg.remove("med", 9)
+    with pytest.raises(AdapterNotFound, match=r"no adapter named 'nope'; adapters: med"):
+        reg.remove("nope")
+
+
+def test_not_found_messages_list_what_exists(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    with pytest.raises(AdapterNotFound, match=r"adapters: \(none\)"):
+        reg.get("x")
+    reg.add(tiny_adapters["alpha"], "med", tags=["biomed"], base=base)
+    with pytest.raises(AdapterNotFound, match=r"no adapter or domain tag named 'finance'; adapters: med; tags: biomed"):
+        reg.resolve("finance")
+    with pytest.raises(AdapterNotFound, match=r"no adapter carries domain tag 'law'; tags: biomed"):
+        reg.tag_pointer("law")
+
+
+# ---------------------------------------------------------------------------
+# tags, pins, cards
+
+
+def test_tag_pointer_follows_latest_and_moves_back(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    reg.add(tiny_adapters["alpha"], "med-a", tags=["biomed"], base=base)
+    assert reg.tag_pointer("biomed").ref == "med-a:1"
+    reg.add(tiny_adapters["beta"], "med-b", tags=["biomed"], base=base)
+    reg.add(tiny_adapters["gamma"], "med-b", tags=["biomed", "clinic"], base=base)
+    assert reg.tag_pointer("biomed").ref == "med-b:2"
+    assert reg.resolve("biomed").ref == "med-b:2"
+    assert reg.resolve("med-a").ref == "med-a:1"  # names first
+    assert reg.resolve("med-b:1").version == 1
+
+    reg.remove("med-b", 2)
+    assert reg.tag_pointer("biomed").ref == "med-b:1"  # moved back
+    with pytest.raises(AdapterNotFound):
+        reg.tag_pointer("clinic")  # cleared: nothing carries it any more
+    reg.remove("med-b")
+    assert reg.tag_pointer("biomed").ref == "med-a:1"
+    reg.remove("med-a")
+    with pytest.raises(AdapterNotFound, match="tags: \\(none\\)"):
+        reg.tag_pointer("biomed")
+
+
+def test_pin_and_unpin(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    reg.add(tiny_adapters["alpha"], "med", tags=["biomed"], base=base)
+    reg.add(tiny_adapters["beta"], "med", base=base)
+    reg.add(tiny_adapters["gamma"], "other", base=base)
+    assert reg.pin("biomed", "med", 1).ref == "med:1"
+    reg.add(tiny_adapters["gamma"], "med", base=base)  # a newer version does not move a pinned tag
+    assert reg.tag_pointer("biomed").ref == "med:1"
+    assert reg.tags()["biomed"][0].ref == "med:1" and reg.tags()["biomed"][1] is True
+
+    pinned = reg.pin("clinic", "other")  # pinning tags that version
+    assert pinned.tags == ["clinic"] and reg.tag_pointer("clinic").ref == "other:1"
+
+    assert reg.unpin("biomed").ref == "med:3"
+    with pytest.raises(RegistryError, match="not pinned; pinned tags: clinic"):
+        reg.unpin("biomed")
+    reg.pin("biomed", "med", 2)
+    reg.remove("med", 2)  # removing the pinned version drops the pin: the tag follows the latest again
+    assert reg.tag_pointer("biomed").ref == "med:3" and reg.tags()["biomed"][1] is False
+
+
+def test_card_is_read_stored_and_gives_the_default_tag(reg: Registry, tiny_adapters: dict[str, Path], base, tmp_path: Path) -> None:
+    card = make_card(base, tag="biomed")
+    folder = variant(tiny_adapters["alpha"], tmp_path / "carded", card=card)
+    record = reg.add(folder, "med", base=base)
+    assert record.tags == ["biomed"] and record.card == card
+    assert json.loads((record.path / "carve-card.json").read_text()) == card
+    assert reg.add(folder, "med", tags=["explicit"], base=base).tags == ["explicit"]
+
+    # a card given to add() replaces the folder's, and is what the store keeps
+    given = make_card(base, tag="pharma")
+    record = reg.add(folder, "med", base=base, card=given)
+    assert record.tags == ["pharma"] and json.loads((record.path / "carve-card.json").read_text()) == given
+
+
+def test_only_adapter_files_are_stored(reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path, base) -> None:
+    folder = variant(tiny_adapters["alpha"], tmp_path / "extra")
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    (folder / "notes.txt").write_text("x")
+    record = reg.add(folder, "med", base=base)
+    assert sorted(p.name for p in record.path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_adapter_of_another_copy_of_the_base_is_accepted(reg: Registry, tiny_adapters: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy-of-base")
+    record = reg.add(tiny_adapters["alpha"], "med", base=str(copy))  # config names the original path
+    assert record.base_fingerprint == resolve_model(str(tiny_model_dir)).fingerprint
+
+
+# ---------------------------------------------------------------------------
+# refusals: each names the problem and changes nothing
+
+
+class PickleTrap:
+    """Unpickling this creates a file: proof that pickled weights were (or were not) loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_weights(src: Path, tmp: Path) -> Path:
+    folder = tmp / "pickled"
+    folder.mkdir()
+    shutil.copy(src / "adapter_config.json", folder)
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(PickleTrap(tmp / "unpickled")))
+    return folder
+
+
+def _truncated(src: Path, tmp: Path) -> Path:
+    folder = variant(src, tmp / "truncated")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:6])
+    return folder
+
+
+REFUSALS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
+    # case -> (builds the add() arguments, expected message fragment)
+    "pickle weights": (lambda s, t, b, o: {"source": _pickle_weights(s, t)}, r"weights are not safetensors \(adapter_model.bin\)"),
+    "truncated safetensors": (lambda s, t, b, o: {"source": _truncated(s, t)}, "not a safetensors file"),
+    "config r mismatch": (lambda s, t, b, o: {"source": variant(s, t / "r8", {"r": 8})}, "says r=8 but module"),
+    "target_modules mismatch": (
+        lambda s, t, b, o: {"source": variant(s, t / "tm", {"target_modules": ["q_proj"]})},
+        "is not in adapter_config.json target_modules",
+    ),
+    "config names another base": (
+        lambda s, t, b, o: {"source": variant(s, t / "ob", {"base_model_name_or_path": "google/gemma-3-270m"})},
+        r"adapter made for google/gemma-3-270m \(adapter_config.json base_model_name_or_path\), base is",
+    ),
+    "shapes do not fit": (
+        lambda s, t, b, o: {"source": variant(s, t / "anon", {"base_model_name_or_path": None}), "base": str(o)},
+        "does not fit base tiny-wide",
+    ),
+    "adapter for the other model": (lambda s, t, b, o: {"base": str(o)}, "adapter made for .*tiny-llama"),
+    "card with another fingerprint": (
+        lambda s, t, b, o: {"source": variant(s, t / "card", card=make_card(b, fingerprint="sha256:" + "0" * 64) | {"base_model": "gemma3-270m"})},
+        r"adapter made for gemma3-270m \(sha256:0000.*\), base is tiny-llama",
+    ),
+    "card not an object": (lambda s, t, b, o: {"source": variant(s, t / "c2", card=[1, 2])}, "carve-card.json: expected a JSON object"),
+    "card field of the wrong type": (
+        lambda s, t, b, o: {"card": {"base_fingerprint": 7}},
+        "the given card: field base_fingerprint",
+    ),
+    "missing folder": (lambda s, t, b, o: {"source": t / "nowhere"}, "not an adapter folder"),
+    "unknown base": (lambda s, t, b, o: {"base": "no-such-model"}, "base model: unknown model 'no-such-model'"),
+    "name with traversal": (lambda s, t, b, o: {"name": "../x"}, "invalid adapter name '../x'"),
+    "name with a newline": (lambda s, t, b, o: {"name": "a\nb"}, r"invalid adapter name 'a\\nb'"),
+    "empty name": (lambda s, t, b, o: {"name": ""}, "invalid adapter name ''"),
+    "name with a slash": (lambda s, t, b, o: {"name": "a/b"}, "invalid adapter name"),
+    "hidden name": (lambda s, t, b, o: {"name": ".incoming-x"}, "invalid adapter name"),
+    "reserved name": (lambda s, t, b, o: {"name": "auto"}, "are reserved"),
+    "name differing in case": (lambda s, t, b, o: {"name": "Existing"}, "differs only in case from existing adapter 'existing'"),
+    "bad tag": (lambda s, t, b, o: {"tags": ["ok", "../t"]}, "invalid domain tag '../t'"),
+    "bad card tag": (lambda s, t, b, o: {"card": make_card(b, tag="bad tag")}, "invalid domain tag 'bad tag'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_change_nothing(case: str, reg: Registry, tiny_adapters: dict[str, Path], base, other_model_dir: Path, tmp_path: Path) -> None:
+    reg.add(tiny_adapters["beta"], "existing", tags=["biomed"], base=base)
+    before = snapshot(reg.root)
+    build, message = REFUSALS[case]
+    kwargs = {"source": tiny_adapters["alpha"], "name": "new", "base": base} | build(tiny_adapters["alpha"], tmp_path, base, other_model_dir)
+    with pytest.raises(RegistryError, match=message):
+        reg.add(**kwargs)
+    assert snapshot(reg.root) == before
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_validation_refusals_are_also_adapter_validation_errors(reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path, base) -> None:
+    from carve.adapters.validation import AdapterValidationError
+
+    with pytest.raises(AdapterValidationError):
+        reg.add(variant(tiny_adapters["alpha"], tmp_path / "r8", {"r": 8}), "x", base=base)
+    with pytest.raises(AdapterRefused):
+        reg.add(variant(tiny_adapters["alpha"], tmp_path / "r2", {"r": 2}), "x", base=base)
+
+
+# ---------------------------------------------------------------------------
+# failures mid-add
+
+
+def test_failed_insert_leaves_no_folder_and_no_version(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    reg.add(tiny_adapters["alpha"], "med", base=base)
+    before = snapshot(reg.root)
+    with sqlite3.connect(reg.db_path) as conn:  # a real failure inside SQLite, after the folder was renamed into place
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON adapters BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    with_trigger = snapshot(reg.root)
+    with pytest.raises(sqlite3.IntegrityError, match="disk on fire"):
+        reg.add(tiny_adapters["beta"], "med", base=base)
+    assert snapshot(reg.root) == with_trigger
+    assert not (reg.store / "med" / "v2").exists()
+    with sqlite3.connect(reg.db_path) as conn:
+        conn.execute("DROP TRIGGER refuse")
+    assert snapshot(reg.root) == before
+    assert reg.add(tiny_adapters["beta"], "med", base=base).version == 2
+
+
+def test_debris_of_a_crashed_add_is_replaced(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
+    """A writer killed between rename and commit leaves a version folder without a row."""
+    debris = reg.store / "med" / "v1"
+    debris.mkdir(parents=True)
+    (debris / "adapter_model.safetensors").write_bytes(b"half-written")
+    record = reg.add(tiny_adapters["alpha"], "med", base=base)
+    assert record.path == debris and sha(debris / "adapter_model.safetensors") == record.weights_sha256
+    assert [p.name for p in reg.store.iterdir()] == ["med"]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    from carve.adapters.sqlite import SchemaError
+
+    reg = Registry(tmp_path / "r")
+    with sqlite3.connect(reg.db_path) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES ('registry', 99, 'later')")
+    with pytest.raises(SchemaError, match="schema version 99, newer than this Carve supports"):
+        Registry(tmp_path / "r")
+
+
+# ---------------------------------------------------------------------------
+# concurrency with real processes
+
+
+def _add_many(root: str, source: str, base_dir: str, name: str, count: int, barrier: Any) -> None:
+    base = resolve_model(base_dir)
+    barrier.wait()  # everyone opens the (new) registry and adds at the same moment
+    registry = Registry(Path(root))
+    for _ in range(count):
+        registry.add(Path(source), name, tags=["shared-tag"], base=base)
+
+
+def test_concurrent_adds_in_real_processes(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path) -> None:
+    root = tmp_path / "registry"
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [("same", "alpha")] * 3 + [("own-1", "beta"), ("own-2", "gamma"), ("own-3", "alpha")]
+    per_process = 3
+    barrier = ctx.Barrier(len(jobs))
+    procs = [
+        ctx.Process(target=_add_many, args=(str(root), str(tiny_adapters[src]), str(tiny_model_dir), name, per_process, barrier))
+        for name, src in jobs
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+    reg = Registry(root)
+    assert [r.version for r in reg.versions("same")] == list(range(1, 3 * per_process + 1))
+    for name in ("own-1", "own-2", "own-3"):
+        assert [r.version for r in reg.versions(name)] == list(range(1, per_process + 1))
+    with sqlite3.connect(reg.db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 6 * per_process
+        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+    records = [v for r in reg.list() for v in reg.versions(r.name)]
+    for record in records:
+        assert sha(record.path / "adapter_model.safetensors") == record.weights_sha256
+        assert record.tags == ["shared-tag"]
+    folders = sorted(str(p.relative_to(reg.store)) for p in reg.store.glob("*/*"))
+    assert folders == sorted(f"{r.name}/v{r.version}" for r in records)
+    assert not [p for p in reg.store.iterdir() if p.name.startswith(".")]  # no staging or trash left
+    latest = max(records, key=lambda r: r.created_at)
+    assert reg.tag_pointer("shared-tag").ref == latest.ref
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def test_parse_ref() -> None:
+    assert parse_ref("med") == ("med", None)
+    assert parse_ref("med:3") == ("med", 3) and parse_ref("med:v3") == ("med", 3)
+    with pytest.raises(RegistryError, match="expected NAME or NAME:VERSION"):
+        parse_ref("med:x")
+
+
+def test_cli_add_list_show_tag_remove(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path, base) -> None:
+    from typer.testing import CliRunner
+
+    from carve.cli import app
+
+    runner = CliRunner()
+    root = str(tmp_path / "registry")
+    card_file = tmp_path / "card.json"
+    card_file.write_text(json.dumps(make_card(base, tag="biomed")))
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, ["adapters", *args, "--registry", root])
+        assert result.exit_code == code, result.output
+        return result.output
+
+    assert "added med:1 [biomed]" in run("add", str(tiny_adapters["alpha"]), "--name", "med", "--base", str(tiny_model_dir), "--card", str(card_file))
+    assert "added med:2 [biomed, clinic]" in run("add", str(tiny_adapters["beta"]), "-n", "med", "-t", "biomed", "-t", "clinic", "-b", str(tiny_model_dir))
+    listed = json.loads(run("list", "--json"))
+    assert [(r["name"], r["version"]) for r in listed] == [("med", 2)]
+    assert [r["version"] for r in json.loads(run("list", "--all", "--json"))] == [1, 2]
+    assert "med" in run("list") and "biomed*" in run("list")
+
+    shown = run("show", "med:1")
+    assert "med:1" in shown and '"description": "biomedical QA"' in shown and base.fingerprint in shown
+    assert json.loads(run("show", "biomed", "--json"))["version"] == 2
+
+    assert "biomed -> med:1 (pinned)" in run("tag", "biomed", "med:1")
+    assert json.loads(run("tags", "--json"))["biomed"] == {"adapter": "med:1", "pinned": True}
+    assert "biomed -> med:2 (follows the latest version)" in run("tag", "biomed", "--unpin")
+
+    assert "removed med:2" in run("remove", "med:2")
+    assert "removed med:1" in run("remove", "med")
+    assert "no adapters" in run("list")
+
+
+def test_cli_errors_exit_2_and_change_nothing(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from carve.cli import app
+
+    runner = CliRunner()
+    root = tmp_path / "registry"
+    Registry(root).add(tiny_adapters["alpha"], "med", base=str(tiny_model_dir))
+    before = snapshot(root)
+    bad = variant(tiny_adapters["beta"], tmp_path / "r8", {"r": 8})
+    cases = [
+        (["add", str(bad), "--name", "med", "--base", str(tiny_model_dir)], "says r=8"),
+        (["add", str(tiny_adapters["beta"]), "--name", "../x", "--base", str(tiny_model_dir)], "invalid adapter name"),
+        (["remove", "med:7"], "has no version 7; versions: 1"),
+        (["show", "nope"], "no adapter or domain tag named 'nope'; adapters: med"),
+        (["tag", "biomed"], "give either"),
+        (["remove", "med:x"], "expected NAME or NAME:VERSION"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["adapters", *args], env={"CARVE_REGISTRY": str(root)})
+        assert result.exit_code == 2, (args, result.output)
+        assert "error: " in result.output and message in result.output, result.output
+        assert snapshot(root) == before
+
+
+def test_cli_entry_point_in_a_subprocess(tmp_path: Path) -> None:
+    env = {**os.environ, "CARVE_REGISTRY": str(tmp_path / "registry")}
+    carve = Path(sys.executable).parent / "carve"
+    ok = subprocess.run([str(carve), "adapters", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "no adapters" in ok.stdout
+    bad = subprocess.run([str(carve), "adapters", "remove", "ghost"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "error: no adapter named 'ghost'" in bad.stderr
