@@ -355,16 +355,27 @@ def _add_many(root: str, source: str, base_dir: str, name: str, count: int, barr
         registry.add(Path(source), name, tags=["shared-tag"], base=base)
 
 
+def _add_and_remove(root: str, source: str, base_dir: str, name: str, count: int, barrier: Any) -> None:
+    base = resolve_model(base_dir)
+    barrier.wait()
+    registry = Registry(Path(root))
+    for _ in range(count):
+        record = registry.add(Path(source), name, tags=["shared-tag"], base=base)
+        registry.remove(name, record.version)
+
+
 def test_concurrent_adds_in_real_processes(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path) -> None:
     root = tmp_path / "registry"
     ctx = multiprocessing.get_context("spawn")
     jobs = [("same", "alpha")] * 3 + [("own-1", "beta"), ("own-2", "gamma"), ("own-3", "alpha")]
     per_process = 3
-    barrier = ctx.Barrier(len(jobs))
+    barrier = ctx.Barrier(len(jobs) + 1)
     procs = [
         ctx.Process(target=_add_many, args=(str(root), str(tiny_adapters[src]), str(tiny_model_dir), name, per_process, barrier))
         for name, src in jobs
     ]
+    # one more writer adds and removes versions of "same" meanwhile (its folders come and go)
+    procs.append(ctx.Process(target=_add_and_remove, args=(str(root), str(tiny_adapters["beta"]), str(tiny_model_dir), "same", per_process, barrier)))
     for p in procs:
         p.start()
     for p in procs:
@@ -372,7 +383,11 @@ def test_concurrent_adds_in_real_processes(tmp_path: Path, tiny_adapters: dict[s
     assert [p.exitcode for p in procs] == [0] * len(procs)
 
     reg = Registry(root)
-    assert [r.version for r in reg.versions("same")] == list(range(1, 3 * per_process + 1))
+    with sqlite3.connect(reg.db_path) as conn:  # versions handed out to "same": distinct and consecutive
+        assert conn.execute("SELECT last_version FROM adapter_names WHERE name = 'same'").fetchone()[0] == 4 * per_process
+    same = [r.version for r in reg.versions("same")]
+    assert len(same) == 3 * per_process and set(same) <= set(range(1, 4 * per_process + 1))
+    assert all(sha(r.path / "adapter_model.safetensors") == sha(tiny_adapters["alpha"] / "adapter_model.safetensors") for r in reg.versions("same"))
     for name in ("own-1", "own-2", "own-3"):
         assert [r.version for r in reg.versions(name)] == list(range(1, per_process + 1))
     with sqlite3.connect(reg.db_path) as conn:
@@ -468,3 +483,40 @@ def test_cli_entry_point_in_a_subprocess(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "no adapters" in ok.stdout
     bad = subprocess.run([str(carve), "adapters", "remove", "ghost"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error: no adapter named 'ghost'" in bad.stderr
+
+
+# ---------------------------------------------------------------------------
+# the real default base (SmolLM2): only safetensors headers are read, so this is quick
+
+
+def _smollm2_lora(folder: Path, rank: int = 8) -> Path:
+    """A PEFT LoRA folder for SmolLM2-135M (q_proj and v_proj of its 30 layers), written without torch."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for layer in range(30):
+        for module, out_features in (("q_proj", 576), ("v_proj", 192)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((rank, 576), dtype=np.float32)
+            tensors[f"{key}.lora_B.weight"] = np.zeros((out_features, rank), dtype=np.float32)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "task_type": "CAUSAL_LM",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.integration
+def test_default_base_is_smollm2(reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+    record = reg.add(_smollm2_lora(tmp_path / "smol-lora"), "smol-med", tags=["biomed"])
+    assert record.base_model == "smollm2-135m-instruct" and record.base_model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (record.rank, record.alpha, record.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
+    before = snapshot(reg.root)
+    with pytest.raises(AdapterRefused, match=r"adapter made for .*tiny-llama.*, base is smollm2-135m-instruct"):
+        reg.add(tiny_adapters["alpha"], "tiny-on-smol")
+    assert snapshot(reg.root) == before
