@@ -66,6 +66,12 @@ def generate(
         raise fail(str(exc))
 
 
+# carve eval (carve.specialize.eval_cli)
+from carve.specialize.eval_cli import register as register_eval  # noqa: E402
+
+register_eval(app)
+
+
 # carve adapters ... (the registry)
 from carve.adapters.cli import app as adapters_app  # noqa: E402
 
