@@ -107,6 +107,8 @@ def test_add_list_get_versions(reg: Registry, tiny_adapters: dict[str, Path], ba
     assert reg.get("med") == second and reg.get("med", 1) == first
     assert [r.version for r in reg.versions("med")] == [1, 2]
     assert other.tags == ["finance", "news"]
+    reg.add(tiny_adapters["gamma"], "fin", tags=["finance"], base=base)  # newest fin no longer carries "news"
+    assert [r.ref for r in reg.list("news")] == ["fin:1"] and [r.ref for r in reg.list("finance")] == ["fin:2"]
 
     # another Registry object (another process would do the same) sees the same records
     assert Registry(reg.root).get("fin", 1) == other

@@ -147,8 +147,8 @@ class Registry:
         """Validate an adapter folder for ``base`` and store it as the next version of ``name``.
 
         Tags default to the card's domain.tag, else to the tags of the name's
-        latest version. Raises AdapterRefused (bad
-        adapter) or RegistryError (bad name, tag or base); nothing changes then.
+        latest version. Raises AdapterRefused (bad adapter) or RegistryError
+        (bad name, tag or base); nothing changes then.
         """
         check_label(name, "adapter name")
         resolved = _resolve_base(base)
@@ -201,7 +201,7 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def remove(self, name: str, version: int | None = None) -> list[AdapterRecord]:
+    def remove(self, name: str, version: int | None = None) -> builtins.list[AdapterRecord]:
         """Remove one version of ``name``, or all of them; returns what was removed.
 
         Tags pointing at a removed version fall back to the previous version
@@ -254,10 +254,11 @@ class Registry:
 
     def list(self, tag: str | None = None) -> builtins.list[AdapterRecord]:
         """The latest version of each name (of those versions carrying ``tag``, when given), by name."""
-        where = "" if tag is None else " AND a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = :tag)"
+        tagged = "" if tag is None else "WHERE id IN (SELECT adapter_id FROM adapter_tags WHERE tag = :tag)"
         sql = (
-            f"SELECT a.* FROM adapters a WHERE a.version = (SELECT MAX(b.version) FROM adapters b WHERE b.name = a.name"
-            f"{where.replace('a.id', 'b.id')}){where} ORDER BY a.name"
+            "SELECT a.* FROM adapters a JOIN"
+            f" (SELECT name, MAX(version) AS version FROM adapters {tagged} GROUP BY name) latest"
+            " USING (name, version) ORDER BY a.name"
         )
         with closing(self._connect()) as conn:
             return [self._record(conn, row) for row in conn.execute(sql, {"tag": tag})]
