@@ -488,34 +488,57 @@ def test_cli_entry_point_in_a_subprocess(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# the real default base (SmolLM2): only safetensors headers are read, so this is quick
+# several bases in one registry; the real default base (SmolLM2, headers only: quick)
 
 
-def _smollm2_lora(folder: Path, rank: int = 8) -> Path:
-    """A PEFT LoRA folder for SmolLM2-135M (q_proj and v_proj of its 30 layers), written without torch."""
+def numpy_lora(folder: Path, base_dir: Path, base_id: str, modules: tuple[str, ...] = ("q_proj", "v_proj"), rank: int = 8) -> Path:
+    """A PEFT LoRA folder fitting the base in ``base_dir`` (shapes read from its headers), written without torch."""
     import numpy as np
     from safetensors.numpy import save_file
 
+    from carve.adapters.validation import base_shapes_from_folder
+
     rng = np.random.default_rng(0)
     tensors = {}
-    for layer in range(30):
-        for module, out_features in (("q_proj", 576), ("v_proj", 192)):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((rank, 576), dtype=np.float32)
-            tensors[f"{key}.lora_B.weight"] = np.zeros((out_features, rank), dtype=np.float32)
+    for module, (out_features, in_features) in base_shapes_from_folder(base_dir).items():
+        if module.rsplit(".", 1)[-1] in modules:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = rng.standard_normal((rank, in_features), dtype=np.float32)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.zeros((out_features, rank), dtype=np.float32)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "task_type": "CAUSAL_LM",
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules),
+        "base_model_name_or_path": base_id, "task_type": "CAUSAL_LM",
     }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
 
+def test_reads_restricted_to_one_base(reg: Registry, tiny_adapters: dict[str, Path], base, other_model_dir: Path, tmp_path: Path) -> None:
+    other = resolve_model(str(other_model_dir))
+    wide = numpy_lora(tmp_path / "wide", other_model_dir, other.model_id)
+    reg.add(tiny_adapters["alpha"], "med", tags=["biomed"], base=base)
+    reg.add(wide, "med-wide", tags=["biomed"], base=other)
+    reg.add(wide, "fin-wide", tags=["finance"], base=other)
+    fp = base.fingerprint
+    assert reg.tag_pointer("biomed").ref == "med-wide:1"  # across bases: the latest
+    assert reg.tag_pointer("biomed", base_fingerprint=fp).ref == "med:1"
+    assert [r.name for r in reg.list(base_fingerprint=fp)] == ["med"]
+    assert [r.name for r in reg.list("biomed", base_fingerprint=other.fingerprint)] == ["med-wide"]
+    assert sorted(reg.tags(base_fingerprint=fp)) == ["biomed"]
+    reg.pin("biomed", "med-wide")
+    assert reg.tags(base_fingerprint=fp)["biomed"] == (reg.get("med"), False)  # the pin is for another base
+    assert reg.resolve("biomed", base_fingerprint=fp).ref == "med:1"
+    with pytest.raises(AdapterNotFound, match=f"no adapter or domain tag named 'fin-wide' for base {fp}; adapters: med; tags: biomed"):
+        reg.resolve("fin-wide", base_fingerprint=fp)
+    with pytest.raises(AdapterNotFound, match="no adapter named 'fin-wide' for base"):
+        reg.get("fin-wide", base_fingerprint=fp)
+
+
 @pytest.mark.integration
 def test_default_base_is_smollm2(reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
-    record = reg.add(_smollm2_lora(tmp_path / "smol-lora"), "smol-med", tags=["biomed"])
+    smol = resolve_model("smollm2-135m-instruct")
+    record = reg.add(numpy_lora(tmp_path / "smol-lora", smol.path, "HuggingFaceTB/SmolLM2-135M-Instruct"), "smol-med", tags=["biomed"])
     assert record.base_model == "smollm2-135m-instruct" and record.base_model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (record.rank, record.alpha, record.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
     before = snapshot(reg.root)

@@ -251,17 +251,19 @@ class Registry:
             return self._tag_pointer(conn, tag)
 
     # -- reading --------------------------------------------------------------
+    # ``base_fingerprint`` (keyword) restricts a read to the adapters of one base:
+    # a server over one model must never be handed an adapter made for another.
 
-    def list(self, tag: str | None = None) -> builtins.list[AdapterRecord]:
+    def list(self, tag: str | None = None, *, base_fingerprint: str | None = None) -> builtins.list[AdapterRecord]:
         """The latest version of each name (of those versions carrying ``tag``, when given), by name."""
-        tagged = "" if tag is None else "WHERE id IN (SELECT adapter_id FROM adapter_tags WHERE tag = :tag)"
+        tagged = "" if tag is None else " AND id IN (SELECT adapter_id FROM adapter_tags WHERE tag = :tag)"
         sql = (
             "SELECT a.* FROM adapters a JOIN"
-            f" (SELECT name, MAX(version) AS version FROM adapters {tagged} GROUP BY name) latest"
+            f" (SELECT name, MAX(version) AS version FROM adapters WHERE {_FOR_BASE}{tagged} GROUP BY name) latest"
             " USING (name, version) ORDER BY a.name"
         )
         with closing(self._connect()) as conn:
-            return [self._record(conn, row) for row in conn.execute(sql, {"tag": tag})]
+            return [self._record(conn, row) for row in conn.execute(sql, {"tag": tag, "fp": base_fingerprint})]
 
     def versions(self, name: str) -> builtins.list[AdapterRecord]:
         """Every version of ``name``, oldest first."""
@@ -271,65 +273,79 @@ class Registry:
                 self._get(conn, name)
             return records
 
-    def get(self, name: str, version: int | None = None) -> AdapterRecord:
+    def get(self, name: str, version: int | None = None, *, base_fingerprint: str | None = None) -> AdapterRecord:
         """One version of ``name`` (the latest when ``version`` is None)."""
         with closing(self._connect()) as conn:
-            return self._get(conn, name, version)
+            return self._get(conn, name, version, base_fingerprint)
 
-    def resolve(self, name_or_tag: str) -> AdapterRecord:
+    def resolve(self, name_or_tag: str, *, base_fingerprint: str | None = None) -> AdapterRecord:
         """An adapter name (or ``name:version``) first, else the adapter the domain tag points to."""
         ref_name, version = parse_ref(name_or_tag)
+        fp = base_fingerprint
         with closing(self._connect()) as conn:
-            if version is not None or self._versions(conn, ref_name):
-                return self._get(conn, ref_name, version)
+            if version is not None or self._versions(conn, ref_name, fp):
+                return self._get(conn, ref_name, version, fp)
             try:
-                return self._tag_pointer(conn, name_or_tag)
+                return self._tag_pointer(conn, name_or_tag, fp)
             except AdapterNotFound:
                 pass
             raise AdapterNotFound(
-                f"no adapter or domain tag named {name_or_tag!r}; adapters: {_listing(self._names(conn))}; "
-                f"tags: {_listing(self._tags(conn))}"
+                f"no adapter or domain tag named {name_or_tag!r}{_for_base(fp)}; adapters: {_listing(self._names(conn, fp))}; "
+                f"tags: {_listing(self._tags(conn, fp))}"
             )
 
-    def tag_pointer(self, tag: str) -> AdapterRecord:
+    def tag_pointer(self, tag: str, *, base_fingerprint: str | None = None) -> AdapterRecord:
         """The adapter version ``tag`` points to: its pin, else the latest version carrying it."""
         with closing(self._connect()) as conn:
-            return self._tag_pointer(conn, tag)
+            return self._tag_pointer(conn, tag, base_fingerprint)
 
-    def tags(self) -> dict[str, tuple[AdapterRecord, bool]]:
+    def tags(self, *, base_fingerprint: str | None = None) -> dict[str, tuple[AdapterRecord, bool]]:
         """Every domain tag -> (the version it points to, whether that is a pin)."""
+        fp = base_fingerprint
         with closing(self._connect()) as conn:
-            pinned = set(self._pinned(conn))
-            return {tag: (self._tag_pointer(conn, tag), tag in pinned) for tag in self._tags(conn)}
+            pointers = {tag: self._tag_pointer(conn, tag, fp) for tag in self._tags(conn, fp)}
+            return {tag: (record, self._is_pin(conn, tag, record)) for tag, record in pointers.items()}
 
     # -- internals ------------------------------------------------------------
 
-    def _get(self, conn: sqlite3.Connection, name: str, version: int | None = None) -> AdapterRecord:
+    def _get(self, conn: sqlite3.Connection, name: str, version: int | None = None, fp: str | None = None) -> AdapterRecord:
+        params = {"name": name, "version": version, "fp": fp}
         if version is None:
-            row = conn.execute("SELECT * FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+            sql = f"SELECT * FROM adapters WHERE name = :name AND {_FOR_BASE} ORDER BY version DESC LIMIT 1"
         else:
-            row = conn.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchone()
+            sql = f"SELECT * FROM adapters WHERE name = :name AND version = :version AND {_FOR_BASE}"
+        row = conn.execute(sql, params).fetchone()
         if row is not None:
             return self._record(conn, row)
-        have = [r.version for r in self._versions(conn, name)]
+        have = [r.version for r in self._versions(conn, name, fp)]
         if have:
-            raise AdapterNotFound(f"adapter {name!r} has no version {version}; versions: {', '.join(map(str, have))}")
-        raise AdapterNotFound(f"no adapter named {name!r}; adapters: {_listing(self._names(conn))}")
+            raise AdapterNotFound(f"adapter {name!r} has no version {version}{_for_base(fp)}; versions: {', '.join(map(str, have))}")
+        raise AdapterNotFound(f"no adapter named {name!r}{_for_base(fp)}; adapters: {_listing(self._names(conn, fp))}")
 
-    def _tag_pointer(self, conn: sqlite3.Connection, tag: str) -> AdapterRecord:
+    def _tag_pointer(self, conn: sqlite3.Connection, tag: str, fp: str | None = None) -> AdapterRecord:
+        params = {"tag": tag, "fp": fp}
         row = conn.execute(
-            "SELECT a.* FROM tag_pins p JOIN adapters a ON a.id = p.adapter_id WHERE p.tag = ?", (tag,)
+            f"SELECT a.* FROM tag_pins p JOIN adapters a ON a.id = p.adapter_id WHERE p.tag = :tag AND {_FOR_BASE}", params
         ).fetchone() or conn.execute(
-            "SELECT a.* FROM adapters a JOIN adapter_tags t ON t.adapter_id = a.id WHERE t.tag = ? ORDER BY a.id DESC LIMIT 1",
-            (tag,),
+            "SELECT a.* FROM adapters a JOIN adapter_tags t ON t.adapter_id = a.id"
+            f" WHERE t.tag = :tag AND {_FOR_BASE} ORDER BY a.id DESC LIMIT 1",
+            params,
         ).fetchone()
         if row is None:
-            raise AdapterNotFound(f"no adapter carries domain tag {tag!r}; tags: {_listing(self._tags(conn))}")
+            raise AdapterNotFound(f"no adapter carries domain tag {tag!r}{_for_base(fp)}; tags: {_listing(self._tags(conn, fp))}")
         return self._record(conn, row)
 
-    def _versions(self, conn: sqlite3.Connection, name: str) -> builtins.list[AdapterRecord]:
-        rows = conn.execute("SELECT * FROM adapters WHERE name = ? ORDER BY version", (name,)).fetchall()
-        return [self._record(conn, row) for row in rows]
+    def _versions(self, conn: sqlite3.Connection, name: str, fp: str | None = None) -> builtins.list[AdapterRecord]:
+        sql = f"SELECT * FROM adapters WHERE name = :name AND {_FOR_BASE} ORDER BY version"
+        return [self._record(conn, row) for row in conn.execute(sql, {"name": name, "fp": fp}).fetchall()]
+
+    @staticmethod
+    def _is_pin(conn: sqlite3.Connection, tag: str, record: AdapterRecord) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM tag_pins p JOIN adapters a ON a.id = p.adapter_id WHERE p.tag = ? AND a.name = ? AND a.version = ?",
+            (tag, record.name, record.version),
+        ).fetchone()
+        return row is not None
 
     def _record(self, conn: sqlite3.Connection, row: sqlite3.Row) -> AdapterRecord:
         tags = [r[0] for r in conn.execute("SELECT tag FROM adapter_tags WHERE adapter_id = ? ORDER BY tag", (row["id"],))]
@@ -364,12 +380,14 @@ class Registry:
         return [r[0] for r in rows]
 
     @staticmethod
-    def _names(conn: sqlite3.Connection) -> builtins.list[str]:
-        return [r[0] for r in conn.execute("SELECT DISTINCT name FROM adapters ORDER BY name")]
+    def _names(conn: sqlite3.Connection, fp: str | None = None) -> builtins.list[str]:
+        sql = f"SELECT DISTINCT name FROM adapters WHERE {_FOR_BASE} ORDER BY name"
+        return [r[0] for r in conn.execute(sql, {"fp": fp})]
 
     @staticmethod
-    def _tags(conn: sqlite3.Connection) -> builtins.list[str]:
-        return [r[0] for r in conn.execute("SELECT DISTINCT tag FROM adapter_tags ORDER BY tag")]
+    def _tags(conn: sqlite3.Connection, fp: str | None = None) -> builtins.list[str]:
+        sql = f"SELECT DISTINCT t.tag FROM adapter_tags t JOIN adapters a ON a.id = t.adapter_id WHERE {_FOR_BASE} ORDER BY t.tag"
+        return [r[0] for r in conn.execute(sql, {"fp": fp})]
 
     @staticmethod
     def _pinned(conn: sqlite3.Connection) -> builtins.list[str]:
@@ -416,6 +434,13 @@ def _resolve_base(base: str | ResolvedModel) -> ResolvedModel:
         return resolve_model(str(base))
     except ModelError as exc:
         raise RegistryError(f"base model: {exc}") from exc
+
+
+_FOR_BASE = "(:fp IS NULL OR base_fingerprint = :fp)"  # every read's optional base filter
+
+
+def _for_base(fp: str | None) -> str:
+    return f" for base {fp}" if fp else ""
 
 
 def _listing(items: Sequence[str]) -> str:
