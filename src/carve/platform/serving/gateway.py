@@ -5,8 +5,8 @@ and the adapter registry; it turns each request into an engine job and hands
 it to the engine deployment. It never holds model weights.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads these handlers' annotations
+# at runtime through Serve's class-based ingress, where string annotations do not resolve.
 import asyncio
 import hmac
 import json

@@ -1,0 +1,314 @@
+"""The Carve server on a real local Ray: one Serve instance for the module, real SQLite registry, real HTTP.
+
+Run under the offline wrapper:
+    ../shared/tools/offline .venv/bin/python -m pytest -q tests/test_serving.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ADMIN = "test-admin-token-0123"
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("carve-home")
+    saved = {k: os.environ.get(k) for k in ("CARVE_HOME", "CARVE_REGISTRY", "CARVE_ADMIN_TOKEN", "CARVE_API_KEY")}
+    os.environ["CARVE_HOME"] = str(root)
+    for key in ("CARVE_REGISTRY", "CARVE_ADMIN_TOKEN", "CARVE_API_KEY"):
+        os.environ.pop(key, None)
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def registry(home: Path, tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
+    from carve.adapters.registry import Registry
+
+    reg = Registry(home / "registry")
+    reg.add(tiny_adapters["alpha"], "alpha", tags=["bio"], base=str(tiny_model_dir))
+    reg.add(tiny_adapters["beta"], "beta", tags=["fin"], base=str(tiny_model_dir))
+    return reg
+
+
+@pytest.fixture(scope="module")
+def server(registry, tiny_model_dir: Path) -> Iterator[str]:
+    from carve.platform.serving.launcher import start_local_server, stop_local_server
+
+    handle = start_local_server(
+        str(tiny_model_dir), registry.root, free_port(), max_adapters=2, num_cpus=2,
+        engine_num_cpus=0, admin_token=ADMIN, max_tokens_cap=64, default_max_tokens=16, batch_wait_s=0.05,
+    )
+    try:
+        yield handle.url
+    finally:
+        stop_local_server()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
+    """The engine run directly, with every adapter loaded: what the server must answer."""
+    from carve.platform.loading import open_engine
+
+    return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
+
+
+def direct(reference, prompt: str, adapter: str | None, max_tokens: int = MAX_TOKENS) -> str:
+    from carve.platform.engine import GenerationRequest, Sampling
+
+    return reference.generate([GenerationRequest.single(prompt, adapter, Sampling(max_tokens))])[0].text
+
+
+def complete(client: httpx.Client, model: str, prompt: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def admin(token: str = ADMIN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    return response.json()["error"]
+
+
+# -- inference ---------------------------------------------------------------------
+
+
+def test_adapters_in_parallel_equal_the_engine_run_directly(client, reference):
+    prompts = ["The patient was", "Revenue rose", "Gene expression of", "Question: Is"]
+    cases = [(model, adapter, p) for p in prompts for model, adapter in (("alpha", "alpha"), ("fin", "beta"), ("base", None))]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda c: complete(client, c[0], c[2]), cases))
+    for (model, adapter, prompt), response in zip(cases, responses):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == model
+        assert body["choices"][0]["text"] == direct(reference, prompt, adapter), (model, prompt)
+        assert [a["name"] for a in body["carve"]["adapters"]] == ([adapter] if adapter else [])
+        assert body["usage"]["completion_tokens"] > 0
+    texts = {r.json()["choices"][0]["text"] for r in responses[:3]}
+    assert len(texts) == 3  # the two adapters and the base really differ
+
+
+def test_chat_completion_applies_the_chat_template(client, reference):
+    from carve.platform.loading import format_user_prompt
+
+    response = client.post("/v1/chat/completions", json={"model": "bio", "messages": [{"role": "user", "content": "What is DNA?"}], "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "bio"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": direct(reference, format_user_prompt(reference.tokenizer, "What is DNA?"), "alpha")}
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streaming_sends_the_same_text_as_server_sent_events(client):
+    whole = complete(client, "alpha", "The patient was").json()["choices"][0]["text"]
+    body = {"model": "alpha", "prompt": "The patient was", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert len(chunks) > 2 and "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-2]["usage"]["completion_tokens"] >= len(chunks) - 1
+
+
+def test_official_openai_client(server, reference):
+    import openai
+
+    api = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    ids = {m.id for m in api.models.list().data}
+    assert {"base", "alpha", "beta", "bio", "fin"} <= ids
+    completion = api.completions.create(model="beta", prompt="Revenue rose", max_tokens=MAX_TOKENS, temperature=0)
+    assert completion.choices[0].text == direct(reference, "Revenue rose", "beta")
+    chat = api.chat.completions.create(model="fin", messages=[{"role": "user", "content": "Hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    streamed = api.chat.completions.create(model="fin", messages=[{"role": "user", "content": "Hi"}], max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="served models: base, alpha, beta"):
+        api.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def test_unknown_model_is_404_listing_models(client):
+    response = complete(client, "law", "x")
+    assert response.status_code == 404
+    assert error_of(response)["param"] == "model" and "served models: base, alpha, beta, bio, fin" in error_of(response)["message"]
+
+
+def test_malformed_json_and_bad_fields_are_422(client):
+    response = client.post("/v1/completions", content=b'{"model": "alpha", "prompt": ', headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "malformed JSON" in error_of(response)["message"]
+    response = complete(client, "alpha", "x", n=3)
+    assert response.status_code == 422 and error_of(response)["param"] == "n"
+    response = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "robot", "content": "x"}]})
+    assert response.status_code == 422 and error_of(response)["param"] == "messages.0.role"
+
+
+def test_limits_are_400(client):
+    response = complete(client, "alpha", "x", max_tokens=65)
+    assert response.status_code == 400 and error_of(response)["param"] == "max_tokens"
+    response = complete(client, "alpha", "The patient was treated with aspirin. " * 60, max_tokens=8)
+    assert response.status_code == 400 and error_of(response)["code"] == "context_length_exceeded"
+
+
+def test_broken_adapter_fails_alone_while_the_rest_serve(client, registry, tiny_adapters, tiny_model_dir, reference):
+    record = registry.add(tiny_adapters["gamma"], "cracked", tags=["broken"], base=str(tiny_model_dir))
+    (record.path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # the files break after registration
+    with ThreadPoolExecutor(2) as pool:  # in parallel: likely one batch holding both adapters
+        bad, good = pool.map(lambda model: complete(client, model, "The patient"), ["cracked", "alpha"])
+    assert bad.status_code == 500 and "cracked@v1 could not be loaded" in error_of(bad)["message"]
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == direct(reference, "The patient", "alpha")
+    streamed = complete(client, "cracked", "The patient", stream=True)
+    assert streamed.status_code == 500 and error_of(streamed)["code"] == "adapter_load_failed"
+    assert complete(client, "beta", "Revenue").status_code == 200
+    registry.remove("cracked")
+
+
+# -- operator API ------------------------------------------------------------------------
+
+
+def test_operator_api_needs_the_token(client):
+    for headers in ({}, admin("wrong-token-123"), {"Authorization": "Basic abc"}):
+        response = client.get("/v1/adapters", headers=headers)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert client.delete("/v1/adapters/alpha", headers=headers).status_code == 401
+        assert client.post("/v1/adapters", json={"name": "x", "path": "/tmp"}, headers=headers).status_code == 401
+    listed = client.get("/v1/adapters", headers=admin())
+    assert listed.status_code == 200 and {a["name"] for a in listed.json()["data"]} >= {"alpha", "beta"}
+
+
+def adapter_archive(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(folder, arcname=folder.name)
+    return buffer.getvalue()
+
+
+def test_upload_while_serving_is_servable_without_restart(client, tiny_adapters, reference):
+    response = client.post(
+        "/v1/adapters?name=gamma&tags=law", content=adapter_archive(tiny_adapters["gamma"]),
+        headers={**admin(), "content-type": "application/gzip"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "gamma" and response.json()["tags"] == ["law"]
+    answer = complete(client, "law", "Gene expression of")
+    assert answer.status_code == 200 and answer.json()["carve"]["adapters"] == [{"name": "gamma", "version": 1, "weight": 1.0}]
+    assert answer.json()["choices"][0]["text"] == direct(reference, "Gene expression of", "gamma")
+    assert "law" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
+def test_bad_uploads_are_refused(client, tmp_path):
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz") as archive:
+        info = tarfile.TarInfo("../evil")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"x"))
+    response = client.post("/v1/adapters?name=evil", content=evil.getvalue(), headers={**admin(), "content-type": "application/gzip"})
+    assert response.status_code == 400 and "'..'" in error_of(response)["message"]
+    response = client.post("/v1/adapters", json={"name": "nowhere", "path": str(tmp_path / "missing")}, headers=admin())
+    assert response.status_code == 400 and error_of(response)["param"] == "path"
+    response = client.post("/v1/adapters", json={"name": "empty", "path": str(tmp_path)}, headers=admin())
+    assert response.status_code == 400 and "adapter_model.safetensors" in error_of(response)["message"]
+
+
+def test_concurrent_registrations_get_distinct_versions(client, tiny_adapters):
+    jobs = [("delta", tiny_adapters["alpha"])] * 4 + [(f"eps{i}", tiny_adapters["beta"]) for i in range(3)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda j: client.post("/v1/adapters", json={"name": j[0], "path": str(j[1]), "tags": ["conc"]}, headers=admin()), jobs))
+    assert all(r.status_code == 201 for r in responses), [r.text for r in responses]
+    assert sorted(r.json()["version"] for r in responses if r.json()["name"] == "delta") == [1, 2, 3, 4]
+    listed = {a["name"]: a["version"] for a in client.get("/v1/adapters?tag=conc", headers=admin()).json()["data"]}
+    assert listed == {"delta": 4, "eps0": 1, "eps1": 1, "eps2": 1}
+    deleted = client.delete("/v1/adapters/delta", headers=admin())
+    assert deleted.status_code == 200 and complete(client, "delta", "x").status_code == 404
+    assert client.delete("/v1/adapters/delta", headers=admin()).status_code == 404
+
+
+# -- health and metrics ---------------------------------------------------------------------
+
+
+def test_health_and_metrics(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    for model in ("alpha", "beta", "law", "alpha"):  # three adapters through a 2-adapter cache: evictions
+        assert complete(client, model, "The patient").status_code == 200
+    text = client.get("/metrics").text
+    def value(pattern: str) -> float:
+        return sum(float(m) for m in re.findall(pattern + r"\S* (\d+(?:\.\d+)?(?:e[+-]?\d+)?)", text))
+    assert value(r'carve_requests_total\{endpoint="completions",status="200"') >= 5
+    assert value(r'carve_requests_total\{endpoint="completions",status="404"') >= 1
+    assert value(r'carve_tokens_total\{kind="completion"') > 0
+    assert value(r"carve_request_latency_seconds_count") >= 5
+    assert value(r"carve_time_to_first_token_seconds_count") >= 1
+    assert value(r"carve_adapter_loads_total") >= 3 and value(r"carve_adapter_evictions_total") >= 1
+    assert value(r"carve_adapter_load_failures_total") >= 1
+
+
+# -- keyed inference ------------------------------------------------------------------------
+
+
+def test_keyed_inference_needs_the_api_key(server, tiny_model_dir, registry):
+    """A second app on the same Serve with CARVE_API_KEY set (config api_key)."""
+    from ray import serve
+
+    from carve.platform.serving.app import build_app
+    from carve.platform.serving.config import ServeConfig
+
+    config = ServeConfig(
+        model=str(tiny_model_dir), registry_root=registry.root, api_key="sk-test-key", admin_token=ADMIN,
+        engine_num_cpus=0, route_prefix="/keyed", max_adapters=1,
+    )
+    serve.run(build_app(config), name="carve-keyed", route_prefix="/keyed", blocking=False)
+    try:
+        with httpx.Client(base_url=server + "/keyed", timeout=60) as keyed:
+            body = {"model": "alpha", "prompt": "The patient", "max_tokens": 4, "temperature": 0}
+            assert keyed.post("/v1/completions", json=body).status_code == 401
+            assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert keyed.get("/v1/models").status_code == 401
+            assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer sk-test-key"}).status_code == 200
+            assert keyed.get("/healthz").status_code == 200  # health stays open for probes
+    finally:
+        serve.delete("carve-keyed")
