@@ -78,6 +78,12 @@ from carve.adapters.cli import app as adapters_app  # noqa: E402
 app.add_typer(adapters_app, name="adapters")
 
 
+# carve serve (carve.platform.serve_cli)
+from carve.platform.serve_cli import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
