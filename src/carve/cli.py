@@ -84,6 +84,12 @@ from carve.platform.serve_cli import serve_command  # noqa: E402
 app.command("serve")(serve_command)
 
 
+# carve specialize (carve.specialize.specialize_cli)
+from carve.specialize.specialize_cli import specialize as specialize_command  # noqa: E402
+
+app.command("specialize")(specialize_command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

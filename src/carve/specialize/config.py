@@ -1,0 +1,113 @@
+"""The settings of one self-specialization run, and the two named profiles.
+
+``paper`` is the paper's appendix B (5K examples, k=5, LoRA r=8/alpha=16,
+lr 3e-4, batch 32, 3 epochs). ``quick`` is sized to finish on a 2-core CPU in
+about 20 minutes with SmolLM2-135M while keeping at least 100 training
+examples; every number in it was measured, not guessed (see the README).
+A run folder records its config; resuming under a different one is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Profile = Literal["quick", "paper"]
+RetrievalMode = Literal["marginal", "top1", "none"]
+
+
+class TrainingConfig(BaseModel):
+    """LoRA specialization (paper appendix B); ``batch_size`` is the effective batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str = "all-linear"
+    learning_rate: float = Field(3e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    max_length: int = Field(1024, ge=16)
+    save_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps (0: each epoch only)")
+
+    @model_validator(mode="after")
+    def _divides(self) -> "TrainingConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class RunConfig(BaseModel):
+    """Everything that decides a run's outputs (paths of inputs are recorded by hash in run.json)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: Profile = "paper"
+    base: str = "smollm2-135m-instruct"
+    seed: int = 0
+    num_instructions: int = Field(5000, ge=1)
+    iterations: Literal[1, 2] = 1
+    # instruction generation (Table 3, appendix B)
+    prompt_style: Literal["raw", "chat"] = "chat"
+    seeds_per_prompt: int = Field(3, ge=1)
+    instruction_batch: int = Field(8, ge=1)
+    instruction_max_new_tokens: int = Field(1024, ge=8)
+    instruction_temperature: float = 1.0
+    instruction_top_p: float = 0.98
+    seed_input_chars: int | None = None
+    max_prompts: int | None = Field(None, description="stop generating after this many prompts even if short of num_instructions")
+    # filters
+    min_instruction_words: int = 3
+    max_instruction_words: int = 150
+    max_input_chars: int = 2000
+    rouge_threshold: float = 0.7
+    # retrieval and responses (eq. 1-2)
+    retrieval: RetrievalMode = "marginal"
+    top_k: int = Field(5, ge=1)
+    document_words: int | None = None
+    response_batch: int = Field(8, ge=1)
+    response_max_new_tokens: int = Field(512, ge=1)
+    contrast_alpha: float = Field(0.1, ge=0, le=1)
+    training: TrainingConfig = TrainingConfig()
+
+    def branches(self) -> int:
+        """Documents per response: k for marginalization, 1 for top-1, 0 without retrieval."""
+        return {"marginal": self.top_k, "top1": 1, "none": 0}[self.retrieval]
+
+    def max_prompt_count(self) -> int:
+        # a prompt yields several pairs; stop at 4x num_instructions prompts if filters keep rejecting
+        return self.max_prompts if self.max_prompts is not None else 4 * self.num_instructions
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "quick": {
+        "num_instructions": 120,
+        "instruction_batch": 8,
+        "instruction_max_new_tokens": 256,
+        "seed_input_chars": 300,
+        "top_k": 3,
+        "document_words": 80,
+        "response_batch": 8,
+        "response_max_new_tokens": 80,
+        "max_input_chars": 600,
+        "training": {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "max_length": 256, "save_every_steps": 5},
+    },
+}
+
+
+def build_config(profile: Profile = "paper", **overrides: Any) -> RunConfig:
+    """A profile's settings with the given overrides (None values are ignored)."""
+    values: dict[str, Any] = {**PROFILES[profile], "profile": profile}
+    training = dict(values.pop("training", {}))
+    training.update(overrides.pop("training", None) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(**values, training=TrainingConfig(**training))

@@ -1,0 +1,151 @@
+"""Stage 1: instruction generation (paper §3.2) with self-instruct filtering.
+
+Prompts are numbered 0, 1, 2...; prompt i shows seeds drawn with a generator
+seeded from (run seed, iteration, i) and samples with its own seed, so a
+prompt's text never depends on which other prompts share its batch or on
+whether the run was interrupted. Prompts are generated in fixed batches of
+``instruction_batch`` and every finished generation is appended to
+``generations.jsonl`` at once; the filters then read generations strictly in
+prompt order, so the kept list is the same whether or not the run was resumed.
+Generation stops after the first batch that brings the kept count to
+``num_instructions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carve.progress import stage
+from carve.specialize.config import RunConfig
+from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, empty_counts, seed_index
+from carve.specialize.prompts import instruction_prompt, parse_task_list
+from carve.specialize.seeds import SeedSet
+from carve.specialize.store import JsonlStore, write_atomic, write_jsonl_atomic
+
+GENERATIONS = "generations.jsonl"
+INSTRUCTIONS = "instructions.jsonl"
+REJECTED = "rejected.jsonl"
+FILTER_COUNTS = "filter_counts.json"
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 62-bit seed from the run seed and an item's coordinates."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+@dataclass
+class FilterState:
+    """The filters applied so far, in prompt order."""
+
+    settings: FilterSettings
+    duplicates: DuplicateIndex
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=empty_counts)
+    parsed: int = 0
+    processed: int = 0  # prompts read so far (all prompts < processed)
+
+    def feed(self, generation: dict[str, Any], prefix: str, limit: int) -> None:
+        """Filter one prompt's generated items; stop keeping once ``limit`` items are kept."""
+        items = parse_task_list(generation["text"], truncated=generation["finish_reason"] == "length")
+        for position, item in enumerate(items):
+            if len(self.kept) >= limit:
+                break
+            self.parsed += 1
+            record = {"id": f"{prefix}-{generation['prompt']:05d}-{position}", "instruction": item.instruction, "input": item.input, "prompt": generation["prompt"]}
+            verdict: tuple[str, str] | None = ("malformed", item.problem) if item.problem else check_pair(item.instruction, item.input, self.settings)
+            if verdict is None:
+                score, other = self.duplicates.most_similar(item.instruction)
+                if other >= 0:
+                    verdict = ("near_duplicate", f"ROUGE-L {score:.2f} with a kept instruction (#{other})")
+            if verdict is not None:
+                self.counts[verdict[0]] += 1
+                self.rejected.append({**record, "filter": verdict[0], "reason": verdict[1]})
+                continue
+            self.duplicates.add(item.instruction)
+            self.kept.append(record)
+        self.processed += 1
+
+
+def _request(config: RunConfig, seed_set: SeedSet, tokenizer: Any, index: int, iteration: int, adapter: str | None) -> tuple[Any, list[int]]:
+    from carve.platform.engine import Branch, GenerationRequest, Sampling
+
+    rng = random.Random(derive_seed(config.seed, "seeds", iteration, index))
+    chosen = sorted(rng.sample(range(len(seed_set.seeds)), min(config.seeds_per_prompt, len(seed_set.seeds))))
+    chosen_order = chosen[:]
+    rng.shuffle(chosen_order)
+    prompt = instruction_prompt(seed_set.domain, [seed_set.seeds[i] for i in chosen_order], tokenizer, config.prompt_style, config.seed_input_chars)
+    sampling = Sampling(
+        max_new_tokens=config.instruction_max_new_tokens,
+        temperature=config.instruction_temperature,
+        top_p=config.instruction_top_p,
+        seed=derive_seed(config.seed, "sample", iteration, index),
+        alpha=config.contrast_alpha,
+    )
+    if adapter is None:
+        return GenerationRequest.single(prompt, None, sampling), chosen_order
+    # iteration 2: the specialized model decodes contrastively against the base (eq. 3)
+    return GenerationRequest((Branch(prompt, adapter), Branch(prompt, None)), "contrast", sampling), chosen_order
+
+
+@dataclass
+class InstructionResult:
+    kept: list[dict[str, Any]]
+    counts: dict[str, int]
+    prompts: int
+    parsed: int
+    generated_tokens: int
+
+
+def generate_instructions(
+    engine: Any,
+    config: RunConfig,
+    seed_set: SeedSet,
+    folder: Path,
+    iteration: int = 1,
+    adapter: str | None = None,
+    avoid: list[str] | None = None,
+) -> InstructionResult:
+    """Generate until ``num_instructions`` pairs pass the filters; resumes from ``generations.jsonl``.
+
+    ``avoid`` holds instructions the new ones must not near-duplicate besides
+    the seeds (iteration 2 asks for a fresh set, distinct from iteration 1's).
+    """
+    settings = FilterSettings(config.min_instruction_words, config.max_instruction_words, config.max_input_chars, config.rouge_threshold)
+    pool = [s.instruction for s in seed_set.seeds] + list(avoid or [])
+    state = FilterState(settings, seed_index(pool, config.rouge_threshold))
+    store = JsonlStore(folder / GENERATIONS, key_field="prompt")
+    target, batch, cap = config.num_instructions, config.instruction_batch, config.max_prompt_count()
+    prefix = f"it{iteration}"
+
+    with stage(f"instructions (iteration {iteration})", target, "instructions") as progress:
+        start = 0
+        while len(state.kept) < target and start < cap:
+            indices = list(range(start, min(start + batch, cap)))
+            missing = [i for i in indices if i not in store]
+            if missing:
+                made = [_request(config, seed_set, engine.tokenizer, i, iteration, adapter) for i in missing]
+                completions = engine.generate([request for request, _ in made])
+                store.append(
+                    {"prompt": i, "seeds": chosen, "text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
+                    for i, (_, chosen), c in zip(missing, made, completions)
+                )
+            before = len(state.kept)
+            for i in indices:
+                state.feed(store.items[i], prefix, target)
+            progress.advance(len(state.kept) - before, note=f"{state.processed} prompts, {sum(state.counts.values())} filtered")
+            start += batch
+
+    write_jsonl_atomic(folder / INSTRUCTIONS, state.kept)
+    write_jsonl_atomic(folder / REJECTED, state.rejected)
+    summary = {"prompts": state.processed, "parsed": state.parsed, "kept": len(state.kept), "removed": state.counts}
+    import json
+
+    write_atomic(folder / FILTER_COUNTS, json.dumps(summary, indent=2))
+    tokens = sum(store.items[i]["tokens"] for i in range(state.processed))
+    return InstructionResult(state.kept, state.counts, state.processed, state.parsed, tokens)

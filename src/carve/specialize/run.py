@@ -1,0 +1,260 @@
+"""The resumable self-specialization pipeline: one folder per run.
+
+Layout of a run folder::
+
+    run.json              manifest: config, seeds/corpus/base identity, stage timings and counts
+    generations.jsonl     raw generations, one per instruction prompt (stage 1)
+    instructions.jsonl    kept (instruction, input) pairs; rejected.jsonl with the filter and reason
+    filter_counts.json    what each filter removed
+    retrieval.jsonl       top-k documents, BM25 scores and p_ret per instruction (stage 2)
+    responses.jsonl       one response per instruction (stage 3)
+    train/                checkpoints/ and final/ (stage 4)
+    iter2/                the same for the second iteration (stage 5, --iterations 2)
+    adapter/              the packaged PEFT adapter with carve-card.json (stage 6)
+
+Everything is validated (seeds, corpus, base model, an existing folder's
+manifest) before anything is written, so bad input leaves no folder behind.
+Each stage resumes item by item from its own files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from carve.specialize.config import RunConfig
+from carve.specialize.retrieval import Corpus, load_corpus
+from carve.specialize.seeds import SeedSet, load_seed_set
+from carve.specialize.store import write_atomic
+
+MANIFEST = "run.json"
+ITERATION_2 = "iter2"
+ADAPTER = "adapter"
+SPECIALIZED = "specialized"
+
+
+class RunError(ValueError):
+    """A run that cannot start or resume; the message says why."""
+
+
+@dataclass
+class Inputs:
+    """Validated inputs of a run: nothing on disk has been touched yet."""
+
+    config: RunConfig
+    seed_set: SeedSet
+    corpus: Corpus | None
+    base: Any  # ResolvedModel
+    out: Path
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues."""
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "seeds_hash": self.seed_set.content_hash,
+            "corpus_hash": self.corpus.content_hash if self.corpus else None,
+            "base": {"name": self.base.name, "model_id": self.base.model_id, "fingerprint": self.base.fingerprint},
+        }
+
+
+def prepare(config: RunConfig, seeds: Path, corpus: Path | None, out: Path, resume: bool) -> Inputs:
+    """Validate everything; raises SeedSetError, CorpusError, ModelError or RunError, writing nothing."""
+    from carve.platform.models import resolve_model
+
+    seed_set = load_seed_set(seeds)
+    if corpus is None and config.retrieval != "none":
+        raise RunError("a corpus is needed for retrieval: give --corpus FILE, or --retrieval none")
+    loaded = load_corpus(corpus) if corpus is not None else None
+    base = resolve_model(config.base)
+    inputs = Inputs(config, seed_set, loaded, base, Path(out))
+    manifest = inputs.out / MANIFEST
+    if inputs.out.exists() and any(inputs.out.iterdir()):
+        if not resume:
+            raise RunError(f"{inputs.out} already holds a run: add --resume to continue it, or choose another --out")
+        if not manifest.is_file():
+            raise RunError(f"{inputs.out} is not empty and has no {MANIFEST}: not a Carve run folder")
+        recorded = json.loads(manifest.read_text())["identity"]
+        differences = _differences(recorded, inputs.identity())
+        if differences:
+            raise RunError(f"cannot resume {inputs.out}: it was started with different inputs: " + "; ".join(differences))
+    return inputs
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return out
+    return [] if old == new else [f"{path}: {old!r} then, {new!r} now"]
+
+
+@dataclass
+class Manifest:
+    """run.json, rewritten atomically after each stage."""
+
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, inputs: Inputs) -> "Manifest":
+        path = inputs.out / MANIFEST
+        if path.is_file():
+            return cls(path, json.loads(path.read_text()))
+        from carve.specialize.package import now_iso
+
+        data = {"identity": inputs.identity(), "seeds_path": str(inputs.seed_set.path), "corpus_path": str(inputs.corpus.path) if inputs.corpus else None,
+                "created_at": now_iso(), "timings_s": {}, "counts": {}, "stages_done": []}
+        manifest = cls(path, data)
+        manifest.save()
+        return manifest
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.data, indent=2))
+
+    def timed(self, name: str, work: Callable[[], Any]) -> Any:
+        """Run a stage, adding its wall time to what earlier (interrupted) attempts spent."""
+        started = time.monotonic()
+        result = work()
+        self.data["timings_s"][name] = round(self.data["timings_s"].get(name, 0.0) + time.monotonic() - started, 2)
+        if name not in self.data["stages_done"]:
+            self.data["stages_done"].append(name)
+        self.save()
+        return result
+
+
+def _training_examples(responses: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Examples with a non-empty response; the count of empty ones."""
+    kept = [r for r in responses if r["output"].strip()]
+    return kept, len(responses) - len(kept)
+
+
+def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, number: int, init_adapter: Path | None) -> Path:
+    """Stages 1-4 of one iteration in ``folder``; returns the trained adapter folder."""
+    from carve.specialize.generate_instructions import generate_instructions
+    from carve.specialize.responses import generate_responses, retrieve
+    from carve.specialize.retrieval import BM25Index
+    from carve.specialize.store import read_jsonl
+    from carve.specialize.training import train_lora
+
+    config, suffix = inputs.config, "" if number == 1 else f"_iter{number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    contrast = SPECIALIZED if number > 1 else None
+    avoid = [r["instruction"] for r in read_jsonl(inputs.out / "instructions.jsonl")] if number > 1 else []
+
+    made = manifest.timed(
+        f"instructions{suffix}",
+        lambda: generate_instructions(engine, config, inputs.seed_set, folder, number, adapter=contrast, avoid=avoid),
+    )
+    manifest.data["counts"][f"instructions{suffix}"] = {
+        "prompts": made.prompts, "parsed": made.parsed, "kept": len(made.kept), "removed": made.counts, "generated_tokens": made.generated_tokens,
+    }
+    hits = None
+    if config.retrieval != "none":
+        assert inputs.corpus is not None
+        corpus = inputs.corpus
+
+        def run_retrieval() -> Any:
+            index = BM25Index.open(corpus, inputs.out.parent / ".carve-bm25")
+            return retrieve(index, corpus, made.kept, config.top_k, folder)
+
+        hits = manifest.timed(f"retrieval{suffix}", run_retrieval)
+        manifest.data["counts"][f"retrieval{suffix}"] = {"queries": len(hits)}
+    responses = manifest.timed(
+        f"responses{suffix}",
+        lambda: generate_responses(engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})"),
+    )
+    ordered = [responses.items[item["id"]] for item in made.kept]
+    examples, empty = _training_examples(ordered)
+    manifest.data["counts"][f"responses{suffix}"] = {
+        "generated": len(ordered), "empty": empty, "kept": len(examples), "generated_tokens": sum(r["tokens"] for r in ordered),
+    }
+    manifest.save()
+    trained = manifest.timed(
+        f"training{suffix}",
+        lambda: train_lora(inputs.base.path, examples, config.training, folder / "train", config.seed + number - 1, init_adapter, label=f"training (iteration {number})"),
+    )
+    manifest.data["counts"][f"training{suffix}"] = {
+        "examples": trained.examples, "skipped_too_long": trained.skipped_too_long, "steps": trained.steps,
+        "final_loss": trained.final_loss, "first_loss": trained.losses[0] if trained.losses else None,
+        "examples_per_second": trained.examples_per_second,
+    }
+    manifest.save()
+    return trained.adapter_dir
+
+
+def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the manifest data. Call :func:`prepare` first."""
+    from carve.platform.loading import open_engine
+    from carve.specialize.package import AdapterCard, CardDomain, carve_version, now_iso, package_adapter
+
+    inputs.out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.open(inputs)
+    config = inputs.config
+    engine, _resolved, plan = manifest.timed("load_model", lambda: open_engine(str(inputs.base.path)))
+    manifest.data["load_plan"] = plan.describe()
+
+    trained = _iteration(engine, inputs, manifest, inputs.out, 1, None)
+    if config.iterations == 2:
+        if SPECIALIZED in engine.adapters:
+            engine.unload_adapter(SPECIALIZED)
+        engine.load_adapter(SPECIALIZED, trained)
+        trained = _iteration(engine, inputs, manifest, inputs.out / ITERATION_2, 2, trained)
+
+    evaluation = None
+    if eval_tasks is not None:
+        evaluation = manifest.timed("evaluation", lambda: _evaluate(engine, trained, inputs, eval_tasks, eval_options or {}))
+        manifest.data["evaluation"] = evaluation
+
+    domain = inputs.seed_set.domain
+    card = AdapterCard(
+        name=domain.tag,
+        base_model=inputs.base.name,
+        base_model_id=inputs.base.model_id,
+        base_fingerprint=inputs.base.fingerprint,
+        domain=CardDomain(name=domain.name, tag=domain.tag, description=domain.description),
+        seeds_hash=inputs.seed_set.content_hash,
+        seeds_count=len(inputs.seed_set.seeds),
+        corpus_hash=inputs.corpus.content_hash if inputs.corpus else None,
+        counts=manifest.data["counts"],
+        hyperparameters=config.model_dump(mode="json"),
+        timings_s=manifest.data["timings_s"],
+        evaluation=evaluation,
+        created_at=now_iso(),
+        carve_version=carve_version(),
+        run_id=inputs.out.name,
+    )
+    manifest.timed("package", lambda: package_adapter(trained, inputs.out / ADAPTER, card))
+    manifest.data["adapter"] = str(inputs.out / ADAPTER)
+    manifest.data["finished_at"] = now_iso()
+    manifest.save()
+    return manifest.data
+
+
+def _evaluate(engine: Any, adapter: Path, inputs: Inputs, tasks: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Base against the new adapter on the given tasks (carve.specialize.evaluate)."""
+    from carve.specialize.evaluate import evaluate_models  # type: ignore[import-not-found]
+
+    name = f"{inputs.seed_set.domain.tag}-eval"
+    if name not in engine.adapters:
+        engine.load_adapter(name, adapter)
+    report = evaluate_models(
+        engine,
+        models={"base": None, "adapter": name},
+        tasks_dir=tasks,
+        shots=tuple(options.get("shots") or (0,)),
+        demos=inputs.seed_set,
+        limit=options.get("limit"),
+        out_dir=inputs.out / "evaluation",
+    )
+    return {
+        "tasks_dir": str(tasks),
+        "shots": report.shots,
+        "limit": report.limit,
+        "macro": [score.model_dump(mode="json") for score in report.macro],
+        "scores": [score.model_dump(mode="json") for score in report.scores],
+        "details": str(inputs.out / "evaluation"),
+    }
