@@ -286,29 +286,4 @@ def test_health_and_metrics(client):
     assert value(r"carve_adapter_loads_total") >= 3 and value(r"carve_adapter_evictions_total") >= 1
     assert value(r"carve_adapter_load_failures_total") >= 1
 
-
-# -- keyed inference ------------------------------------------------------------------------
-
-
-def test_keyed_inference_needs_the_api_key(server, tiny_model_dir, registry):
-    """A second app on the same Serve with CARVE_API_KEY set (config api_key)."""
-    from ray import serve
-
-    from carve.platform.serving.app import build_app
-    from carve.platform.serving.config import ServeConfig
-
-    config = ServeConfig(
-        model=str(tiny_model_dir), registry_root=registry.root, api_key="sk-test-key", admin_token=ADMIN,
-        engine_num_cpus=0, route_prefix="/keyed", max_adapters=1,
-    )
-    serve.run(build_app(config), name="carve-keyed", route_prefix="/keyed", blocking=False)
-    try:
-        with httpx.Client(base_url=server + "/keyed", timeout=60) as keyed:
-            body = {"model": "alpha", "prompt": "The patient", "max_tokens": 4, "temperature": 0}
-            assert keyed.post("/v1/completions", json=body).status_code == 401
-            assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-            assert keyed.get("/v1/models").status_code == 401
-            assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer sk-test-key"}).status_code == 200
-            assert keyed.get("/healthz").status_code == 200  # health stays open for probes
-    finally:
-        serve.delete("carve-keyed")
+# Keyed inference (CARVE_API_KEY) is tested with `carve serve` itself in test_serving_cli.py.

@@ -66,11 +66,14 @@ class AdapterAffinityRouter(RequestRouter):
         self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
     ) -> List[List[RunningReplica]]:
         by_id = {r.replica_id: r for r in candidate_replicas}
+        recent = self._recent_ids()
         views = []
         for replica in candidate_replicas:
             stats = replica.routing_stats or {}
-            views.append(ReplicaView(replica.replica_id, frozenset(stats.get("adapters", ())), int(stats.get("capacity", 1 << 30))))
-        ranks = rank_for_adapter(adapter_key(pending_request), views, self._recent_ids())
+            # What the replica reported, plus what we sent it since (it is loading those now).
+            held = set(stats.get("adapters", ())) | {k for k, rid in recent.items() if rid == replica.replica_id}
+            views.append(ReplicaView(replica.replica_id, frozenset(held), int(stats.get("capacity", 1 << 30))))
+        ranks = rank_for_adapter(adapter_key(pending_request), views, recent)
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # every rank is offered: back off before retrying
         return [[by_id[i] for i in rank] for rank in ranks]
