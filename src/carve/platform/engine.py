@@ -55,6 +55,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     alpha: float = 0.1  # contrast: plausibility threshold relative to the expert's top token
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -357,7 +358,7 @@ class Engine:
                     token = pick_token(scores, request.sampling, generators[req])
                     steps[req] += 1
                     reason: FinishReason | None = None
-                    if token in self.eos_ids:
+                    if token in self.eos_ids and not request.sampling.ignore_eos:
                         reason = "eos"
                     elif trackers[req].add(token):
                         reason = "stop"
