@@ -7,9 +7,34 @@ back to plain periodic lines when the output is not a terminal (CI logs, files).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
+
+# Observers of every stage in this process (a job runner reports them to its job store).
+# Called as listener(stage_progress, event) with event "start", "advance" or "end";
+# an exception raised by a listener (e.g. a cancellation) propagates into the stage.
+Listener = Callable[["StageProgress", str], None]
+_listeners: list[Listener] = []
+_listeners_lock = threading.Lock()
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Call ``listener`` on every stage's start, advance and end while the block runs."""
+    with _listeners_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(listener)
+
+
+def _notify(progress: "StageProgress", event: str) -> None:
+    for listener in list(_listeners):
+        listener(progress, event)
 
 
 class StageProgress:
@@ -42,6 +67,7 @@ class StageProgress:
 
     def advance(self, n: int = 1, note: str | None = None) -> None:
         self.done += n
+        _notify(self, "advance")
         if self._bar is not None:
             self._bar.update(self._task, advance=n, description=self._describe(note))
         elif time.monotonic() - self._last_print >= self._every or (self.total and self.done >= self.total):
@@ -61,6 +87,7 @@ def _fmt_s(seconds: float) -> str:
 def stage(name: str, total: int | None, unit: str = "items") -> Iterator[StageProgress]:
     """Show a progress bar (terminal) or periodic lines (logs) while a stage runs."""
     progress = StageProgress(name, total, unit)
+    _notify(progress, "start")
     if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.text import Text
@@ -84,3 +111,4 @@ def stage(name: str, total: int | None, unit: str = "items") -> Iterator[StagePr
     else:
         yield progress
         print(progress.line() + " done", file=sys.stderr, flush=True)
+    _notify(progress, "end")

@@ -34,7 +34,8 @@ from carve.platform.models import ModelError, ResolvedModel, resolve_model
 
 CARD_FILE = "carve-card.json"
 MAX_CARD_BYTES = 1 << 20
-STAGED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, "README.md")  # everything else stays behind
+PROFILE_FILE = "carve-profile.jsonl"  # the texts the router's profile of the adapter is built from
+STAGED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, "README.md", PROFILE_FILE)  # everything else stays behind
 
 
 class CardDomain(BaseModel):

@@ -23,6 +23,10 @@ import carve
 from carve.specialize.store import write_atomic
 
 CARD = "carve-card.json"
+# What the adapter was trained on, for the router (carve.router.profiles): one JSON object
+# per line, {"source": "seed"|"synthetic", "instruction", "input"}. The registry stores it
+# with the adapter, so every registered version carries the texts its routing profile is built from.
+PROFILE = "carve-profile.jsonl"
 
 
 class CardDomain(BaseModel):
@@ -73,6 +77,18 @@ def package_adapter(trained: Path, out: Path, card: AdapterCard) -> Path:
         shutil.rmtree(out)
     os.replace(staging, out)
     return out
+
+
+def write_profile(out: Path, seeds: list[Any], instruction_files: list[Path]) -> Path:
+    """Write carve-profile.jsonl into the adapter folder ``out``: the seeds, then the kept synthetic instructions."""
+    from carve.specialize.store import read_jsonl, write_jsonl_atomic
+
+    records = [{"source": "seed", "instruction": s.instruction, "input": s.input} for s in seeds]
+    for path in instruction_files:
+        if path.is_file():
+            records += [{"source": "synthetic", "instruction": r["instruction"], "input": r.get("input", "")} for r in read_jsonl(path)]
+    write_jsonl_atomic(out / PROFILE, records)
+    return out / PROFILE
 
 
 def update_evaluation(adapter_dir: Path, evaluation: dict[str, Any]) -> None:

@@ -228,6 +228,10 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
         run_id=inputs.out.name,
     )
     manifest.timed("package", lambda: package_adapter(trained, inputs.out / ADAPTER, card))
+    from carve.specialize.generate_instructions import INSTRUCTIONS
+    from carve.specialize.package import write_profile
+
+    write_profile(inputs.out / ADAPTER, inputs.seed_set.seeds, [inputs.out / INSTRUCTIONS, inputs.out / ITERATION_2 / INSTRUCTIONS])
     manifest.data["adapter"] = str(inputs.out / ADAPTER)
     manifest.data["finished_at"] = now_iso()
     manifest.save()
