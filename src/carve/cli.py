@@ -96,3 +96,28 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- carve demo ---------------------------------------------------------------
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder of the demo's specialization (resumed when present)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Base model name or Hugging Face folder."),
+    seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed set (default: the shipped seeds/biomedical)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus JSONL (default: the shipped PubMed sample)."),
+    eval_limit: int = typer.Option(3, "--eval-limit", help="Examples per task in the base-vs-adapter evaluation (0 skips it)."),
+    serve: bool = typer.Option(True, help="Register the adapter and query it over HTTP on a local server."),
+    registry: Optional[Path] = typer.Option(None, "--registry", envvar="CARVE_REGISTRY", help="Registry folder."),
+) -> None:
+    """Run the whole job end to end: specialize, evaluate, register, serve and query by domain tag."""
+    from carve.adapters.registry import RegistryError
+    from carve.demo import run_demo
+    from carve.platform.models import ModelError
+    from carve.specialize.retrieval import CorpusError
+    from carve.specialize.run import RunError
+    from carve.specialize.seeds import SeedSetError
+
+    try:
+        run_demo(out, model, seeds, corpus, eval_limit, serve, registry)
+    except (FileNotFoundError, ModelError, SeedSetError, CorpusError, RunError, RegistryError) as exc:
+        raise fail(str(exc))

@@ -1,0 +1,121 @@
+"""`carve demo`: the whole job end to end on the embedded defaults.
+
+Base model (converted from its PyPI package) -> self-specialization of the
+shipped biomedical seeds on the shipped PubMed sample (quick profile) with a
+small base-vs-adapter evaluation -> the adapter registered under its domain tag
+-> a local Ray Serve server queried over HTTP by that tag, beside the base model.
+A killed demo resumes where it stopped: the run folder is resumable.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
+QUESTIONS = [
+    (
+        "Identify every disease mentioned in the text and list them separated by commas.",
+        "The child was admitted with bacterial meningitis and later developed epilepsy and mild hearing loss.",
+    ),
+    (
+        "Answer the biomedical question with yes or no.",
+        "Is metformin a first-line treatment for type 2 diabetes?",
+    ),
+    (
+        "Name the gene or protein discussed in the sentence.",
+        "Mutations in BRCA1 markedly increase the lifetime risk of breast and ovarian cancer.",
+    ),
+]
+
+
+def project_root() -> Path:
+    """The clone this package runs from (seeds/ and data/ are shipped there, not in the wheel)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_demo(
+    out: Path,
+    model: str,
+    seeds: Path | None = None,
+    corpus: Path | None = None,
+    eval_limit: int = 3,
+    serve: bool = True,
+    registry_root: Path | None = None,
+) -> None:
+    from carve.specialize.config import build_config
+    from carve.specialize.run import prepare, run_specialization
+    from carve.specialize.specialize_cli import print_summary
+
+    console = Console()
+    root = project_root()
+    seeds = seeds or root / "seeds" / "biomedical"
+    corpus = corpus or root / "data" / "corpus" / "pubmed_sample.jsonl"
+    eval_tasks = root / "data" / "eval" / "biomed" if eval_limit > 0 else None
+    for needed in (seeds, corpus):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} is missing: run the demo from a clone of the repository, or pass --seeds/--corpus")
+
+    console.print(Rule("[bold]1/3 self-specialization[/bold] (quick profile)"))
+    console.print(f"seeds {seeds}\ncorpus {corpus}\nbase {model}\nrun folder {out} (a killed demo resumes here)")
+    config = build_config("quick", base=model)
+    inputs = prepare(config, seeds, corpus, out, resume=out.exists())
+    result = run_specialization(inputs, eval_tasks, {"shots": [0], "limit": eval_limit})
+    print_summary(result, out)
+    adapter = Path(result["adapter"])
+
+    console.print(Rule("[bold]2/3 registry[/bold]"))
+    from carve.adapters.registry import Registry
+
+    registry = Registry(registry_root)
+    tag = inputs.seed_set.domain.tag
+    record = registry.add(adapter, name=f"{tag}-demo", tags=[tag], base=inputs.base)
+    console.print(f"registered {record.name} v{record.version} under tag '{tag}' in {registry.root}")
+
+    if not serve:
+        return
+    console.print(Rule("[bold]3/3 serving[/bold] (local Ray Serve, OpenAI-compatible HTTP)"))
+    _serve_and_ask(console, model, registry.root, tag)
+
+
+def _serve_and_ask(console: Console, model: str, registry_root: Path, tag: str) -> None:
+    import httpx
+
+    from carve.platform.serving.launcher import start_local_server, stop_local_server
+    from carve.specialize.templates import alpaca_prompt
+
+    port = _free_port()
+    console.print(f"starting the server on 127.0.0.1:{port} ...")
+    handle = start_local_server(model, registry_root, port=port, max_adapters=4)
+    try:
+        with httpx.Client(base_url=handle.url, timeout=300) as client:
+            models = client.get("/v1/models").json()
+            console.print("served models: " + ", ".join(m["id"] for m in models["data"]))
+            table = Table("question", f"model='{tag}' (adapter)", "model='base'", show_lines=True, title="the same question, by domain tag and to the base")
+            for instruction, text in QUESTIONS:
+                prompt = alpaca_prompt(instruction, text)
+                answers = [_complete(client, name, prompt) for name in (tag, "base")]
+                table.add_row(f"{instruction}\n[dim]{text}[/dim]", *answers)
+            console.print(table)
+    finally:
+        stop_local_server()
+        console.print("server stopped")
+
+
+def _complete(client: Any, model: str, prompt: str) -> str:
+    response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0, "stop": ["\n###"]})
+    response.raise_for_status()
+    body = response.json()
+    used = body.get("carve", {})
+    note = f"\n[dim]{used}[/dim]" if used else ""
+    return body["choices"][0]["text"].strip() + note
