@@ -63,6 +63,7 @@ class RunConfig(BaseModel):
     instruction_temperature: float = 1.0
     instruction_top_p: float = 0.98
     seed_input_chars: int | None = None
+    require_input: bool = Field(True, description="reject items without an input line (the paper forces an input)")
     max_prompts: int | None = Field(None, description="stop generating after this many prompts even if short of num_instructions")
     # filters
     min_instruction_words: int = 3
@@ -90,16 +91,18 @@ class RunConfig(BaseModel):
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
-        "num_instructions": 120,
-        "instruction_batch": 8,
-        "instruction_max_new_tokens": 256,
-        "seed_input_chars": 300,
+        "num_instructions": 110,
+        "require_input": False,
+        "instruction_batch": 16,
+        "instruction_max_new_tokens": 192,
+        "seed_input_chars": 150,
+        "max_prompts": 320,
         "top_k": 3,
         "document_words": 80,
         "response_batch": 8,
-        "response_max_new_tokens": 80,
+        "response_max_new_tokens": 48,
         "max_input_chars": 600,
-        "training": {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "max_length": 256, "save_every_steps": 5},
+        "training": {"epochs": 1, "batch_size": 8, "micro_batch_size": 4, "max_length": 256, "save_every_steps": 4},
     },
 }
 

@@ -22,7 +22,7 @@ from typing import Any
 from carve.progress import stage
 from carve.specialize.config import RunConfig
 from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, empty_counts, seed_index
-from carve.specialize.prompts import instruction_prompt, parse_task_list
+from carve.specialize.prompts import NO_INPUT_LINE, instruction_prompt, parse_task_list
 from carve.specialize.seeds import SeedSet
 from carve.specialize.store import JsonlStore, write_atomic, write_jsonl_atomic
 
@@ -44,6 +44,7 @@ class FilterState:
 
     settings: FilterSettings
     duplicates: DuplicateIndex
+    require_input: bool = True
     kept: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=empty_counts)
@@ -58,7 +59,8 @@ class FilterState:
                 break
             self.parsed += 1
             record = {"id": f"{prefix}-{generation['prompt']:05d}-{position}", "instruction": item.instruction, "input": item.input, "prompt": generation["prompt"]}
-            verdict: tuple[str, str] | None = ("malformed", item.problem) if item.problem else check_pair(item.instruction, item.input, self.settings)
+            problem = None if item.problem == NO_INPUT_LINE and not self.require_input else item.problem
+            verdict: tuple[str, str] | None = ("malformed", problem) if problem else check_pair(item.instruction, item.input, self.settings)
             if verdict is None:
                 score, other = self.duplicates.most_similar(item.instruction)
                 if other >= 0:
@@ -118,7 +120,7 @@ def generate_instructions(
     """
     settings = FilterSettings(config.min_instruction_words, config.max_instruction_words, config.max_input_chars, config.rouge_threshold)
     pool = [s.instruction for s in seed_set.seeds] + list(avoid or [])
-    state = FilterState(settings, seed_index(pool, config.rouge_threshold))
+    state = FilterState(settings, seed_index(pool, config.rouge_threshold), config.require_input)
     store = JsonlStore(folder / GENERATIONS, key_field="prompt")
     target, batch, cap = config.num_instructions, config.instruction_batch, config.max_prompt_count()
     prefix = f"it{iteration}"

@@ -19,6 +19,7 @@ from carve.specialize.seeds import Domain, Seed
 PromptStyle = Literal["raw", "chat"]
 NO_INPUT = "<noinput>"
 FIRST_GENERATED = 4  # items 1-3 are the seeds shown
+NO_INPUT_LINE = "no input line"
 
 INSTRUCTION_PROMPT = """You are asked to come up with a set of 20 diverse task instructions about a {domain} domain. These task instructions will be given to a GPT model and we will evaluate the GPT model for completing the instructions.
 
@@ -99,6 +100,7 @@ class ParsedItem:
     problem: str | None = None  # set when the item is malformed
 
 
+_NUMBERED = re.compile(r"^\s*\d+\s*[.)]\s")
 _LINE = re.compile(r"^\s*(\d+)\s*[.)]\s*(Instruction|Input|Output)\s*:\s?(.*)$", re.IGNORECASE)
 
 
@@ -106,7 +108,8 @@ def parse_task_list(completion: str, first_number: int = FIRST_GENERATED, trunca
     """Read the continued list: ``completion`` is the text generated after ``<first_number>. Instruction:``.
 
     Returns every item in order, malformed ones included with ``problem`` set
-    (no input line, numbering out of order, empty instruction). When the
+    (no input line, an input without its instruction, empty instruction).
+    An input line belongs to the instruction just before it whatever its number. When the
     generation hit its token limit (``truncated``) the last item is cut short
     and is reported as malformed. Text after the list ends is ignored.
     """
@@ -124,15 +127,16 @@ def parse_task_list(completion: str, first_number: int = FIRST_GENERATED, trunca
         if why is None and not instruction:
             why = "empty instruction"
         if why is None and input_text is None:
-            why = "no input line"
-        if why is None and current["number"] != first_number + len(items):
-            why = f"numbered {current['number']}, expected {first_number + len(items)}"
+            why = NO_INPUT_LINE
         shown_input = (input_text or "").strip()
         items.append(ParsedItem(current["number"], instruction, "" if shown_input == NO_INPUT else shown_input, why))
         current = None
 
     for line in text.split("\n"):
         match = _LINE.match(line)
+        if match is None and _NUMBERED.match(line):
+            close()
+            break  # a numbered line of another kind ("5. Rule-based: ..."): the model left the format
         if match is None:
             if current is None:
                 if items and line.strip():
@@ -150,7 +154,8 @@ def parse_task_list(completion: str, first_number: int = FIRST_GENERATED, trunca
             close()
             current = {"number": number, "instruction": value, "input": None, "field": "instruction"}
         elif field == "input":
-            if current is None or current["number"] != number or current["input"] is not None:
+            # small models often misnumber ("4. Instruction" then "5. Input"): pair by position, not number
+            if current is None or current["input"] is not None:
                 close()
                 items.append(ParsedItem(number, "", value.strip(), "input without its instruction"))
                 continue
