@@ -1,0 +1,171 @@
+"""Running one specialization job: claim it, run the pipeline (resuming), register the adapter, report.
+
+:func:`execute_job` is what a Ray task (or a local process) runs. It reports
+the pipeline's stages (carve.progress) into the job store, keeps a heartbeat,
+and stops at its next report once the job is cancelled or taken over. The
+pipeline always runs with resume semantics: a job restarted after its server
+died continues from the files its run folder already holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from carve.jobs.store import JobRecord, JobStore
+
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 30.0
+REPORT_EVERY_S = 0.5
+# Share of the whole run each stage takes (measured on the quick profile: instruction
+# and response generation dominate, then training); stages are matched by name prefix.
+STAGE_SHARES = (("load", 0.03), ("instructions", 0.35), ("retrieval", 0.03), ("responses", 0.30), ("training", 0.27), ("register", 0.02))
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or another runner took it over): stop without writing."""
+
+
+def stage_progress(stage: str, fraction: float, iteration: int, iterations: int) -> float:
+    """Progress over the whole job of ``fraction`` of ``stage`` in ``iteration`` (1-based) of ``iterations``."""
+    names = [name for name, _ in STAGE_SHARES]
+    key = next((name for name in names if stage.startswith(name)), None)
+    if key is None:
+        return 0.0
+    start = sum(share for name, share in STAGE_SHARES[: names.index(key)])
+    share = dict(STAGE_SHARES)[key]
+    if key in ("load", "register"):  # once per job
+        return start + share * fraction
+    body_start = STAGE_SHARES[0][1]
+    body = 1.0 - body_start - STAGE_SHARES[-1][1]
+    within = (start - body_start + share * min(max(fraction, 0.0), 1.0)) / body
+    return body_start + body * ((iteration - 1) + within) / iterations
+
+
+class Reporter:
+    """Turns carve.progress events of this thread into job store updates, and raises JobCancelled when the job is lost."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, iterations: int):
+        self.store, self.job_id, self.token, self.iterations = store, job_id, token, iterations
+        self.thread = threading.get_ident()
+        self.iteration = 1
+        self.lost = threading.Event()
+        self._last = 0.0
+
+    def set_stage(self, stage: str, fraction: float = 0.0, detail: Optional[str] = None) -> None:
+        progress = stage_progress(stage, fraction, self.iteration, self.iterations)
+        if not self.store.report(self.job_id, self.token, stage, progress, detail):
+            self.lost.set()
+        self.check()
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise JobCancelled(self.job_id)
+
+    def __call__(self, progress: Any, event: str) -> None:
+        if threading.get_ident() != self.thread:
+            return  # another job's stage in this process
+        if "(iteration 2)" in progress.stage:
+            self.iteration = 2
+        now = time.monotonic()
+        if event == "advance" and now - self._last < REPORT_EVERY_S:
+            self.check()
+            return
+        self._last = now
+        fraction = progress.done / progress.total if progress.total else 0.0
+        total = f"/{progress.total}" if progress.total else ""
+        self.set_stage(progress.stage, fraction, f"{progress.done}{total} {progress.unit}")
+
+
+class Heartbeat:
+    """Marks the job alive every ``every_s`` from a thread; notices when the job was cancelled or taken over."""
+
+    def __init__(self, reporter: Reporter, every_s: float):
+        self.reporter, self.every_s = reporter, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{reporter.job_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            r = self.reporter
+            try:
+                if not r.store.heartbeat(r.job_id, r.token):
+                    r.lost.set()
+                    return
+            except Exception:  # a busy database: try again next beat
+                continue
+
+
+def execute_job(root: Path, job_id: str, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> str:
+    """Run job ``job_id`` of the registry at ``root`` to its end; returns its final status.
+
+    Never raises for a failure of the job itself: that is recorded in the store.
+    """
+    store = JobStore(root)
+    token = uuid.uuid4().hex
+    job = store.claim(job_id, token, stale_after_s)
+    if job is None:
+        return store.get(job_id).status  # finished, cancelled, or another live runner has it
+    from carve.progress import listening
+
+    reporter = Reporter(store, job_id, token, int(job.request.get("settings", {}).get("iterations") or 1))
+    try:
+        with Heartbeat(reporter, heartbeat_s), listening(reporter):
+            record = _run(job, reporter, Path(root))
+        if not store.succeed(job_id, token, record.name, record.version):
+            _unregister(root, record)  # cancelled while registering: leave nothing behind
+            return store.get(job_id).status
+        return "succeeded"
+    except JobCancelled:
+        return store.get(job_id).status
+    except BaseException as exc:  # noqa: BLE001 - every failure is the job's, recorded for its owner
+        stage = store.get(job_id).stage
+        message = f"{stage}: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, (ValueError, LookupError)):  # not a plain input problem: keep where it came from
+            message += "\n" + "".join(traceback.format_exception(exc)[-3:])
+        store.fail(job_id, token, message.strip())
+        if not isinstance(exc, Exception):
+            raise
+        return "failed"
+
+
+def _run(job: JobRecord, reporter: Reporter, root: Path) -> Any:
+    """The pipeline (resuming from the run folder), then registration under the job's tag."""
+    from carve.adapters.registry import Registry
+    from carve.specialize.config import build_config
+    from carve.specialize.run import ADAPTER, prepare, run_specialization
+
+    reporter.set_stage("load model")
+    request = job.request
+    config = build_config(request["profile"], base=job.base, **request.get("settings", {}))
+    inputs = prepare(config, job.seeds_dir, job.corpus, job.run_dir, resume=True)
+    run_specialization(inputs)
+    reporter.set_stage("register")
+    registry = Registry(root)
+    return registry.add(job.run_dir / ADAPTER, job.tag, tags=[job.tag], base=inputs.base)
+
+
+def _unregister(root: Path, record: Any) -> None:
+    from carve.adapters.registry import Registry, RegistryError
+
+    try:
+        Registry(root).remove(record.name, record.version)
+    except RegistryError:
+        pass
+
+
+def ray_entry(root: str, job_id: str, heartbeat_s: float, stale_after_s: float) -> str:
+    """The body of the Ray task (a module-level function, so Ray pickles it by reference)."""
+    return execute_job(Path(root), job_id, heartbeat_s, stale_after_s)

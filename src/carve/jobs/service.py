@@ -1,0 +1,260 @@
+"""Accepting, running, following and cancelling specialization jobs.
+
+:class:`JobService` validates a submission completely (tag, domain, every seed
+line, corpus, settings, base model) before a job exists, stores its seed set
+and corpus in ``<registry>/jobs/<id>/``, records it, and hands it to a
+launcher: :class:`RayLauncher` runs it as a Ray task in the cluster (never
+inside an HTTP replica), :class:`InlineLauncher` in the calling thread
+(``carve submit`` without a server). On start, the service resumes the jobs a
+dead server left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from carve.jobs.api import SpecializationRequest
+from carve.jobs.runner import HEARTBEAT_S, STALE_AFTER_S, execute_job
+from carve.jobs.store import ACTIVE, JobRecord, JobStore, new_job_id
+
+FORBIDDEN_SETTINGS = ("base", "profile")  # the server's model, and the request's own field
+
+
+class JobRejected(ValueError):
+    """A submission refused before any job exists; ``problems`` lists every fault, ``param`` the field."""
+
+    def __init__(self, problems: list[str], param: str, status: int = 422):
+        self.problems, self.param, self.status = list(problems), param, status
+        count = len(self.problems)
+        super().__init__(f"submission refused ({count} problem{'s' if count != 1 else ''}): " + "; ".join(self.problems[:10]))
+
+
+class JobSettings(BaseModel):
+    """How jobs run on this server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves for each job's task (one engine + training).")
+    num_gpus: float = Field(0.0, ge=0.0)
+    heartbeat_s: float = Field(HEARTBEAT_S, gt=0.0)
+    stale_after_s: float = Field(STALE_AFTER_S, gt=0.0, description="A running job without a heartbeat this long is resumed.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job (the first and its resumptions) before it is marked failed.")
+
+
+class Launcher(Protocol):
+    def launch(self, root: Path, job_id: str, settings: JobSettings) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def crashed(self) -> dict[str, str]:
+        """Jobs whose launch ended in an error outside the job (its worker died), with the error."""
+
+
+class RayLauncher:
+    """One Ray task per job (``num_cpus`` reserved, no automatic retry: resumption is the service's)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, Any] = {}
+
+    def launch(self, root: Path, job_id: str, settings: JobSettings) -> None:
+        import ray
+
+        from carve.jobs.runner import ray_entry
+
+        task = ray.remote(ray_entry).options(
+            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0, name=f"carve-specialize-{job_id}"
+        )
+        self.refs[job_id] = task.remote(str(root), job_id, settings.heartbeat_s, settings.stale_after_s)
+
+    def cancel(self, job_id: str) -> None:
+        import ray
+
+        ref = self.refs.pop(job_id, None)
+        if ref is not None:
+            ray.cancel(ref, force=True)  # kills the worker process: the job stops now, not at its next report
+
+    def crashed(self) -> dict[str, str]:
+        import ray
+
+        if not self.refs:
+            return {}
+        ready, _ = ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=0)
+        out: dict[str, str] = {}
+        for job_id, ref in list(self.refs.items()):
+            if ref not in ready:
+                continue
+            del self.refs[job_id]
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - whatever killed the worker is the job's error
+                out[job_id] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return out
+
+
+class InlineLauncher:
+    """Runs the job in the calling thread, to its end (local mode)."""
+
+    def launch(self, root: Path, job_id: str, settings: JobSettings) -> None:
+        execute_job(root, job_id, settings.heartbeat_s, settings.stale_after_s)
+
+    def cancel(self, job_id: str) -> None:  # the store's status stops the runner at its next report
+        return None
+
+    def crashed(self) -> dict[str, str]:
+        return {}
+
+
+class JobService:
+    """Specialization jobs of one registry, for one base model."""
+
+    def __init__(self, root: Path, base: str, launcher: Launcher, settings: JobSettings | None = None, recover: bool = True):
+        self.root = Path(root).expanduser()
+        self.base = str(base)
+        self.launcher = launcher
+        self.settings = settings or JobSettings()
+        self.store = JobStore(self.root)
+        if recover:
+            self.recover()
+
+    # -- submitting ---------------------------------------------------------------
+
+    def submit(self, request: SpecializationRequest | dict[str, Any]) -> JobRecord:
+        """Validate everything, store the inputs, record the job and launch it; JobRejected changes nothing."""
+        if not isinstance(request, SpecializationRequest):
+            request = parse_request(request)
+        job_id = new_job_id()
+        staging = self.store.jobs_dir / f".incoming-{job_id}"
+        staging.mkdir(parents=True)
+        try:
+            settings, corpus = self._validate(request, staging)
+            folder = self.store.jobs_dir / job_id
+            os.rename(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        corpus_path = (folder / corpus.relative_to(staging)) if corpus is not None and corpus.is_relative_to(staging) else corpus
+        stored = {"profile": request.profile, "settings": settings, "domain": request.domain.model_dump()}
+        job = self.store.create(job_id, request.tag, stored, self.base, folder, corpus_path)
+        self.launcher.launch(self.root, job_id, self.settings)
+        return self.store.get(job.id)
+
+    def _validate(self, request: SpecializationRequest, staging: Path) -> tuple[dict[str, Any], Optional[Path]]:
+        """Every check of a submission, writing only into ``staging``; returns (settings, corpus path)."""
+        from carve.adapters.registry import RegistryError, check_label
+        from carve.platform.models import ModelError
+        from carve.specialize.config import build_config
+        from carve.specialize.retrieval import CorpusError
+        from carve.specialize.run import RunError, prepare
+        from carve.specialize.seeds import SeedSetError, parse_domain, parse_seed_lines, write_seed_set
+
+        problems: list[str] = []
+        try:
+            check_label(request.tag, "domain tag")
+        except RegistryError as exc:
+            raise JobRejected([str(exc)], "tag") from None
+        description = request.domain.description or f"Seeds submitted for the {request.tag} domain."
+        try:
+            domain = parse_domain({"name": request.domain.name or request.tag, "tag": request.tag, "description": description}, "domain")
+        except SeedSetError as exc:
+            problems += exc.problems
+        try:
+            seeds = parse_seed_lines(request.seeds, "seeds")
+        except SeedSetError as exc:
+            raise JobRejected(problems + exc.problems, "seeds") from None
+        if problems:
+            raise JobRejected(problems, "domain")
+        bad = [k for k in request.settings if k in FORBIDDEN_SETTINGS]
+        if bad:
+            raise JobRejected([f"settings.{k}: set by the server (base) or the request's own field (profile)" for k in bad], "settings")
+        try:
+            config = build_config(request.profile, base=self.base, **request.settings)
+        except (ValidationError, TypeError) as exc:
+            details = [f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()] if isinstance(exc, ValidationError) else [f"settings: {exc}"]
+            raise JobRejected(details, "settings") from None
+        corpus: Optional[Path] = None
+        if request.corpus is not None:
+            if request.corpus.jsonl is not None:
+                corpus = staging / "corpus.jsonl"
+                corpus.write_text(request.corpus.jsonl, encoding="utf-8")
+            else:
+                corpus = Path(str(request.corpus.path)).expanduser().resolve()
+        write_seed_set(staging / "seeds", domain, seeds)
+        try:  # the pipeline's own checks: corpus lines, retrieval without a corpus, the base model
+            prepare(config, staging / "seeds", corpus, staging / "run", resume=True)
+        except (CorpusError, SeedSetError) as exc:
+            raise JobRejected(list(exc.problems), "corpus" if isinstance(exc, CorpusError) else "seeds") from None
+        except RunError as exc:
+            raise JobRejected([str(exc)], "corpus") from None
+        except ModelError as exc:
+            raise JobRejected([f"base model: {exc}"], "model", status=500) from None
+        return {k: v for k, v in request.settings.items()}, corpus
+
+    # -- following and cancelling -------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        self.refresh()
+        return self.store.get(job_id)
+
+    def list(self, status: Optional[str] = None, limit: int = 100) -> list[JobRecord]:
+        self.refresh()
+        return self.store.list(status, limit)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel an active job (JobConflict when finished, JobNotFound when unknown)."""
+        job = self.store.cancel(job_id)
+        self.launcher.cancel(job_id)
+        return job
+
+    def refresh(self) -> None:
+        """Record as failed the jobs whose worker died under this service (an OOM kill, a lost node)."""
+        for job_id, error in self.launcher.crashed().items():
+            self.store.fail(job_id, None, f"the job's worker died: {error}; resubmit, or restart the server to resume it")
+
+    def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.5) -> JobRecord:
+        """Poll until the job finishes or ``timeout_s`` passes; returns its last state."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if job.status not in ACTIVE or time.monotonic() >= deadline:
+                return job
+            time.sleep(poll_s)
+
+    # -- after a restart ------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Relaunch (with resume) the active jobs whose runner is gone; fail those out of attempts. Returns relaunched ids."""
+        relaunched = []
+        for job in self.store.orphaned(self.settings.stale_after_s):
+            if job.attempt >= self.settings.max_attempts:
+                self.store.fail(job.id, None, f"gave up after {job.attempt} attempts; the last runner stopped at stage {job.stage!r} without finishing")
+                continue
+            self.launcher.launch(self.root, job.id, self.settings)
+            relaunched.append(job.id)
+        return relaunched
+
+
+def parse_request(data: Any) -> SpecializationRequest:
+    """A submission from decoded JSON; JobRejected naming each bad field."""
+    if not isinstance(data, dict):
+        raise JobRejected([f"the body must be a JSON object, got {type(data).__name__}"], "body")
+    try:
+        return SpecializationRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
+        first = ".".join(map(str, exc.errors()[0]["loc"])) or "body"
+        raise JobRejected(problems, first) from None
+
+
+def parse_request_bytes(raw: bytes) -> SpecializationRequest:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JobRejected([f"malformed JSON body: {exc}"], "body") from None
+    return parse_request(data)

@@ -1,0 +1,230 @@
+"""Specialization jobs on the tiny model: submission checks, the whole lifecycle on Ray, cancel, restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SEED_RECORDS = [
+    {"instruction": "Name the disease in the sentence.", "input": "The child had measles.", "output": "measles", "task": "ner"},
+    {"instruction": "Is the drug used for diabetes?", "input": "Metformin lowers blood sugar.", "output": "yes", "task": "qa"},
+    {"instruction": "Name the gene in the sentence.", "input": "BRCA1 was measured in tissue.", "output": "BRCA1", "task": "ner"},
+    {"instruction": "What treatment was given to the patient?", "input": "The patient was treated with aspirin.", "output": "aspirin", "task": "qa"},
+]
+SEEDS = "".join(json.dumps(s) + "\n" for s in SEED_RECORDS)
+CORPUS = "".join(
+    json.dumps({"id": f"d{i}", "title": title, "text": text}) + "\n"
+    for i, (title, text) in enumerate([
+        ("Aspirin", "The patient was treated with aspirin and recovered within two weeks."),
+        ("BRCA1", "Gene expression of BRCA1 was measured in breast cancer tissue samples."),
+        ("Metformin", "Metformin is used for type 2 diabetes and lowers blood sugar."),
+        ("Measles", "The child had measles and recovered."),
+    ])
+)
+# Stage 1 "generated" these (a random tiny model never writes a parseable list; see PreseededLauncher).
+GENERATED = [
+    ("Which gene was measured in the samples?", "Gene expression of BRCA1 was measured in breast cancer tissue samples."),
+    ("Say whether the patient recovered after treatment.", "The patient was treated with aspirin and recovered within two weeks."),
+    ("Extract the drug named in the text.", "Metformin is used for type 2 diabetes."),
+    ("List the diseases mentioned below.", "The child had measles and the tumour grew."),
+]
+SETTINGS: dict[str, Any] = dict(
+    num_instructions=4, instruction_batch=2, instruction_max_new_tokens=16, max_prompts=4, prompt_style="raw",
+    top_k=2, document_words=20, response_batch=4, response_max_new_tokens=4,
+    training={"epochs": 1, "batch_size": 2, "micro_batch_size": 2, "max_length": 400, "save_every_steps": 1},
+)
+
+
+def preseed_generations(job: Any) -> None:
+    """Leave the job's run folder as a run interrupted after stage 1 leaves it: manifest + generations.jsonl.
+
+    The pipeline then resumes from it for real: filters, retrieval, responses,
+    training, packaging and registration all run on the tiny model.
+    """
+    from carve.specialize.config import build_config
+    from carve.specialize.run import Manifest, prepare
+
+    config = build_config(job.request["profile"], base=job.base, **job.request["settings"])
+    inputs = prepare(config, job.seeds_dir, job.corpus, job.run_dir, resume=True)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    Manifest.open(inputs)
+    lines = []
+    for prompt in range(2):
+        (a, a_in), (b, b_in) = GENERATED[2 * prompt], GENERATED[2 * prompt + 1]
+        text = f" {a}\n4. Input: {a_in}\n5. Instruction: {b}\n5. Input: {b_in}\n\n"
+        lines.append({"prompt": prompt, "seeds": [0, 1, 2], "text": text, "finish_reason": "eos", "tokens": 40})
+    (job.run_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+class PreseededLauncher:
+    """Wraps a real launcher: writes stage 1's output into the run folder, then launches the job as usual."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def launch(self, root: Path, job_id: str, settings: Any) -> None:
+        from carve.jobs.store import JobStore
+
+        job = JobStore(root).get(job_id)
+        if not (job.run_dir / "generations.jsonl").exists():
+            preseed_generations(job)
+        self.inner.launch(root, job_id, settings)
+
+    def cancel(self, job_id: str) -> None:
+        self.inner.cancel(job_id)
+
+    def crashed(self) -> dict[str, str]:
+        return self.inner.crashed()
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from carve.jobs.http import JobsHttp  # noqa: E402
+from carve.jobs.service import InlineLauncher, JobRejected, JobService, JobSettings  # noqa: E402
+from carve.jobs.store import JobConflict, JobNotFound, JobStore  # noqa: E402
+
+FAST = JobSettings(num_cpus=1, heartbeat_s=0.5, stale_after_s=2.0)
+
+
+def request(tag: str = "tinybio", **extra: Any) -> dict[str, Any]:
+    return {"tag": tag, "seeds": SEEDS, "domain": {"name": "biomedical"}, "corpus": {"jsonl": CORPUS}, "settings": SETTINGS, **extra}
+
+
+def nothing_stored(root: Path) -> bool:
+    jobs = root / "jobs"
+    return JobStore(root).list() == [] and (not jobs.exists() or not any(jobs.iterdir()))
+
+
+# -- submissions refused before any job exists -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, param, words",
+    [
+        ({"seeds": SEEDS + '{"instruction": "x", "input": ""}\nnot json\n'}, "seeds", ["seeds line 5: field 'output': is required", "seeds line 6: invalid JSON"]),
+        ({"tag": "auto"}, "tag", ["reserved"]),
+        ({"tag": "no spaces"}, "tag", ["domain tag"]),
+        ({"settings": {**SETTINGS, "num_instructions": 0}}, "settings", ["settings.num_instructions"]),
+        ({"settings": {"base": "other"}}, "settings", ["settings.base"]),
+        ({"settings": {"nonsense": 1}}, "settings", ["settings.nonsense"]),
+        ({"corpus": {"path": "/nowhere/corpus.jsonl"}}, "corpus", ["/nowhere/corpus.jsonl: no such file"]),
+        ({"corpus": {"jsonl": '{"id": "d1"}\n'}}, "corpus", ["line 1"]),
+        ({"corpus": None}, "corpus", ["a corpus is needed for retrieval"]),
+        ({"corpus": {"path": "a", "jsonl": "b"}}, "corpus", ["exactly one of corpus.path"]),
+        ({"profile": "huge"}, "profile", ["Input should be 'quick' or 'paper'"]),
+    ],
+)
+def test_bad_submission_is_refused_with_every_problem(tiny_model_dir: Path, tmp_path: Path, change: dict, param: str, words: list[str]) -> None:
+    root = tmp_path / "registry"
+    service = JobService(root, str(tiny_model_dir), InlineLauncher(), FAST)
+    with pytest.raises(JobRejected) as err:
+        service.submit({**request(), **change})
+    assert err.value.param == param
+    for word in words:
+        assert any(word in p for p in err.value.problems), err.value.problems
+    assert nothing_stored(root)
+    status, body = JobsHttp(service).submit(json.dumps({**request(), **change}).encode())
+    assert status == 422 and body["error"]["param"] == param and body["error"]["problems"] == err.value.problems
+    assert nothing_stored(root)
+
+
+def test_http_errors_for_unknown_and_finished_jobs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    http = JobsHttp(JobService(root, str(tiny_model_dir), InlineLauncher(), FAST))
+    assert http.get("job-nope")[0] == 404 and http.cancel("job-nope")[0] == 404
+    assert http.submit(b"{not json")[0] == 422
+    assert http.list() == (200, {"object": "list", "data": []})
+    store = JobStore(root)
+    store.create("job-x", "t", {"profile": "quick", "settings": {}}, "base", root / "jobs" / "job-x", None)
+    assert store.cancel("job-x").status == "cancelled"
+    status, body = http.cancel("job-x")
+    assert status == 409 and "already cancelled" in body["error"]["message"]
+    with pytest.raises(JobNotFound):
+        store.get("job-y")
+    with pytest.raises(JobConflict):
+        store.cancel("job-x")
+
+
+def test_progress_is_monotonic_over_the_stages() -> None:
+    from carve.jobs.runner import stage_progress
+
+    points = [
+        stage_progress("load model", 0, 1, 1),
+        stage_progress("instructions (iteration 1)", 0.5, 1, 1),
+        stage_progress("retrieval", 1.0, 1, 1),
+        stage_progress("responses (iteration 1)", 0.5, 1, 1),
+        stage_progress("training (iteration 1)", 1.0, 1, 1),
+        stage_progress("register", 1.0, 1, 1),
+    ]
+    assert points == sorted(points) and points[0] == 0 and points[-1] == pytest.approx(1.0)
+    assert stage_progress("training (iteration 1)", 1.0, 1, 2) < stage_progress("instructions (iteration 2)", 0.1, 2, 2)
+
+
+# -- the lifecycle on Ray --------------------------------------------------------------------
+
+
+def wait_for(service: JobService, job_id: str, done: Any, timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = service.get(job_id)
+        if done(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; job is {service.get(job_id)}")
+
+
+@pytest.mark.ray
+def test_job_lifecycle_on_ray_cancel_and_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """submit -> running (stage, progress) -> server dies mid-run -> restarted server resumes -> succeeded, registered, served;
+    a second job is cancelled while it runs and leaves no adapter."""
+    import ray
+
+    from carve.adapters.registry import AdapterNotFound, Registry
+    from carve.jobs.service import RayLauncher
+
+    root = tmp_path / "registry"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        service = JobService(root, str(tiny_model_dir), PreseededLauncher(RayLauncher()), FAST)
+        doomed = service.submit(request("tinycancel"))
+        job = service.submit(request("tinybio"))
+        assert job.status in ("queued", "running") and (root / "jobs" / job.id / "seeds" / "seeds.jsonl").is_file()
+
+        running = wait_for(service, doomed.id, lambda j: j.status == "running" and j.stage not in ("queued", "starting"))
+        cancelled = service.cancel(doomed.id)
+        assert cancelled.status == "cancelled"
+
+        seen = wait_for(service, job.id, lambda j: j.stage.startswith(("responses", "training")) or j.status not in ("queued", "running"))
+        assert seen.status == "running" and 0 < seen.progress < 1 and seen.detail, seen
+        assert running.progress >= 0
+    finally:
+        ray.shutdown()  # the server and its workers die mid-run
+    assert JobStore(root).get(job.id).status == "running"  # left behind by the dead server
+
+    time.sleep(FAST.stale_after_s)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        restarted = JobService(root, str(tiny_model_dir), RayLauncher(), FAST)  # recovers on start
+        done = wait_for(restarted, job.id, lambda j: j.status not in ("queued", "running"))
+        assert done.status == "succeeded", done.error
+        assert done.attempt == 2 and (done.adapter_name, done.adapter_version) == ("tinybio", 1) and done.progress == 1.0
+        assert restarted.get(doomed.id).status == "cancelled"
+    finally:
+        ray.shutdown()
+
+    registry = Registry(root)
+    record = registry.resolve("tinybio")
+    assert record.tags == ["tinybio"] and (record.path / "carve-profile.jsonl").is_file()
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("tinycancel")
+    # served with no restart: a live engine loads it straight from the registry and decodes with it
+    from carve.platform.engine import GenerationRequest, Sampling
+    from carve.platform.loading import open_engine
+
+    engine, _, _ = open_engine(str(tiny_model_dir), [("tinybio", record.path)])
+    assert engine.generate([GenerationRequest.single("The patient", "tinybio", Sampling(max_new_tokens=2))])[0].token_ids
