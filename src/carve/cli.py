@@ -90,6 +90,12 @@ from carve.specialize.specialize_cli import specialize as specialize_command  # 
 app.command("specialize")(specialize_command)
 
 
+# carve submit (carve.submit_cli): specialization jobs, on a server or here
+from carve.submit_cli import submit as submit_command  # noqa: E402
+
+app.command("submit")(submit_command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
