@@ -284,3 +284,17 @@ def test_cli_eval(tiny_model_dir: Path, tiny_adapters: dict[str, Path], suite_di
 
     result = runner.invoke(app, [*args, "--shots", "0", "five", "--out", str(refused)])
     assert result.exit_code == 2 and "unexpected argument 'five'" in result.output
+
+
+def test_adapters_by_folder_or_registry_name(tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from carve.adapters.registry import Registry
+    from carve.specialize.eval_cli import unique_labels
+    from carve.specialize.evaluate import EvalError
+
+    monkeypatch.setenv("CARVE_REGISTRY", str(tmp_path / "registry"))
+    Registry().add(tiny_adapters["beta"], "bio", base=str(tiny_model_dir))
+    labels = unique_labels([str(tiny_adapters["alpha"]), "bio", str(tiny_adapters["alpha"])])
+    assert [label for label, _ in labels] == ["alpha", "bio", "alpha-2"]
+    assert (labels[1][1] / "adapter_config.json").is_file()
+    with pytest.raises(EvalError, match="--adapter nope: not a folder, and no adapter"):
+        unique_labels(["nope"])

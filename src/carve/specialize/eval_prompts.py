@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from carve.specialize.templates import STOP_STRINGS, alpaca_example, alpaca_prompt
+from carve.specialize.templates import RESPONSE_MARKER, STOP_STRINGS, alpaca_example, alpaca_prompt
 
 
 class PromptError(ValueError):
@@ -49,14 +49,15 @@ class BuiltPrompt:
 
 
 def eval_stop_strings() -> tuple[str, ...]:
-    """The training stop strings plus the start of the next demonstration's preamble.
+    """The training stop strings, the start of the next demonstration, and any new '### ' section.
 
     After answering a k-shot prompt a model tends to begin the next example
-    ("Below is an instruction ..."); the preamble is taken from the template
-    itself, not written out again.
+    ("Below is an instruction ..."), or a section of its own ("### Explanation:");
+    both are taken from the template itself, not written out again.
     """
     preamble = os.path.commonprefix([alpaca_prompt("x"), alpaca_prompt("x", "y")]).strip()
-    return tuple(STOP_STRINGS) + ("\n" + preamble,)
+    section = RESPONSE_MARKER.split(" ")[0] + " "  # "### "
+    return tuple(STOP_STRINGS) + ("\n" + preamble, "\n" + section)
 
 
 def _same_question(demo: Demo, query: Query) -> bool:

@@ -113,10 +113,10 @@ def write_chart(report: EvalReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [t.task for t in report.tasks] + [MACRO]
-    cols = [(model, k) for model in report.models for k in report.shots]
+    cols = [(model, k) for k in report.shots for model in report.models]  # models side by side at each k
     palette = plt.get_cmap("tab10")
     width = 0.8 / len(cols)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(tasks) * max(1.0, len(cols) / 3)), 8), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(min(18.0, max(9.0, 0.35 * len(tasks) * len(cols))), 8.5), sharex=True)
     for ax, (metric, title) in zip(axes, METRICS.items()):
         for j, (model, k) in enumerate(cols):
             m = list(report.models).index(model)
@@ -128,8 +128,9 @@ def write_chart(report: EvalReport, path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
         ax.axvline(len(tasks) - 1.5, color="grey", linewidth=0.8, linestyle=":")
-    axes[0].legend(ncol=min(len(cols), 6), fontsize=8, loc="upper left", frameon=False)
-    axes[0].set_title(f"{report.base_model}: scores per task")
+    # Above the bars, so it never hides a high score; one legend column per k, its models stacked.
+    axes[0].legend(ncol=len(report.shots), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+    fig.suptitle(f"{report.base_model}: scores per task", fontsize=11)
     axes[1].set_xticks(range(len(tasks)))
     axes[1].set_xticklabels(tasks, rotation=30, ha="right")
     fig.tight_layout()
