@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from contextlib import closing as closing_connection
 from typing import Any, Callable
 
 import pytest
@@ -366,23 +367,58 @@ def _add_and_remove(root: str, source: str, base_dir: str, name: str, count: int
         registry.remove(name, record.version)
 
 
+def run_processes(procs: list[Any], timeout: float = 150.0) -> list[int | None]:
+    """Start processes, wait for all within one deadline, terminate stragglers; their exit codes."""
+    import time
+
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+    return [p.exitcode for p in procs]
+
+
+def test_opening_a_new_registry_waits_for_another_writer(tmp_path: Path) -> None:
+    """Switching a new database to WAL needs an exclusive lock that SQLite's busy timeout does not wait
+    for: opening must retry while another connection (here: one holding a write transaction) is busy."""
+    import threading
+    import time
+
+    from carve.adapters.sqlite import connect
+
+    db = tmp_path / "r" / "registry.sqlite3"
+    db.parent.mkdir()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO other VALUES (1)")
+    threading.Timer(0.5, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    reg = Registry(db.parent)
+    assert time.monotonic() - started >= 0.4 and reg.list() == []
+    with closing_connection(connect(db)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    holder.close()
+
+
 def test_concurrent_adds_in_real_processes(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path) -> None:
     root = tmp_path / "registry"
     ctx = multiprocessing.get_context("spawn")
     jobs = [("same", "alpha")] * 3 + [("own-1", "beta"), ("own-2", "gamma"), ("own-3", "alpha")]
     per_process = 3
-    barrier = ctx.Barrier(len(jobs) + 1)
+    barrier = ctx.Barrier(len(jobs) + 1, timeout=60)
     procs = [
         ctx.Process(target=_add_many, args=(str(root), str(tiny_adapters[src]), str(tiny_model_dir), name, per_process, barrier))
         for name, src in jobs
     ]
     # one more writer adds and removes versions of "same" meanwhile (its folders come and go)
     procs.append(ctx.Process(target=_add_and_remove, args=(str(root), str(tiny_adapters["beta"]), str(tiny_model_dir), "same", per_process, barrier)))
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * len(procs)
+    assert run_processes(procs) == [0] * len(procs)
 
     reg = Registry(root)
     with sqlite3.connect(reg.db_path) as conn:  # versions handed out to "same": distinct and consecutive
@@ -418,7 +454,9 @@ def test_parse_ref() -> None:
         parse_ref("med:x")
 
 
-def test_cli_add_list_show_tag_remove(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path, base) -> None:
+def test_cli_add_list_show_tag_remove(
+    tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path, other_model_dir: Path, base
+) -> None:
     from typer.testing import CliRunner
 
     from carve.cli import app
@@ -439,6 +477,8 @@ def test_cli_add_list_show_tag_remove(tmp_path: Path, tiny_adapters: dict[str, P
     assert [(r["name"], r["version"]) for r in listed] == [("med", 2)]
     assert [r["version"] for r in json.loads(run("list", "--all", "--json"))] == [1, 2]
     assert "med" in run("list") and "biomed*" in run("list")
+    assert json.loads(run("list", "--all", "--json", "--base", str(tiny_model_dir)))[0]["name"] == "med"
+    assert "no adapters" in run("list", "--base", str(other_model_dir))
 
     shown = run("show", "med:1")
     assert "med:1" in shown and '"description": "biomedical QA"' in shown and base.fingerprint in shown
@@ -545,3 +585,18 @@ def test_default_base_is_smollm2(reg: Registry, tiny_adapters: dict[str, Path], 
     with pytest.raises(AdapterRefused, match=r"adapter made for .*tiny-llama.*, base is smollm2-135m-instruct"):
         reg.add(tiny_adapters["alpha"], "tiny-on-smol")
     assert snapshot(reg.root) == before
+
+
+def test_stored_adapter_loads_with_peft(reg: Registry, tiny_adapters: dict[str, Path], tiny_model_dir: Path, base) -> None:
+    """What the store holds is a standard PEFT folder: peft loads it and gets the source's weights."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    record = reg.add(tiny_adapters["beta"], "med", base=base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), record.path, adapter_name="med")
+    source = load_file(str(tiny_adapters["beta"] / "adapter_model.safetensors"))
+    key = next(k for k in source if "q_proj.lora_A" in k)
+    module = model.get_submodule(key.removesuffix(".lora_A.weight"))
+    assert torch.equal(module.lora_A["med"].weight, source[key])

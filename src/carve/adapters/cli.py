@@ -44,6 +44,16 @@ def _ref(text: str) -> tuple[str, Optional[int]]:
         raise typer.Exit(2)
 
 
+def _base_fingerprint(base: str) -> str:
+    from carve.adapters.registry import RegistryError
+    from carve.platform.models import ModelError, resolve_model
+
+    try:
+        return resolve_model(base).fingerprint
+    except ModelError as exc:
+        raise RegistryError(f"base model: {exc}") from exc
+
+
 def _echo_json(records: "list[AdapterRecord]") -> None:
     typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
 
@@ -87,15 +97,20 @@ def add(
 def list_(
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Only adapters carrying this domain tag."),
     all_versions: bool = typer.Option(False, "--all", "-a", help="Every version, not only the latest of each name."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Only adapters made for this base model (name or folder)."),
     as_json: bool = AsJson,
     registry: Optional[Path] = RegistryDir,
 ) -> None:
     """List adapters: the latest version of each name."""
     with _registry(registry) as reg:
-        records = reg.list(tag)
+        fp = _base_fingerprint(base) if base else None
+        records = reg.list(tag, base_fingerprint=fp)
         if all_versions:
-            records = [v for r in records for v in reg.versions(r.name) if tag is None or tag in v.tags]
-        pointers = reg.tags()
+            records = [
+                v for r in records for v in reg.versions(r.name)
+                if (tag is None or tag in v.tags) and fp in (None, v.base_fingerprint)
+            ]
+        pointers = reg.tags(base_fingerprint=fp)
     if as_json:
         _echo_json(records)
     elif not records:

@@ -14,7 +14,9 @@ misread.
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,10 +37,37 @@ def connect(db_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
-    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-        # Persistent once set; the first opener switches it, under the busy timeout.
-        conn.execute("PRAGMA journal_mode = WAL")
+    try:
+        _ensure_wal(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _ensure_wal(conn: sqlite3.Connection) -> None:
+    """Switch a new database to WAL (persistent once set).
+
+    Switching needs an exclusive lock and SQLite does not wait for it through
+    the busy handler: when several processes open a new database at once, the
+    losers get "database is locked" at once. Retry until WAL is on or the busy
+    timeout has passed.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() == "wal":
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise SchemaError(f"{conn.execute('PRAGMA database_list').fetchone()[2]}: cannot switch to WAL journal mode")
+        time.sleep(random.uniform(0.01, 0.05))
 
 
 @contextmanager
