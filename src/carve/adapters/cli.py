@@ -152,7 +152,7 @@ def show(
     for key, value in fields.items():
         console.print(f"[bold]{key:>17}[/bold]  {value}", highlight=False, soft_wrap=True)
     console.print("[bold]             card[/bold]")
-    console.print(JSON(json.dumps(record.card)) if record.card else "  (no card)")
+    console.print(JSON(json.dumps(record.card)) if record.card else "  (no card)", soft_wrap=True)
 
 
 @app.command()
