@@ -100,6 +100,12 @@ def test_bad_suite_names_file_line_and_field(tmp_path: Path, line: object, messa
     assert message in str(caught.value)
 
 
+def test_task_split_over_two_files_is_refused(suite_dir: Path) -> None:
+    write_jsonl(suite_dir / "zz.jsonl", [example("x1", "ner", NER, "Flu .", ["flu <Disease>"]), example("q9", "qa", QA, "?", ["no"])])
+    with pytest.raises(SuiteError, match=r"zz.jsonl line 1: field 'task': 'ner' is already the task of ner.jsonl"):
+        load_suite(suite_dir)
+
+
 def test_empty_or_missing_suite(tmp_path: Path) -> None:
     with pytest.raises(SuiteError, match="no .jsonl task files"):
         load_suite(tmp_path)

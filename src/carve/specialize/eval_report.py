@@ -55,10 +55,11 @@ def markdown_table(report: EvalReport, metric: str) -> str:
 
 def markdown_report(report: EvalReport) -> str:
     models = "\n".join(f"- `{label}`: " + (f"adapter `{adapter}`" if adapter else "the base model alone") for label, adapter in report.models.items())
+    first = next(iter(report.models))  # prompts are the same for every model
     tasks = "\n".join(
         f"| {t.task} | {t.source} | {t.examples} of {t.available} | {t.max_new_tokens} | "
-        + ", ".join(f"k={k}: {report.score(t.task, next(iter(report.models)), k).shots_used:.2f}" for k in report.shots)
-        + f" | {sum(report.score(t.task, next(iter(report.models)), k).inputs_trimmed for k in report.shots)} |"
+        + ", ".join(f"k={k}: {report.score(t.task, first, k).shots_used:.2f}" for k in report.shots)
+        + f" | {sum(report.score(t.task, first, k).inputs_trimmed for k in report.shots)} |"
         for t in report.tasks
     )
     parts = [

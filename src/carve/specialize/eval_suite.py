@@ -62,13 +62,13 @@ def _why(item: dict) -> str:
     return str(item["msg"]).lower()
 
 
-def parse_task_file(path: Path) -> list[EvalExample]:
-    """Validate every line of one task file; the first bad line raises SuiteError."""
+def parse_task_file(path: Path) -> list[tuple[int, EvalExample]]:
+    """(line number, example) for every line of one task file; the first bad line raises SuiteError."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SuiteError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    examples: list[EvalExample] = []
+    examples: list[tuple[int, EvalExample]] = []
     seen: dict[tuple[str, str], int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -90,7 +90,7 @@ def parse_task_file(path: Path) -> list[EvalExample]:
         if key in seen:
             raise SuiteError(f"{where}: field 'id': {example.id!r} repeats line {seen[key]} of task {example.task!r}")
         seen[key] = number
-        examples.append(example)
+        examples.append((number, example))
     if not examples:
         raise SuiteError(f"{path}: no examples")
     return examples
@@ -113,9 +113,9 @@ def load_suite(path: Path) -> list[TaskSuite]:
     by_task: dict[str, list[EvalExample]] = {}
     sources: dict[str, str] = {}
     for file in files:
-        for example in parse_task_file(file):
+        for number, example in parse_task_file(file):
             if example.task in sources and sources[example.task] != file.name:
-                raise SuiteError(f"{file}: field 'task': {example.task!r} is also the task of {sources[example.task]}")
+                raise SuiteError(f"{file} line {number}: field 'task': {example.task!r} is already the task of {sources[example.task]}")
             sources[example.task] = file.name
             by_task.setdefault(example.task, []).append(example)
     return [TaskSuite(task=task, source=sources[task], examples=by_task[task]) for task in sorted(by_task)]
