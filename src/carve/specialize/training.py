@@ -127,8 +127,13 @@ def train_lora(
     init_adapter: Path | None = None,
     quantize: bool | None = None,
     label: str = "training",
+    stop_after_steps: int | None = None,
 ) -> TrainResult:
-    """Train (or resume training) a LoRA adapter; the finished adapter is ``folder/final``."""
+    """Train (or resume training) a LoRA adapter; the finished adapter is ``folder/final``.
+
+    ``stop_after_steps`` ends early after that many optimizer steps, with a
+    checkpoint and no final adapter: a time-boxed session the next call resumes.
+    """
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -174,9 +179,14 @@ def train_lora(
     started = time.monotonic()
     trained_examples = 0
 
-    with stage(label, total_steps * config.batch_size, "examples") as progress:
-        progress.advance(min(global_step * config.batch_size, total_steps * config.batch_size))
-        while global_step < total_steps:
+    def seen(step: int) -> int:  # examples consumed by the first ``step`` optimizer steps
+        epochs, rest = divmod(step, steps_per_epoch)
+        return epochs * len(data) + min(rest * config.batch_size, len(data))
+
+    end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+    with stage(label, config.epochs * len(data), "examples") as progress:
+        progress.advance(seen(global_step))
+        while global_step < end:
             epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))).tolist()
             batch = [data[i] for i in order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]]
@@ -192,19 +202,21 @@ def train_lora(
                     shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
                 ) / max(tokens, 1)
                 loss.backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
             optimizer.step()
             global_step += 1
             losses.append(round(step_loss, 5))
             trained_examples += len(batch)
             progress.advance(len(batch), note=f"epoch {epoch + 1}/{config.epochs} loss {step_loss:.3f}")
             epoch_done = global_step % steps_per_epoch == 0
-            if epoch_done or (config.save_every_steps and global_step % config.save_every_steps == 0):
+            if epoch_done or global_step == end or (config.save_every_steps and global_step % config.save_every_steps == 0):
                 _save_checkpoint(model, optimizer, checkpoints, {"global_step": global_step, "epoch": global_step / steps_per_epoch, "losses": losses})
 
     seconds = time.monotonic() - started
     final = folder / FINAL
-    if not (final / "adapter_model.safetensors").is_file():
+    if global_step < total_steps:
+        final = folder / "checkpoints" / f"step-{global_step:06d}" / "adapter"
+    elif not (final / "adapter_model.safetensors").is_file():
         staging = folder / ".final.partial"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)

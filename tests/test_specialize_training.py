@@ -1,0 +1,71 @@
+"""LoRA training on the tiny model: masking, resume equality, the 4-bit (QLoRA) path on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from carve.specialize.config import TrainingConfig
+from carve.specialize.templates import alpaca_prompt
+from carve.specialize.training import IGNORE, encode_example, train_lora
+
+EXAMPLES = [
+    {"instruction": "Name the gene.", "input": "BRCA1 was measured.", "output": "BRCA1"},
+    {"instruction": "Is metformin used for diabetes?", "input": "", "output": "yes"},
+    {"instruction": "Name the disease.", "input": "The child had measles.", "output": "measles"},
+    {"instruction": "Which drug was given?", "input": "The patient was treated with aspirin.", "output": "aspirin"},
+    {"instruction": "Summarize.", "input": "Revenue rose 12 percent.", "output": "revenue rose"},
+    {"instruction": "Name the tissue.", "input": "Breast cancer tissue samples.", "output": "breast tissue"},
+]
+CONFIG = TrainingConfig(epochs=2, batch_size=4, micro_batch_size=2, max_length=400, save_every_steps=1, lora_dropout=0.1)
+
+
+def test_loss_only_on_response_tokens(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = encode_example(tokenizer, "Name the gene.", "BRCA1 was measured.", "BRCA1", 400)
+    assert encoded is not None
+    prompt_len = len(tokenizer(alpaca_prompt("Name the gene.", "BRCA1 was measured."))["input_ids"])
+    assert encoded.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert encoded.labels[prompt_len:] == encoded.input_ids[prompt_len:]
+    assert encoded.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(encoded.input_ids[prompt_len:-1]) == "BRCA1"
+    assert encode_example(tokenizer, "Name the gene.", "x " * 300, "BRCA1", 64) is None
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_interrupted_training_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    full = train_lora(tiny_model_dir, EXAMPLES, CONFIG, tmp_path / "full", seed=7)
+    assert full.steps == 4 and full.resumed_from_step == 0 and full.final_loss is not None
+    # a session stopped after its second optimizer step (as a kill after that checkpoint leaves it)
+    partial = tmp_path / "partial"
+    stopped = train_lora(tiny_model_dir, EXAMPLES, CONFIG, partial, seed=7, stop_after_steps=2)
+    assert not (partial / "final").exists() and stopped.losses == full.losses[:2]
+    resumed = train_lora(tiny_model_dir, EXAMPLES, CONFIG, partial, seed=7)
+    assert resumed.resumed_from_step == 2 and resumed.losses == full.losses
+    a, b = _weights(full.adapter_dir), _weights(resumed.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it trained
+
+
+def test_qlora_plan_and_step_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from carve.platform.models import plan_load
+
+    cuda_plan = plan_load(True)
+    assert cuda_plan.quantize_4bit and cuda_plan.compute_dtype == "bf16"
+    assert not plan_load(False).quantize_4bit
+    config = TrainingConfig(epochs=1, batch_size=2, micro_batch_size=2, max_length=400)
+    result = train_lora(tiny_model_dir, EXAMPLES[:2], config, tmp_path / "qlora", seed=0, quantize=True)
+    assert result.steps == 1 and result.final_loss is not None and result.final_loss > 0
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
