@@ -98,6 +98,16 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     assert set(result["timings_s"]) >= {"instructions", "retrieval", "responses", "training", "instructions_iter2", "training_iter2", "package"}
 
 
+def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    from carve.specialize.specialize_cli import print_summary
+
+    out, result = finished_run
+    print_summary(result, out)
+    shown = capsys.readouterr().out
+    for expected in ("instructions_iter2", "near_duplicate", "training", "total", "Instruction:", str(out / "adapter")):
+        assert expected in shown
+
+
 def test_packaged_adapter_and_card(finished_run: tuple[Path, dict], tiny_model_dir: Path) -> None:
     from carve.platform.engine import GenerationRequest, Sampling
     from carve.platform.loading import open_engine

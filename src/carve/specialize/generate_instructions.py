@@ -9,6 +9,11 @@ whether the run was interrupted. Prompts are generated in fixed batches of
 prompt order, so the kept list is the same whether or not the run was resumed.
 Generation stops after the first batch that brings the kept count to
 ``num_instructions``.
+
+Iteration 2 (paper §3.5) generates a *fresh* set with the specialized
+adapter decoding contrastively against the base (eq. 3, engine rule
+``contrast`` with the same sampling settings); the near-duplicate filter then
+also compares against iteration 1's instructions.
 """
 
 from __future__ import annotations
