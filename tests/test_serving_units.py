@@ -73,7 +73,9 @@ def test_job_from_completion_keeps_prompt_and_sampling(tokenizer):
     assert (job.prompt, job.adapter, job.max_new_tokens, job.temperature, job.top_p, job.seed, job.stop) == (
         "The patient was", target, 8, 0.5, 0.9, 3, ("x",))
     assert job.prompt_tokens == len(tokenizer("The patient was")["input_ids"])
-    assert build_job(CompletionRequest(model="base", prompt="hi"), None, tokenizer, 512, config()).max_new_tokens == 16
+    default = build_job(CompletionRequest(model="base", prompt="hi"), None, tokenizer, 512, config())
+    assert default.max_new_tokens == 16 and default.temperature == 1.0 and not default.ignore_eos
+    assert build_job(CompletionRequest(model="base", prompt="hi", ignore_eos=True), None, tokenizer, 512, config()).sampling().ignore_eos
 
 
 def test_chat_job_uses_the_chat_template(tokenizer):

@@ -31,6 +31,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     user: Optional[str] = None
+    ignore_eos: bool = Field(False, description="Extension (as in vLLM): decode exactly max_tokens, for benchmarks.")
 
     @field_validator("n")
     @classmethod

@@ -33,11 +33,15 @@ class Job:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def sampling(self) -> Any:
         from carve.platform.engine import Sampling
 
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop)
+        return Sampling(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            stop=self.stop, ignore_eos=self.ignore_eos,
+        )
 
 
 @dataclass

@@ -29,9 +29,15 @@ class _Pending:
     queue: "asyncio.Queue[JobEvent | None]" = field(default_factory=asyncio.Queue)
 
 
-def _consume(task: "asyncio.Future[Any]") -> None:
-    if not task.cancelled():
-        task.exception()  # mark retrieved: failures already reached the job's queue
+def _close_when_done(pending: _Pending) -> Any:
+    """A done-callback ending the job's stream even if its batch failed before running."""
+
+    def callback(task: "asyncio.Future[Any]") -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here; the consumer reports a missing final event
+        pending.queue.put_nowait(None)
+
+    return callback
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT, max_ongoing_requests=128, health_check_period_s=10)
@@ -70,7 +76,7 @@ class EngineServer:
         """The job's events as they are decoded; the last one is final."""
         pending = _Pending(job)
         task = asyncio.ensure_future(self._run_batch(pending))
-        task.add_done_callback(_consume)
+        task.add_done_callback(_close_when_done(pending))
         final = False
         while (event := await pending.queue.get()) is not None:
             final = final or event.final

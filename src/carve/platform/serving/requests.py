@@ -121,4 +121,5 @@ def build_job(body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
     )
