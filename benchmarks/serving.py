@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=1, help="requests per client for each Carve load level")
     parser.add_argument("--naive-seconds", type=float, default=90.0, help="how long the naive server is measured")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (more than 1 collapses on a busy shared machine)")
-    parser.add_argument("--batch-wait", type=float, default=0.25, help="seconds a Carve batch waits to fill")
+    parser.add_argument("--batch-wait", type=float, default=1.0, help="seconds a Carve batch waits to fill (the gateway forwards a burst of 32 over ~1 s here)")
     args = parser.parse_args()
 
     from carve.adapters.registry import Registry

@@ -3,14 +3,20 @@
 The pieces, each in its own module:
 
 - ``config``: the validated settings of one server (model, capacity, caps, tokens);
-- ``api``: the pydantic request/response models of the HTTP API (OpenAI shapes);
-- ``targets``: the one function turning a request's ``model`` into an adapter;
+- ``api``: the pydantic request/response bodies of the HTTP API (OpenAI shapes);
+- ``targets``: the one function turning a request's ``model`` into an adapter
+  (the router will replace it);
+- ``requests``: body parsing, chat template, token counts and limits -> an engine job;
 - ``adapter_cache``: an LRU of adapters loaded into the engine, with pinning;
 - ``batching``: runs a batch of jobs for many adapters as one engine call;
-- ``app``: the Serve deployments (FastAPI gateway + engine replicas);
+- ``engine_server``: the engine replica (``@serve.batch`` over every adapter);
+- ``gateway``: the FastAPI ingress (inference, operator API, health, metrics);
 - ``affinity``: a request router sending a job to a replica holding its adapter;
+- ``archive``: safe extraction of uploaded adapter archives;
+- ``metrics``: the Prometheus counters and histograms;
+- ``app``: the Serve application builder (also deploy/serve.yaml's import path);
 - ``launcher``: start/stop a local server, or deploy onto an existing cluster.
 
-Nothing here imports torch or ray at module import time except ``app``,
-``affinity`` and ``launcher``, which are only imported to serve.
+Only ``engine_server``, ``gateway``, ``affinity``, ``app`` and ``launcher``
+import Ray, and torch is imported only where a model is loaded.
 """
