@@ -206,3 +206,17 @@ def test_sigkill_mid_responses_then_resume(tiny_model_dir: Path, domain_files: t
     reference, _ = finished_run
     assert ids == [r["id"] for r in read_jsonl(reference / "responses.jsonl")]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_evaluation_of_the_adapter_goes_into_the_card_summary(finished_run: tuple[Path, dict], tiny_model_dir: Path, domain_files: tuple[Path, Path]) -> None:
+    from carve.platform.loading import open_engine
+    from carve.specialize.run import _evaluate
+
+    out, _ = finished_run
+    seeds, corpus = domain_files
+    tasks = Path(__file__).resolve().parent.parent / "data" / "eval" / "biomed" / "bioasq_yesno.jsonl"
+    inputs = prepare(tiny_config(tiny_model_dir, iterations=2), seeds, corpus, out, resume=True, eval_tasks=tasks)
+    engine, _, _ = open_engine(str(tiny_model_dir))
+    summary = _evaluate(engine, out / "adapter", inputs, tasks, {"shots": [0], "limit": 1})
+    assert {score["model"] for score in summary["macro"]} == {"base", "adapter"}
+    assert all(0 <= score["f1"] <= 100 and score["k"] == 0 for score in summary["macro"])

@@ -188,7 +188,11 @@ def test_bad_seeds_or_corpus_create_no_run_folder(tmp_path: Path, tiny_model_dir
         prepare(config, seeds, bad_corpus, tmp_path / "run2", resume=False)
     with pytest.raises(RunError, match="corpus is needed"):
         prepare(config, seeds, None, tmp_path / "run3", resume=False)
-    assert not any((tmp_path / f"run{i}").exists() for i in (1, 2, 3))
+    from carve.specialize.eval_suite import SuiteError
+
+    with pytest.raises(SuiteError, match="no such folder or file"):
+        prepare(config, seeds, corpus, tmp_path / "run4", resume=False, eval_tasks=tmp_path / "missing-tasks")
+    assert not any((tmp_path / f"run{i}").exists() for i in (1, 2, 3, 4))
 
 
 def test_cli_reports_bad_corpus_and_creates_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -60,11 +60,15 @@ class Inputs:
         }
 
 
-def prepare(config: RunConfig, seeds: Path, corpus: Path | None, out: Path, resume: bool) -> Inputs:
-    """Validate everything; raises SeedSetError, CorpusError, ModelError or RunError, writing nothing."""
+def prepare(config: RunConfig, seeds: Path, corpus: Path | None, out: Path, resume: bool, eval_tasks: Path | None = None) -> Inputs:
+    """Validate everything; raises SeedSetError, CorpusError, ModelError, SuiteError or RunError, writing nothing."""
     from carve.platform.models import resolve_model
 
     seed_set = load_seed_set(seeds)
+    if eval_tasks is not None:
+        from carve.specialize.eval_suite import load_suite
+
+        load_suite(Path(eval_tasks))  # a bad task file fails now, not after an hour of training
     if corpus is None and config.retrieval != "none":
         raise RunError("a corpus is needed for retrieval: give --corpus FILE, or --retrieval none")
     loaded = load_corpus(corpus) if corpus is not None else None

@@ -32,6 +32,7 @@ def specialize(
     from carve.cli import fail
     from carve.platform.models import ModelError
     from carve.specialize.config import PROFILES, build_config
+    from carve.specialize.eval_suite import SuiteError
     from carve.specialize.retrieval import CorpusError
     from carve.specialize.run import RunError, prepare, run_specialization
     from carve.specialize.seeds import SeedSetError
@@ -49,8 +50,8 @@ def specialize(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise fail(f"invalid settings: {problems}")
     try:
-        inputs = prepare(config, seeds, corpus, out, resume)
-    except (SeedSetError, CorpusError, ModelError, RunError) as exc:
+        inputs = prepare(config, seeds, corpus, out, resume, eval_tasks)
+    except (SeedSetError, CorpusError, ModelError, RunError, SuiteError) as exc:
         raise fail(str(exc))
     options = {"shots": eval_shots, "limit": eval_limit}
     result = run_specialization(inputs, eval_tasks, options)
