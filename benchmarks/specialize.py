@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--doc-words", type=int, default=80)
     parser.add_argument("--train-examples", type=int, default=16)
     parser.add_argument("--run", type=Path, default=Path("/work/runs/quick-smollm2"))

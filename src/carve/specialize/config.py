@@ -13,7 +13,6 @@ A run folder records its config; resuming under a different one is refused.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator

@@ -19,6 +19,7 @@ also compares against iteration 1's instructions.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,6 @@ def generate_instructions(
     write_jsonl_atomic(folder / INSTRUCTIONS, state.kept)
     write_jsonl_atomic(folder / REJECTED, state.rejected)
     summary = {"prompts": state.processed, "parsed": state.parsed, "kept": len(state.kept), "removed": state.counts}
-    import json
-
     write_atomic(folder / FILTER_COUNTS, json.dumps(summary, indent=2))
     tokens = sum(store.items[i]["tokens"] for i in range(state.processed))
     return InstructionResult(state.kept, state.counts, state.processed, state.parsed, tokens)
