@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
