@@ -40,7 +40,10 @@ def serve_command(
     config = config.with_generated_admin_token()
     if address:
         handle = deploy_to_cluster(address, config, host="0.0.0.0" if host == "127.0.0.1" else host, port=port)
-        typer.echo(f"deployed Carve onto {address}: {handle.url}/v1 (it keeps running; remove it with `serve delete carve`)")
+        typer.echo(
+            f"deployed Carve onto {address}: OpenAI-compatible API at http://<node>:{port}/v1 on the cluster's nodes "
+            f"({handle.url}/v1 from the head); it keeps running, remove it with `serve delete carve`"
+        )
         _print_tokens(config, generated)
         return
     typer.echo(f"starting a local Ray and Carve ({model}, {replicas} replica(s), {max_adapters} adapters each)...")
