@@ -202,3 +202,24 @@ def test_four_bit_base_on_cpu_serves_mixed_adapters(tiny_model_dir: Path, tiny_a
     requests = [GenerationRequest.single(p, a, greedy(6)) for p, a in zip(PROMPTS, [None, "alpha", "beta"])]
     together = eng.generate(requests)
     assert [c.token_ids for c in together] == [eng.generate([r])[0].token_ids for r in requests]
+
+
+def test_concatenated_lora_equals_peft_mixed_batches(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    """The engine's concatenated-factor LoRA path gives peft's own mixed-batch results."""
+    engines = []
+    for multi in (True, False):
+        model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+        eng = Engine(model, tokenizer, multi_lora=multi)
+        for name, path in tiny_adapters.items():
+            eng.load_adapter(name, path)
+        engines.append(eng)
+    assert engines[0]._multi is not None and engines[1]._multi is None
+    requests = [
+        GenerationRequest(branches=(Branch(p, a),), sampling=greedy(10), record_scores=True)
+        for p, a in zip(PROMPTS, [None, "alpha", "beta", "gamma", "alpha"])
+    ]
+    fast, reference = (eng.generate(requests) for eng in engines)
+    for f, r in zip(fast, reference):
+        assert f.token_ids == r.token_ids
+        for a, b in zip(f.step_scores or [], r.step_scores or []):
+            assert torch.allclose(a, b, atol=1e-5)

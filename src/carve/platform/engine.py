@@ -18,6 +18,7 @@ depend on what else shares its batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass, field
@@ -207,11 +208,13 @@ class Engine:
     with :meth:`load_adapter`. Calls are serialised by a lock: one batch at a time.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, base_label: str = "base model"):
+    def __init__(self, model: Any, tokenizer: Any, base_label: str = "base model", multi_lora: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.base_label = base_label
         self.lock = threading.RLock()
+        self.use_multi_lora = multi_lora  # concatenated-factor LoRA (carve.platform.multi_lora) when it applies
+        self._multi: Any = None
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
@@ -253,6 +256,7 @@ class Engine:
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             self.model.eval()
+            self._reset_multi_lora()
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
@@ -263,6 +267,21 @@ class Engine:
                 self.model = self.model.unload()
             else:
                 self.model.delete_adapter(name)
+            self._reset_multi_lora()
+
+    def _reset_multi_lora(self) -> None:
+        """Rebuild the concatenated-factor LoRA after the set of adapters changed."""
+        if self._multi is not None:
+            self._multi.close()
+            self._multi = None
+        if self.use_multi_lora and hasattr(self.model, "peft_config"):
+            from carve.platform.multi_lora import MultiLora
+
+            multi = MultiLora(self.model)
+            if multi.supports():
+                self._multi = multi
+            else:
+                multi.close()
 
     # -- decoding ---------------------------------------------------------
 
@@ -329,80 +348,117 @@ class Engine:
                         raise EngineError(f"request {i}: empty prompt")
                     rows.append(_Row(i, token_ids, branch.adapter or BASE))
                 prompt_tokens[i] = sum(len(r.ids) for r in rows if r.request == i)
-            device = _model_device(self.model)
-            generators = [_generator(r.sampling.seed) for r in requests]
-            trackers = [_TextTracker(self.tokenizer, r.sampling.stop) for r in requests]
-            steps = [0] * len(requests)
-            active = list(range(len(requests)))  # requests still decoding
-            row_request = [row.request for row in rows]  # owner of each row of the current batch
-            row_of = _rows_by_request(row_request)
+            batch = _Batch.left_padded(rows, int(self.tokenizer.pad_token_id), _model_device(self.model))
+            multi = self._multi
+            with multi.batch(batch.adapters) if multi is not None else contextlib.nullcontext():
+                yield from self._steps(requests, batch, peft_rows=multi is None)
 
-            width = max(len(r.ids) for r in rows)
-            pad = int(self.tokenizer.pad_token_id)
-            input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
-            attention = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            adapter_names = [r.adapter for r in rows]
-            cache = _new_cache(self.model)
-            logits = self._forward(input_ids, attention, positions, cache, adapter_names)
+    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", peft_rows: bool) -> Iterator[StreamEvent]:
+        """Prefill, then per step: combine each request's branches, pick, stream, drop finished rows."""
+        import torch
 
-            while True:
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                next_token: dict[int, int] = {}
-                events: list[StreamEvent] = []
-                finished: list[int] = []
-                for req in active:
-                    request = requests[req]
-                    branch_rows = row_of[req]
-                    scores = combine(logprobs[branch_rows], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
-                    token = pick_token(scores, request.sampling, generators[req])
-                    steps[req] += 1
-                    reason: FinishReason | None = None
-                    if token in self.eos_ids and not request.sampling.ignore_eos:
-                        reason = "eos"
-                    elif trackers[req].add(token):
-                        reason = "stop"
-                    elif steps[req] >= request.sampling.max_new_tokens:
-                        reason = "length"
-                    delta = trackers[req].delta(final=reason is not None)
-                    events.append(StreamEvent(req, delta, token, reason, scores.clone() if request.record_scores else None))
-                    if reason:
-                        finished.append(req)
-                    else:
-                        next_token[req] = token
-                yield from events
-                if finished:
-                    active = [r for r in active if r not in finished]
-                if not active:
-                    break
-                if finished:  # drop the finished requests' rows from the batch and the cache
-                    keep = [pos for req in active for pos in row_of[req]]
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    attention = attention[index]
-                    positions = positions[index]
-                    adapter_names = [adapter_names[p] for p in keep]
-                    row_request = [row_request[p] for p in keep]
-                    row_of = _rows_by_request(row_request)
-                step_ids = torch.tensor([[next_token[req]] for req in row_request], device=device)
-                attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
-                positions = positions[:, -1:] + 1
-                logits = self._forward(step_ids, attention, positions, cache, adapter_names)
+        generators = [_generator(r.sampling.seed) for r in requests]
+        trackers = [_TextTracker(self.tokenizer, r.sampling.stop) for r in requests]
+        steps = [0] * len(requests)
+        active = list(range(len(requests)))  # requests still decoding
+        cache = _new_cache(self.model)
+        logits = self._forward(batch.input_ids, batch, cache, peft_rows)
+        while True:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            next_token: dict[int, int] = {}
+            finished: list[int] = []
+            for req in active:
+                request = requests[req]
+                scores = combine(logprobs[batch.rows_of[req]], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+                token = pick_token(scores, request.sampling, generators[req])
+                steps[req] += 1
+                reason: FinishReason | None = None
+                if token in self.eos_ids and not request.sampling.ignore_eos:
+                    reason = "eos"
+                elif trackers[req].add(token):
+                    reason = "stop"
+                elif steps[req] >= request.sampling.max_new_tokens:
+                    reason = "length"
+                delta = trackers[req].delta(final=reason is not None)
+                yield StreamEvent(req, delta, token, reason, scores.clone() if request.record_scores else None)
+                if reason:
+                    finished.append(req)
+                else:
+                    next_token[req] = token
+            active = [r for r in active if r not in finished]
+            if not active:
+                return
+            if finished:  # drop the finished requests' rows from the batch and the cache
+                index = batch.keep(active)
+                cache.batch_select_indices(index)
+                if self._multi is not None and not peft_rows:
+                    self._multi.set_rows(batch.adapters)
+            step_ids = torch.tensor([[next_token[req]] for req in batch.row_request], device=batch.input_ids.device)
+            batch.advance()
+            logits = self._forward(step_ids, batch, cache, peft_rows)
 
-    def _forward(self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", cache: Any, adapter_names: list[str]) -> "torch.Tensor":
+    def _forward(self, input_ids: "torch.Tensor", batch: "_Batch", cache: Any, peft_rows: bool) -> "torch.Tensor":
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
+            attention_mask=batch.attention,
+            position_ids=batch.positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        if hasattr(self.model, "peft_config"):
-            kwargs["adapter_names"] = adapter_names
-        elif any(name != BASE for name in adapter_names):
-            raise EngineError("no adapter is loaded")
+        if peft_rows:
+            if hasattr(self.model, "peft_config"):
+                kwargs["adapter_names"] = batch.adapters
+            elif any(name != BASE for name in batch.adapters):
+                raise EngineError("no adapter is loaded")
         return self.model(**kwargs).logits[:, -1, :]
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded: attention mask, positions, each row's adapter and request."""
+
+    input_ids: "torch.Tensor"
+    attention: "torch.Tensor"
+    positions: "torch.Tensor"
+    adapters: list[str]
+    row_request: list[int]
+    rows_of: dict[int, list[int]]
+
+    @classmethod
+    def left_padded(cls, rows: list[_Row], pad: int, device: Any) -> "_Batch":
+        import torch
+
+        width = max(len(r.ids) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
+        attention = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        row_request = [r.request for r in rows]
+        return cls(input_ids, attention, positions, [r.adapter for r in rows], row_request, _rows_by_request(row_request))
+
+    def keep(self, requests: list[int]) -> "torch.Tensor":
+        """Keep only the rows of ``requests``; returns the kept row indices."""
+        import torch
+
+        keep = [pos for req in requests for pos in self.rows_of[req]]
+        index = torch.tensor(keep, device=self.attention.device)
+        self.attention = self.attention[index]
+        self.positions = self.positions[index]
+        self.adapters = [self.adapters[p] for p in keep]
+        self.row_request = [self.row_request[p] for p in keep]
+        self.rows_of = _rows_by_request(self.row_request)
+        return index
+
+    def advance(self) -> None:
+        """Every row appended one token."""
+        self.attention = torch_cat_ones(self.attention)
+        self.positions = self.positions[:, -1:] + 1
+
+
+def torch_cat_ones(attention: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    return torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
 
 
 def _rows_by_request(row_request: list[int]) -> dict[int, list[int]]:
