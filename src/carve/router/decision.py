@@ -21,11 +21,13 @@ plain data, so the server can name it in the response and count it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from carve.router.profiles import Backend, Scorer, adapter_texts, make_scorer, profile_key
+from carve.adapters.intake import PROFILE_FILE
+from carve.router.profiles import Backend, Scorer, make_scorer, profile_key
 
 BASE = "base"
 AUTO = "auto"
@@ -96,15 +98,17 @@ class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["auto", "embedding", "bm25"] = Field("auto", description="embedding when its model is installed, else bm25.")
-    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="Below this confidence the base answers (default per backend).")
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="Below this confidence the base answers (default: 0.2 embeddings, 0.6 BM25).")
     temperature: float = Field(0.05, gt=0.0, description="Softmax temperature over confidences for auto mixtures.")
 
     def threshold_for(self, backend: Backend) -> float:
-        # Measured on the biomedical/finance dev sets (benchmarks/router.py): in-domain
-        # requests score 0.45-0.9 cosine against their own profile, off-domain ones 0.1-0.3.
+        # Embeddings, measured with seed-only profiles (benchmarks/router.py): dev requests
+        # (instruction + input) score >= 0.27 against their own domain in 95% of cases,
+        # general-purpose prompts score 0.13 (median) to 0.25 (max). 0.2 keeps nearly all
+        # domain requests and sends most off-domain ones to the base; see the README figures.
         if self.threshold is not None:
             return self.threshold
-        return 0.35 if backend == "embedding" else 0.6
+        return 0.2 if backend == "embedding" else 0.6
 
 
 class RoutedBranch(BaseModel):
@@ -139,6 +143,10 @@ class RoutingDecision(BaseModel):
     def uses(self) -> list[dict[str, Any]]:
         """[{name, version, weight}] of the adapters used: what a response reports (empty for the base)."""
         return [{"name": b.adapter.name, "version": b.adapter.version, "weight": b.weight} for b in self.branches if b.adapter is not None]
+
+    def weighted(self) -> list[tuple[Any, float]]:
+        """[(adapter record or None, weight)]: the list a server turns into engine branches."""
+        return [(b.adapter, b.weight) for b in self.branches]
 
     def target_label(self) -> str:
         """A metrics label: 'base', an adapter name, or 'a+b' for a mixture."""
@@ -224,13 +232,24 @@ class Router:
         return RoutingDecision(branches=branches, mode=mode, space=space, reason=reason)
 
     def _auto(self, text: str, top_k: int, threshold: Optional[float], space: Space) -> RoutingDecision:
-        candidates = self.candidates()
-        limit = threshold if threshold is not None else self.config.threshold_for(self.scorer.backend)
         if not text.strip():
             raise RoutingError("model 'auto' needs text to route on: the prompt (or last user message) is empty", param="model")
+        candidates = self.candidates()
+        scores = self.scorer.confidences(text, candidates) if candidates else {}
+        return self._decide(candidates, scores, top_k, threshold, space)
+
+    def route_auto_many(self, texts: Sequence[str], top_k: int = 1, threshold: Optional[float] = None) -> list[RoutingDecision]:
+        """``model="auto"`` for many texts at once (queries embedded in batches): offline evaluation, batch jobs."""
+        candidates = self.candidates()
+        if not candidates:
+            return [self._decide([], {}, top_k, threshold, "output") for _ in texts]
+        return [self._decide(candidates, scores, top_k, threshold, "output") for scores in self.scorer.confidences_many(list(texts), candidates)]
+
+    def _decide(self, candidates: list[Any], scores: dict[str, float], top_k: int, threshold: Optional[float], space: Space) -> RoutingDecision:
+        """The auto decision from every candidate's confidence: best k at or above the threshold, else the base."""
+        limit = threshold if threshold is not None else self.config.threshold_for(self.scorer.backend)
         if not candidates:
             return RoutingDecision(branches=[RoutedBranch()], mode="base", reason="auto: no adapter is registered; the base answers")
-        scores = self.scorer.confidences(text, candidates)
         by_key = {profile_key(r): r for r in candidates}
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
         best_key, best = ranked[0]
@@ -241,8 +260,8 @@ class Router:
                 reason=f"auto ({self.scorer.backend}): best confidence {best:.3f} < threshold {limit:.3f}; the base answers ({shown})",
             )
         kept = [(k, v) for k, v in ranked[:top_k] if v >= limit]
-        weak = [k for k in (by_key[k] for k, _ in kept) if adapter_texts(k)[1] == "card"]
-        note = f"; {', '.join(profile_key(r) for r in weak)} profiled from the card only" if weak else ""
+        weak = [k for k, _ in kept if not (Path(by_key[k].path) / PROFILE_FILE).is_file()]
+        note = f"; {', '.join(weak)} profiled from the card only" if weak else ""
         if len(kept) == 1:
             return RoutingDecision(
                 branches=[RoutedBranch(adapter=by_key[best_key])], mode="auto", confidence=best, scores=scores,

@@ -19,28 +19,34 @@ import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from carve.router.decision import RoutingDecision
 
 
-def engine_request(decision: RoutingDecision, prompt: str, sampling: Any, engine_name: Callable[[Any], str]) -> Any:
-    """The engine GenerationRequest of an output-space decision.
+Weighted = Sequence[tuple[Any, float]]  # (adapter with .name and .version, or None for the base; weight)
 
-    ``engine_name(record)`` gives the name under which the adapter is loaded in
+
+def _pairs(what: RoutingDecision | Weighted) -> list[tuple[Any, float]]:
+    return what.weighted() if isinstance(what, RoutingDecision) else list(what)
+
+
+def engine_request(what: RoutingDecision | Weighted, prompt: str, sampling: Any, engine_name: Callable[[Any], str]) -> Any:
+    """The engine GenerationRequest of an output-space decision (or of its [(adapter, weight)] list).
+
+    ``engine_name(adapter)`` gives the name under which the adapter is loaded in
     the engine. A single branch decodes with rule ``single``; several with
     ``mixture``, one branch per adapter, each with its weight.
     """
     from carve.platform.engine import Branch, GenerationRequest
 
-    branches = tuple(Branch(prompt, engine_name(b.adapter) if b.adapter is not None else None, b.weight) for b in decision.branches)
+    branches = tuple(Branch(prompt, engine_name(a) if a is not None else None, w) for a, w in _pairs(what))
     return GenerationRequest(branches, "mixture" if len(branches) > 1 else "single", sampling)
 
 
-def merge_key(decision: RoutingDecision, digits: int = 6) -> tuple[tuple[str, float], ...]:
+def merge_key(what: RoutingDecision | Weighted, digits: int = 6) -> tuple[tuple[str, float], ...]:
     """What identifies a merged adapter: each adapter version with its weight (rounded), in a fixed order."""
-    parts = sorted((f"{b.adapter.name}@v{b.adapter.version}", round(b.weight, digits)) for b in decision.branches if b.adapter is not None)
-    return tuple(parts)
+    return tuple(sorted((f"{a.name}@v{a.version}", round(w, digits)) for a, w in _pairs(what) if a is not None))
 
 
 def merged_name(key: tuple[tuple[str, float], ...]) -> str:
@@ -64,19 +70,22 @@ class MergeCache:
         self.builds = 0
         self.evictions = 0
 
-    def __contains__(self, decision: RoutingDecision) -> bool:
-        return merge_key(decision) in self._entries
+    def __contains__(self, what: RoutingDecision | Weighted) -> bool:
+        return merge_key(what) in self._entries
 
-    def acquire(self, decision: RoutingDecision, engine_name: Callable[[Any], str]) -> str:
-        """The engine name of the merged adapter for ``decision``, built now if not cached."""
-        key = merge_key(decision)
+    def acquire(self, what: RoutingDecision | Weighted, engine_name: Callable[[Any], str]) -> str:
+        """The engine name of the merged adapter for a decision (or [(adapter, weight)]), built now if not cached."""
+        key = merge_key(what)
+        pairs = [(a, w) for a, w in _pairs(what) if a is not None]
+        if len(pairs) < 2:
+            raise ValueError("a weight-space merge needs at least two adapters")
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
             name = merged_name(key)
-            adapters = [engine_name(b.adapter) for b in decision.branches if b.adapter is not None]
-            weights = [b.weight for b in decision.branches if b.adapter is not None]
+            adapters = [engine_name(a) for a, _ in pairs]
+            weights = [w for _, w in pairs]
             with self.engine.lock:
                 while len(self._entries) >= self.capacity:
                     _, old = self._entries.popitem(last=False)

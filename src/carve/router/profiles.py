@@ -121,6 +121,9 @@ class Scorer(Protocol):
     def confidences(self, query: str, records: Sequence[Any]) -> dict[str, float]:
         """Each record's (profile_key) confidence in [0, 1] that ``query`` belongs to its domain."""
 
+    def confidences_many(self, queries: list[str], records: Sequence[Any]) -> list[dict[str, float]]:
+        """:meth:`confidences` of many queries (batched where the backend can)."""
+
 
 class EmbeddingScorer:
     """Confidence = mean cosine similarity of the query to its ``top_k`` nearest profile examples, clipped to [0, 1].
@@ -173,15 +176,19 @@ class EmbeddingScorer:
         return vectors
 
     def confidences(self, query: str, records: Sequence[Any]) -> dict[str, float]:
+        return self.confidences_many([query], records)[0]
+
+    def confidences_many(self, queries: list[str], records: Sequence[Any]) -> list[dict[str, float]]:
         import numpy as np
 
-        q = self.embedder.encode([query])[0]
-        out: dict[str, float] = {}
+        q = self.embedder.encode(queries)  # [n, d]
+        out: list[dict[str, float]] = [{} for _ in queries]
         for record in records:
-            sims = self.vectors(record) @ q
-            k = min(self.top_k, len(sims))
-            top = np.sort(sims)[-k:]
-            out[profile_key(record)] = float(min(max(top.mean(), 0.0), 1.0))
+            sims = self.vectors(record) @ q.T  # [examples, n]
+            k = min(self.top_k, sims.shape[0])
+            top = np.clip(np.sort(sims, axis=0)[-k:].mean(axis=0), 0.0, 1.0)
+            for i, value in enumerate(top):
+                out[i][profile_key(record)] = float(value)
         return out
 
 
@@ -217,6 +224,9 @@ class BM25Scorer:
                 retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
                 self._indexes = {keys: (retriever, owners)}  # keep only the current candidate set
             return self._indexes[keys]
+
+    def confidences_many(self, queries: list[str], records: Sequence[Any]) -> list[dict[str, float]]:
+        return [self.confidences(q, records) for q in queries]
 
     def confidences(self, query: str, records: Sequence[Any]) -> dict[str, float]:
         import bm25s
