@@ -8,6 +8,15 @@
 - decoding a decision in output space (engine ``mixture`` rule) or weight space
   (cached peft ``cat`` merges) (carve.router.mixture);
 - counting decisions for /metrics (carve.router.metrics).
+
+In a server: keep one ``Router(registry, RouterConfig(), base_fingerprint=...)``
+(profiles stay in memory; ``warm()`` builds them ahead), call
+``router.route(body.model, routing_text(prompt or messages), body.carve)`` off
+the event loop, answer a RoutingError with ``exc.status`` / ``exc.param`` /
+``exc.code``, report ``decision.uses()`` in the response and count
+``RoutingMetrics.count(decision)``. ``decision.weighted()`` is the
+[(adapter, weight)] list that ``mixture.engine_request`` (output space) or
+``mixture.MergeCache.acquire`` (weight space) turns into engine work.
 """
 
 from carve.router.decision import (
