@@ -168,7 +168,7 @@ def test_progress_is_monotonic_over_the_stages() -> None:
 # -- the lifecycle on Ray --------------------------------------------------------------------
 
 
-def wait_for(service: JobService, job_id: str, done: Any, timeout: float = 120.0) -> Any:
+def wait_for(service: JobService, job_id: str, done: Any, timeout: float = 300.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = service.get(job_id)
