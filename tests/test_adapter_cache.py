@@ -84,6 +84,9 @@ def test_split_by_capacity_keeps_order_and_limits_distinct_adapters(tiny_adapter
     assert split_by_capacity(jobs, 2) == [[0, 1, 2, 3], [4, 5, 6]]
     assert split_by_capacity(jobs, 3) == [list(range(7))]
     assert split_by_capacity(jobs, 1) == [[0, 1], [2], [3], [4, 5], [6]]
+    mix = Job("x", 1, None, 4, mixture=((refs[0], 0.5), (refs[1], 0.5)))  # a mixture needs all its adapters in one group
+    assert split_by_capacity([jobs[4], mix, jobs[1], jobs[0]], 2) == [[0], [1, 2, 3]]
+    assert split_by_capacity([jobs[1], mix, jobs[4]], 1) == [[0, 1], [2]]  # over capacity: no other adapter joins it
 
 
 def run(runner: BatchRunner, jobs: list[Job]) -> tuple[list[JobResult], list[list[JobEvent]]]:

@@ -90,6 +90,14 @@ def direct(reference, prompt: str, adapter: str | None, max_tokens: int = MAX_TO
     return reference.generate([GenerationRequest.single(prompt, adapter, Sampling(max_tokens))])[0].text
 
 
+def direct_mix(reference, prompt: str, mix: dict[str, float], max_tokens: int = MAX_TOKENS) -> str:
+    """The engine's own output-space mixture (rule ``mixture``, one branch per adapter)."""
+    from carve.platform.engine import Branch, GenerationRequest, Sampling
+
+    branches = tuple(Branch(prompt, adapter, weight) for adapter, weight in mix.items())
+    return reference.generate([GenerationRequest(branches, "mixture", Sampling(max_tokens))])[0].text
+
+
 def complete(client: httpx.Client, model: str, prompt: str, **extra: Any) -> httpx.Response:
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
     return client.post("/v1/completions", json=body)
@@ -167,6 +175,46 @@ def test_official_openai_client(server, reference):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError, match="served models: base, alpha, beta"):
         api.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_mixture_equals_the_engine_mixture_rule(client, reference):
+    response = complete(client, "auto", "The patient was", carve={"mix": {"alpha": 3, "fin": 1}})  # names and tags, weights normalised
+    assert response.status_code == 200, response.text
+    carve = response.json()["carve"]
+    assert carve["adapters"] == [{"name": "alpha", "version": 1, "weight": 0.75}, {"name": "beta", "version": 1, "weight": 0.25}]
+    assert carve["mode"] == "mixture" and carve["space"] == "output"
+    text = response.json()["choices"][0]["text"]
+    assert text == direct_mix(reference, "The patient was", {"alpha": 0.75, "beta": 0.25})
+    assert text != direct(reference, "The patient was", "alpha") or text != direct(reference, "The patient was", "beta")
+
+
+def test_auto_routing_reports_its_decision(client):
+    response = client.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "Revenue rose this quarter"}], "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    carve = response.json()["carve"]
+    assert carve["mode"] in ("auto", "base") and carve["reason"].startswith("auto")
+    assert [a["name"] for a in carve["adapters"]] in ([], ["alpha"], ["beta"])
+
+
+def test_routing_errors_name_the_field(client):
+    response = complete(client, "alpha", "x", carve={"mix": {"alpha": 1, "beta": 1}})
+    assert response.status_code == 400 and error_of(response)["param"] == "model"
+    response = complete(client, "auto", "x", carve={"mix": {"alpha": -1}})
+    assert response.status_code == 422 and error_of(response)["param"] == "carve.mix"
+    response = complete(client, "auto", "x", carve={"mix": {"alpha": 1, "nope": 1}})
+    assert response.status_code == 404 and error_of(response)["param"] == "carve.mix.nope"
+    response = complete(client, "auto", "x", carve={"space": "weights", "mix": {"alpha": 1, "beta": 1}})
+    assert response.status_code == 400 and error_of(response)["param"] == "carve.space"
+
+
+def test_specialization_endpoints(client):
+    seeds = '{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c"}\n'
+    response = client.post("/v1/specializations", json={"tag": "legal", "seeds": seeds})
+    assert response.status_code == 422, response.text
+    assert any("seeds line 2" in p and "output" in p for p in error_of(response)["problems"])
+    assert client.get("/v1/specializations").json()["data"] == []
+    response = client.get("/v1/specializations/job-unknown")
+    assert response.status_code == 404 and error_of(response)["code"] == "job_not_found"
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -284,5 +332,7 @@ def test_health_and_metrics(client):
     assert value(r"carve_time_to_first_token_seconds_count") >= 1
     assert value(r"carve_adapter_loads_total") >= 3 and value(r"carve_adapter_evictions_total") >= 1
     assert value(r"carve_adapter_load_failures_total") >= 1
+    assert value(r'carve_routing_decisions_total\{mode="mixture",space="output",target="alpha\+beta"') >= 1
+    assert value(r'carve_routing_decisions_total\{mode="explicit",space="single",target="alpha"') >= 3
 
 # Keyed inference (CARVE_API_KEY) is tested with `carve serve` itself in test_serving_cli.py.

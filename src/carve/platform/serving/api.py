@@ -32,6 +32,7 @@ class _Request(BaseModel):
     stream_options: Optional["StreamOptions"] = None
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): decode exactly max_tokens, for benchmarks.")
+    carve: Optional[Dict[str, Any]] = Field(None, description="Extension: routing options ({mix: {...}} or {auto: {top_k}}, space); see carve.router.")
 
     @field_validator("n")
     @classmethod
@@ -134,9 +135,13 @@ class AdapterUse(BaseModel):
 
 
 class CarveInfo(BaseModel):
-    """Which adapters produced a response: empty for the base model."""
+    """Which adapters produced a response (empty for the base model), and the routing decision behind it."""
 
     adapters: List[AdapterUse] = Field(default_factory=list)
+    mode: Optional[str] = None  # explicit | auto | mixture | base
+    space: Optional[str] = None  # output | weights (mixtures)
+    confidence: Optional[float] = None  # auto: the chosen adapter's confidence
+    reason: Optional[str] = None
 
 
 def new_id(prefix: str) -> str:

@@ -34,6 +34,13 @@ class Job:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = ()  # output-space mixture: (adapter or base, weight) per branch
+
+    def refs(self) -> list[AdapterRef]:
+        """Every adapter this job decodes with (a mixture's, else its single adapter)."""
+        if self.mixture:
+            return [ref for ref, _ in self.mixture if ref is not None]
+        return [self.adapter] if self.adapter is not None else []
 
     def sampling(self) -> Any:
         from carve.platform.engine import Sampling
@@ -92,17 +99,16 @@ _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 def split_by_capacity(jobs: Sequence[Job], capacity: int) -> list[list[int]]:
-    """Consecutive groups of job indices, each naming at most ``capacity`` distinct adapters."""
+    """Consecutive groups of job indices, each naming at most ``capacity`` distinct adapters (a mixture counts all of its own)."""
     groups: list[list[int]] = []
     seen: set[str] = set()
     for i, job in enumerate(jobs):
-        key = job.adapter.key if job.adapter else None
-        if not groups or (key is not None and key not in seen and len(seen) >= capacity):
+        keys = {ref.key for ref in job.refs()}
+        if not groups or (seen and len(seen | keys) > max(capacity, len(seen))):
             groups.append([])
             seen = set()
         groups[-1].append(i)
-        if key is not None:
-            seen.add(key)
+        seen |= keys
     return groups
 
 
@@ -118,37 +124,44 @@ class BatchRunner:
         for group in split_by_capacity(jobs, self.cache.capacity):
             self._run_group(jobs, group, emit)
 
-    def _run_group(self, jobs: Sequence[Job], group: list[int], emit: Emit) -> None:
+    @staticmethod
+    def _request(job: Job, names: dict[str, str]) -> Any:
+        """The engine request of a job: one branch (rule single), or one per mixture branch (rule mixture)."""
         from carve.platform.engine import GenerationRequest
+        from carve.router.mixture import engine_request
 
+        if job.mixture:
+            return engine_request(job.mixture, job.prompt, job.sampling(), lambda ref: names[ref.key])
+        return GenerationRequest.single(job.prompt, names[job.adapter.key] if job.adapter else None, job.sampling())
+
+    def _run_group(self, jobs: Sequence[Job], group: list[int], emit: Emit) -> None:
         names: dict[str, str] = {}  # adapter key -> engine name
         failed: dict[str, str] = {}  # adapter key -> why it did not load
         first_event: dict[int, JobEvent] = {}  # a load is reported on the first job that caused it
         for i in group:
-            ref = jobs[i].adapter
-            if ref is None or ref.key in names or ref.key in failed:
-                continue
-            try:
-                got = self.cache.acquire(ref, pinned=names.keys())
-            except (AdapterLoadError, CacheFull) as exc:
-                failed[ref.key] = str(exc)
-                continue
-            names[ref.key] = got.engine_name
-            if got.loaded:
-                first_event[i] = JobEvent(loaded=[ref.key], evicted=got.evicted)
+            for ref in jobs[i].refs():
+                if ref.key in names or ref.key in failed:
+                    continue
+                try:
+                    got = self.cache.acquire(ref, pinned=names.keys())
+                except (AdapterLoadError, CacheFull) as exc:
+                    failed[ref.key] = str(exc)
+                    continue
+                names[ref.key] = got.engine_name
+                if got.loaded:
+                    event = first_event.setdefault(i, JobEvent())
+                    event.loaded.append(ref.key)
+                    event.evicted += got.evicted
         ready: list[int] = []
         for i in group:
-            ref = jobs[i].adapter
-            if ref is not None and ref.key in failed:
-                emit(i, JobEvent(error=failed[ref.key], error_kind="adapter_load", prompt_tokens=jobs[i].prompt_tokens))
+            why = next((failed[ref.key] for ref in jobs[i].refs() if ref.key in failed), None)
+            if why is not None:
+                emit(i, JobEvent(error=why, error_kind="adapter_load", prompt_tokens=jobs[i].prompt_tokens))
             else:
                 ready.append(i)
         if not ready:
             return
-        requests = [
-            GenerationRequest.single(jobs[i].prompt, names[jobs[i].adapter.key] if jobs[i].adapter else None, jobs[i].sampling())
-            for i in ready
-        ]
+        requests = [self._request(jobs[i], names) for i in ready]
         done: set[int] = set()
         try:
             for event in self.engine.stream(requests):

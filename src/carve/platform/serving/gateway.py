@@ -11,7 +11,9 @@ import asyncio
 import hmac
 import json
 import shutil
+import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
@@ -26,7 +28,7 @@ from carve.platform.serving.batching import Job, JobEvent, JobResult
 from carve.platform.serving.config import ServeConfig
 from carve.platform.serving.metrics import ServerMetrics
 from carve.platform.serving.requests import ApiError, build_job, context_length, parse_body
-from carve.platform.serving.targets import BASE_MODEL_NAME, AdapterRef, UnknownModel, resolve_target, served_models
+from carve.platform.serving.targets import BASE_MODEL_NAME, AdapterRef, UnknownModel, served_model_names, served_models
 
 GATEWAY_DEPLOYMENT = "CarveGateway"
 ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/zip", "application/octet-stream")
@@ -99,6 +101,22 @@ class Gateway:
         from carve.adapters.registry import Registry
 
         self.registry = Registry(self.config.registry_path())  # one SQLite connection per call: thread-safe
+        from carve.jobs.http import JobsHttp
+        from carve.jobs.service import JobService, JobSettings, RayLauncher
+        from carve.router import Router, RouterConfig
+        from carve.router.metrics import RoutingMetrics
+
+        self.router = Router(self.registry, RouterConfig(), base_fingerprint=self.base.fingerprint)
+        self.routing_metrics = RoutingMetrics(self.metrics.registry)
+        self.jobs = JobsHttp(JobService(self.config.registry_path(), self.config.model, RayLauncher(), JobSettings(num_cpus=1)))
+        # Auto routing embeds every adapter's profile once (10-25 s with the embedding model): start now, not on the first request.
+        threading.Thread(target=self._warm_router, name="carve-router-warm", daemon=True).start()
+
+    def _warm_router(self) -> None:
+        try:
+            self.router.warm()
+        except Exception as exc:  # a profile that fails now fails again, with its error, on the auto request that needs it
+            logging.getLogger(__name__).warning("router warm-up failed: %s: %s", type(exc).__name__, exc)
 
     # -- helpers ------------------------------------------------------------
 
@@ -130,11 +148,30 @@ class Gateway:
         self.metrics.request(endpoint, response.status_code)
         return response
 
-    async def _resolve(self, model: str) -> Optional[AdapterRef]:
+    async def _route(self, body: oa._Request) -> Any:
+        """The router's decision for a request (off the event loop); RoutingError -> the HTTP error it names."""
+        from carve.router import RoutingError, routing_text
+
+        if isinstance(body, oa.CompletionRequest):
+            text = routing_text(body.prompt_text())
+        else:
+            text = routing_text([{"role": m.role, "content": m.text()} for m in body.messages])
         try:
-            return await self._with_registry(lambda registry: resolve_target(model, registry))
-        except UnknownModel as exc:
-            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+            decision = await asyncio.to_thread(self.router.route, body.model, text, body.carve)
+        except RoutingError as exc:
+            if exc.code == "model_not_found" and exc.param == "model":  # list what is served, as /v1/models does
+                served = await self._with_registry(served_model_names)
+                raise ApiError(404, str(UnknownModel(body.model, served)), param="model", code="model_not_found") from None
+            raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
+        if decision.is_mixture and decision.space == "weights":
+            raise ApiError(400, "carve.space 'weights' is not served yet; use 'output' (the default)", param="carve.space", code="unsupported_space")
+        if len(decision.uses()) > self.config.max_adapters:
+            raise ApiError(
+                400, f"the mixture uses {len(decision.uses())} adapters; this server holds at most {self.config.max_adapters} per replica",
+                param="carve", code="mixture_too_large",
+            )
+        self.routing_metrics.count(decision)
+        return decision
 
     # -- inference ----------------------------------------------------------
 
@@ -175,9 +212,14 @@ class Gateway:
         started = time.perf_counter()
         self._check_inference_auth(request)
         body = parse_body(await request.body(), model)
-        target = await self._resolve(body.model)
-        job = build_job(body, target, self.tokenizer, self.context, self.config)
-        carve = oa.CarveInfo(adapters=[oa.AdapterUse(name=target.name, version=target.version)] if target else [])
+        decision = await self._route(body)
+        branches = tuple((AdapterRef.of(a) if a is not None else None, w) for a, w in decision.weighted())
+        target = branches[0][0] if len(branches) == 1 else None
+        job = build_job(body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else ())
+        carve = oa.CarveInfo(
+            adapters=[oa.AdapterUse(**u) for u in decision.uses()], mode=decision.mode, space=decision.space if decision.is_mixture else None,
+            confidence=decision.confidence, reason=decision.reason,
+        )
         chat = isinstance(body, oa.ChatCompletionRequest)
         if body.stream:
             events = self.engine.options(stream=True).stream.remote(job)
@@ -213,8 +255,10 @@ class Gateway:
 
     def _observe_cache(self, event: JobEvent | JobResult, job: Job) -> None:
         self.metrics.cache_events(event.loaded, event.evicted)
-        if event.error_kind == "adapter_load" and job.adapter is not None:
-            self.metrics.adapter_load_failures.labels(job.adapter.key).inc()
+        if event.error_kind == "adapter_load":
+            for ref in job.refs():
+                if ref.key in (event.error or ""):  # the error names the adapter that failed
+                    self.metrics.adapter_load_failures.labels(ref.key).inc()
 
     async def _sse_stream(
         self, first: JobEvent, events: Any, model: str, job: Job, carve: oa.CarveInfo, chat: bool,
@@ -262,6 +306,33 @@ class Gateway:
             else:
                 yield _sse({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage.model_dump()})
         yield "data: [DONE]\n\n"
+
+    # -- specialization jobs (carve.jobs; each call blocks on SQLite and files: run off the event loop) --
+
+    async def _jobs_call(self, request: Request, call: Callable[[], tuple[int, dict[str, Any]]]) -> Response:
+        async def handler() -> Response:
+            self._check_inference_auth(request)
+            status, body = await asyncio.to_thread(call)
+            return JSONResponse(body, status_code=status)
+
+        return await self._counted("specializations", handler)
+
+    @api.post("/v1/specializations")
+    async def submit_specialization(self, request: Request) -> Response:
+        raw = await request.body()
+        return await self._jobs_call(request, lambda: self.jobs.submit(raw))
+
+    @api.get("/v1/specializations")
+    async def list_specializations(self, request: Request, status: Optional[str] = None) -> Response:
+        return await self._jobs_call(request, lambda: self.jobs.list(status))
+
+    @api.get("/v1/specializations/{job_id}")
+    async def get_specialization(self, request: Request, job_id: str) -> Response:
+        return await self._jobs_call(request, lambda: self.jobs.get(job_id))
+
+    @api.delete("/v1/specializations/{job_id}")
+    async def cancel_specialization(self, request: Request, job_id: str) -> Response:
+        return await self._jobs_call(request, lambda: self.jobs.cancel(job_id))
 
     # -- operator API -------------------------------------------------------
 

@@ -93,8 +93,11 @@ def context_length(model_dir: Path) -> int:
     return 2048
 
 
-def build_job(body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any, context: int, config: ServeConfig) -> Job:
-    """The engine job of a request, refusing max_tokens over the cap or a prompt over the context (400)."""
+def build_job(
+    body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any, context: int, config: ServeConfig,
+    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = (),
+) -> Job:
+    """The engine job of a request (``mixture``: its output-space branches), refusing max_tokens over the cap or a prompt over the context (400)."""
     max_tokens = body.requested_max_tokens() or config.default_max_tokens
     field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens else "max_tokens"
     if max_tokens > config.max_tokens_cap:
@@ -122,4 +125,5 @@ def build_job(body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any
         seed=body.seed,
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
+        mixture=mixture,
     )
