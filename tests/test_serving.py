@@ -188,6 +188,21 @@ def test_mixture_equals_the_engine_mixture_rule(client, reference):
     assert text != direct(reference, "The patient was", "alpha") or text != direct(reference, "The patient was", "beta")
 
 
+def test_weight_space_mixture_equals_the_merged_adapter(client, reference):
+    from carve.platform.engine import GenerationRequest, Sampling
+    from carve.platform.serving.targets import AdapterRef
+    from carve.router.mixture import MergeCache
+
+    response = complete(client, "auto", "Revenue rose", carve={"mix": {"alpha": 1, "beta": 1}, "space": "weights"})
+    assert response.status_code == 200, response.text
+    assert response.json()["carve"]["space"] == "weights"
+    pairs = [(AdapterRef("alpha", 1, ""), 0.5), (AdapterRef("beta", 1, ""), 0.5)]
+    merged = MergeCache(reference, 1).acquire(pairs, lambda ref: ref.name)  # the reference engine holds them as alpha, beta
+    want = reference.generate([GenerationRequest.single("Revenue rose", merged, Sampling(MAX_TOKENS))])[0].text
+    reference.unload_adapter(merged)
+    assert response.json()["choices"][0]["text"] == want
+
+
 def test_auto_routing_reports_its_decision(client):
     response = client.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "Revenue rose this quarter"}], "max_tokens": 4})
     assert response.status_code == 200, response.text
@@ -203,8 +218,8 @@ def test_routing_errors_name_the_field(client):
     assert response.status_code == 422 and error_of(response)["param"] == "carve.mix"
     response = complete(client, "auto", "x", carve={"mix": {"alpha": 1, "nope": 1}})
     assert response.status_code == 404 and error_of(response)["param"] == "carve.mix.nope"
-    response = complete(client, "auto", "x", carve={"space": "weights", "mix": {"alpha": 1, "beta": 1}})
-    assert response.status_code == 400 and error_of(response)["param"] == "carve.space"
+    response = complete(client, "auto", "x", carve={"space": "both", "mix": {"alpha": 1, "beta": 1}})
+    assert response.status_code == 422 and error_of(response)["param"] == "carve.space"
 
 
 def test_specialization_endpoints(client):

@@ -4,13 +4,15 @@ The pieces, each in its own module:
 
 - ``config``: the validated settings of one server (model, capacity, caps, tokens);
 - ``api``: the pydantic request/response bodies of the HTTP API (OpenAI shapes);
-- ``targets``: the one function turning a request's ``model`` into an adapter
-  (the router will replace it);
+- ``targets``: AdapterRef (an adapter version as engine replicas see it) and the
+  served-model listing; the gateway routes each request through carve.router
+  (names, tags, ``auto``, mixtures in output or weight space);
 - ``requests``: body parsing, chat template, token counts and limits -> an engine job;
 - ``adapter_cache``: an LRU of adapters loaded into the engine, with pinning;
-- ``batching``: runs a batch of jobs for many adapters as one engine call;
+- ``batching``: runs a batch of jobs for many adapters (and mixtures) as one engine call;
 - ``engine_server``: the engine replica (``@serve.batch`` over every adapter);
-- ``gateway``: the FastAPI ingress (inference, operator API, health, metrics);
+- ``gateway``: the FastAPI ingress (inference, routing, ``/v1/specializations``
+  jobs, operator API, health, metrics);
 - ``affinity``: a request router sending a job to a replica holding its adapter;
 - ``archive``: safe extraction of uploaded adapter archives;
 - ``metrics``: the Prometheus counters and histograms;

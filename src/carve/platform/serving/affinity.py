@@ -44,11 +44,12 @@ def rank_for_adapter(key: Optional[str], replicas: Sequence[ReplicaView], recent
 
 
 def adapter_key(pending_request: Optional[PendingRequest]) -> Optional[str]:
-    """The adapter key of an engine call (its first argument is a Job)."""
+    """The adapter key of an engine call (its first argument is a Job; a mixture goes by its first adapter)."""
     if pending_request is None or not pending_request.args:
         return None
-    adapter = getattr(pending_request.args[0], "adapter", None)
-    return getattr(adapter, "key", None)
+    job = pending_request.args[0]
+    refs = job.refs() if hasattr(job, "refs") else [getattr(job, "adapter", None)]
+    return getattr(refs[0], "key", None) if refs else None
 
 
 class AdapterAffinityRouter(RequestRouter):

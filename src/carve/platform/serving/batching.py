@@ -34,7 +34,8 @@ class Job:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = ()  # output-space mixture: (adapter or base, weight) per branch
+    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = ()  # a mixture: (adapter or base, weight) per branch
+    space: str = "output"  # a mixture's: "output" (engine rule mixture) or "weights" (one merged adapter, carve.router.mixture)
 
     def refs(self) -> list[AdapterRef]:
         """Every adapter this job decodes with (a mixture's, else its single adapter)."""
@@ -115,23 +116,30 @@ def split_by_capacity(jobs: Sequence[Job], capacity: int) -> list[list[int]]:
 class BatchRunner:
     """Decodes batches of jobs on one engine, loading their adapters through the cache."""
 
-    def __init__(self, engine: Any, cache: AdapterCache):
+    def __init__(self, engine: Any, cache: AdapterCache, merges: int = 2):
+        from carve.router.mixture import MergeCache
+
         self.engine = engine
         self.cache = cache
+        self.merges = MergeCache(engine, merges)  # weight-space mixtures, kept apart from the adapter LRU
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         """Decode ``jobs``; every job gets exactly one final event."""
         for group in split_by_capacity(jobs, self.cache.capacity):
             self._run_group(jobs, group, emit)
 
-    @staticmethod
-    def _request(job: Job, names: dict[str, str]) -> Any:
-        """The engine request of a job: one branch (rule single), or one per mixture branch (rule mixture)."""
+    def _request(self, job: Job, names: dict[str, str]) -> Any:
+        """The engine request of a job: one branch (rule single), one per mixture branch (rule mixture), or a merged adapter."""
         from carve.platform.engine import GenerationRequest
         from carve.router.mixture import engine_request
 
+        def engine_name(ref: AdapterRef) -> str:
+            return names[ref.key]
+
+        if job.mixture and job.space == "weights":
+            return GenerationRequest.single(job.prompt, self.merges.acquire(job.mixture, engine_name), job.sampling())
         if job.mixture:
-            return engine_request(job.mixture, job.prompt, job.sampling(), lambda ref: names[ref.key])
+            return engine_request(job.mixture, job.prompt, job.sampling(), engine_name)
         return GenerationRequest.single(job.prompt, names[job.adapter.key] if job.adapter else None, job.sampling())
 
     def _run_group(self, jobs: Sequence[Job], group: list[int], emit: Emit) -> None:
@@ -153,15 +161,20 @@ class BatchRunner:
                     event.loaded.append(ref.key)
                     event.evicted += got.evicted
         ready: list[int] = []
+        requests: list[Any] = []
         for i in group:
             why = next((failed[ref.key] for ref in jobs[i].refs() if ref.key in failed), None)
             if why is not None:
                 emit(i, JobEvent(error=why, error_kind="adapter_load", prompt_tokens=jobs[i].prompt_tokens))
-            else:
-                ready.append(i)
+                continue
+            try:
+                requests.append(self._request(jobs[i], names))
+            except Exception as exc:  # a weight-space merge that failed: this job only
+                emit(i, JobEvent(error=f"mixture could not be built: {type(exc).__name__}: {exc}", error_kind="internal"))
+                continue
+            ready.append(i)
         if not ready:
             return
-        requests = [self._request(jobs[i], names) for i in ready]
         done: set[int] = set()
         try:
             for event in self.engine.stream(requests):

@@ -163,8 +163,6 @@ class Gateway:
                 served = await self._with_registry(served_model_names)
                 raise ApiError(404, str(UnknownModel(body.model, served)), param="model", code="model_not_found") from None
             raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
-        if decision.is_mixture and decision.space == "weights":
-            raise ApiError(400, "carve.space 'weights' is not served yet; use 'output' (the default)", param="carve.space", code="unsupported_space")
         if len(decision.uses()) > self.config.max_adapters:
             raise ApiError(
                 400, f"the mixture uses {len(decision.uses())} adapters; this server holds at most {self.config.max_adapters} per replica",
@@ -215,7 +213,7 @@ class Gateway:
         decision = await self._route(body)
         branches = tuple((AdapterRef.of(a) if a is not None else None, w) for a, w in decision.weighted())
         target = branches[0][0] if len(branches) == 1 else None
-        job = build_job(body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else ())
+        job = build_job(body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else (), space=decision.space)
         carve = oa.CarveInfo(
             adapters=[oa.AdapterUse(**u) for u in decision.uses()], mode=decision.mode, space=decision.space if decision.is_mixture else None,
             confidence=decision.confidence, reason=decision.reason,

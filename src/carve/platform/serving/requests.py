@@ -95,7 +95,7 @@ def context_length(model_dir: Path) -> int:
 
 def build_job(
     body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any, context: int, config: ServeConfig,
-    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = (),
+    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = (), space: str = "output",
 ) -> Job:
     """The engine job of a request (``mixture``: its output-space branches), refusing max_tokens over the cap or a prompt over the context (400)."""
     max_tokens = body.requested_max_tokens() or config.default_max_tokens
@@ -126,4 +126,5 @@ def build_job(
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
         mixture=mixture,
+        space=space,
     )

@@ -1,7 +1,8 @@
 """What a request's ``model`` names: the base, an adapter, or a domain tag.
 
-This is the one place that turns a model name into adapters, so the router
-(carve.router) can replace :func:`resolve_target` without touching the server.
+The gateway routes requests with carve.router (which also handles ``auto`` and
+mixtures); :func:`resolve_target` is the plain name/tag lookup for callers
+without a router, and :func:`served_model_names` lists what an unknown name could have been.
 """
 
 from __future__ import annotations
