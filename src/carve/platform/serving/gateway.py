@@ -109,12 +109,14 @@ class Gateway:
         self.router = Router(self.registry, RouterConfig(), base_fingerprint=self.base.fingerprint)
         self.routing_metrics = RoutingMetrics(self.metrics.registry)
         self.jobs = JobsHttp(JobService(self.config.registry_path(), self.config.model, RayLauncher(), JobSettings(num_cpus=1)))
+        self._warm_lock = threading.Lock()  # one warm-up at a time (start, then after each registration)
         # Auto routing embeds every adapter's profile once (10-25 s with the embedding model): start now, not on the first request.
         threading.Thread(target=self._warm_router, name="carve-router-warm", daemon=True).start()
 
     def _warm_router(self) -> None:
         try:
-            self.router.warm()
+            with self._warm_lock:
+                self.router.warm()
         except Exception as exc:  # a profile that fails now fails again, with its error, on the auto request that needs it
             logging.getLogger(__name__).warning("router warm-up failed: %s: %s", type(exc).__name__, exc)
 
@@ -389,9 +391,11 @@ class Gateway:
         from carve.adapters.validation import AdapterValidationError
 
         try:
-            return await self._with_registry(lambda registry: registry.add(source, name, tags=tuple(tags), base=self.base, card=card))
+            record = await self._with_registry(lambda registry: registry.add(source, name, tags=tuple(tags), base=self.base, card=card))
         except (RegistryError, AdapterValidationError) as exc:
             raise ApiError(400, str(exc), code="adapter_rejected") from None
+        threading.Thread(target=self._warm_router, name="carve-router-warm", daemon=True).start()  # profile it before auto needs it
+        return record
 
     @api.delete("/v1/adapters/{name}")
     async def remove_adapter(self, request: Request, name: str, version: Optional[int] = None) -> Response:
