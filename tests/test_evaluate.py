@@ -189,8 +189,14 @@ def test_instruction_that_cannot_fit_is_an_error() -> None:
 def test_stop_strings_extend_the_templates() -> None:
     stops = eval_stop_strings()
     assert stops[: len(STOP_STRINGS)] == STOP_STRINGS
-    # the next demonstration starts with the template's preamble
-    assert any(s.strip() and alpaca_prompt("i").startswith(s.strip()) for s in stops)
+    # the next demonstration starts with the template's preamble: its first word after a blank line
+    # stops a short answer within a few tokens
+    assert "\n\nBelow" in stops and alpaca_prompt("i").startswith("Below")
+    from carve.specialize.seeds import Seed
+
+    demo = Seed(instruction=QA, input="Is DNA a protein?", output="no", task="qa")
+    # exactly what follows a demonstration's answer in a k-shot prompt, so a model imitating it stops
+    assert render([demo], QA, "?").split("no", 1)[1].startswith("\n\nBelow")
 
 
 # -- a run on a tiny model --------------------------------------------------------

@@ -57,7 +57,9 @@ def eval_stop_strings() -> tuple[str, ...]:
     """
     preamble = os.path.commonprefix([alpaca_prompt("x"), alpaca_prompt("x", "y")]).strip()
     section = RESPONSE_MARKER.split(" ")[0] + " "  # "### "
-    return tuple(STOP_STRINGS) + ("\n" + preamble, "\n" + section)
+    # Only the preamble's first word: a stop string must be complete to stop, and yes/no
+    # tasks have a budget of a few tokens ("no\n\nBelow is an instruction" would run out first).
+    return tuple(STOP_STRINGS) + ("\n\n" + preamble.split()[0], "\n" + section)
 
 
 def _same_question(demo: Demo, query: Query) -> bool:
