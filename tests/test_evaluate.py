@@ -196,7 +196,7 @@ def test_stop_strings_extend_the_templates() -> None:
 
     demo = Seed(instruction=QA, input="Is DNA a protein?", output="no", task="qa")
     # exactly what follows a demonstration's answer in a k-shot prompt, so a model imitating it stops
-    assert render([demo], QA, "?").split("no", 1)[1].startswith("\n\nBelow")
+    assert render([demo], QA, "?").split("### Response:\nno", 1)[1].startswith("\n\nBelow")
 
 
 # -- a run on a tiny model --------------------------------------------------------
