@@ -8,11 +8,12 @@ and nothing written.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from carve.jsonl import json_object_lines
 
 
 class SuiteError(ValueError):
@@ -70,16 +71,10 @@ def parse_task_file(path: Path) -> list[tuple[int, EvalExample]]:
         raise SuiteError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     examples: list[tuple[int, EvalExample]] = []
     seen: dict[tuple[str, str], int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise SuiteError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise SuiteError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    problems: list[str] = []
+    for number, where, record in json_object_lines(text, str(path), problems):
+        if problems:
+            break
         try:
             example = EvalExample.model_validate(record)
         except ValidationError as exc:
@@ -91,6 +86,8 @@ def parse_task_file(path: Path) -> list[tuple[int, EvalExample]]:
             raise SuiteError(f"{where}: field 'id': {example.id!r} repeats line {seen[key]} of task {example.task!r}")
         seen[key] = number
         examples.append((number, example))
+    if problems:  # a line that is not a JSON object, before any field problem
+        raise SuiteError(problems[0])
     if not examples:
         raise SuiteError(f"{path}: no examples")
     return examples

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from carve.jsonl import json_object_lines
+
 INDEX_DONE = "carve-index.json"
 
 
@@ -80,21 +82,10 @@ def load_corpus(path: Path) -> Corpus:
     documents: list[Document] = []
     seen: dict[str, int] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CorpusError([f"{path}: not UTF-8 text ({exc.reason})"]) from exc
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        where = f"{path.name} line {number}"
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(record, dict):
-            problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
-            continue
+    for number, where, record in json_object_lines(text, path.name, problems):
         try:
             document = Document.model_validate(record)
         except ValidationError as exc:

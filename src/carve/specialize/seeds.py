@@ -17,9 +17,16 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+)
 
 from carve.adapters.validation import AdapterValidationError, check_name
+from carve.jsonl import count_records, json_object_lines
 
 DOMAIN_FILE = "domain.json"
 SEEDS_FILE = "seeds.jsonl"
@@ -141,29 +148,17 @@ def _parse(text: str, source: str) -> tuple[list[Seed], list[str]]:
     seeds: list[Seed] = []
     problems: list[str] = []
     first_line: dict[tuple[str, str], int] = {}
-    records = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        records += 1
-        where = f"line {number}"
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{source} {where}: invalid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(record, dict):
-            problems.append(f"{source} {where}: expected a JSON object, got {type(record).__name__}")
-            continue
+    records = count_records(text)
+    for number, where, record in json_object_lines(text, source, problems):
         try:
             seed = Seed.model_validate(record)
         except ValidationError as exc:
-            problems.extend(_describe(f"{source} {where}", exc))
+            problems.extend(_describe(where, exc))
             continue
         key = seed.key()
         if key in first_line:
             problems.append(
-                f"{source} {where}: field 'instruction'+'input': duplicate of line {first_line[key]} "
+                f"{where}: field 'instruction'+'input': duplicate of line {first_line[key]} "
                 "(same instruction and input)"
             )
             continue
