@@ -116,6 +116,6 @@ def _complete(client: Any, model: str, prompt: str) -> str:
     response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0, "stop": ["\n###"]})
     response.raise_for_status()
     body = response.json()
-    used = body.get("carve", {})
-    note = f"\n[dim]{used}[/dim]" if used else ""
+    reason = (body.get("carve") or {}).get("reason")
+    note = f"\n[dim]({reason})[/dim]" if reason else ""
     return body["choices"][0]["text"].strip() + note
