@@ -43,6 +43,7 @@ class StageProgress:
     def __init__(self, stage: str, total: int | None, unit: str = "items", every_s: float = 10.0):
         self.stage, self.total, self.unit = stage, total, unit
         self.done = 0
+        self.resumed_items = 0  # done by an earlier, interrupted attempt: not part of the rate
         self.started = time.monotonic()
         self._every = every_s
         self._last_print = 0.0
@@ -52,7 +53,7 @@ class StageProgress:
     @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.resumed_items) / elapsed if elapsed > 0 else 0.0
 
     def eta_s(self) -> float | None:
         if not self.total or self.rate == 0:
@@ -64,6 +65,16 @@ class StageProgress:
         eta = self.eta_s()
         left = f", {_fmt_s(eta)} left" if eta is not None else ""
         return f"[{self.stage}] {self.done}{total} {self.unit} ({self.rate:.2f}/s{left})"
+
+    def resumed(self, n: int) -> None:
+        """Count ``n`` items an earlier attempt finished (shown as done, left out of the rate)."""
+        if n:
+            self.resumed_items += n
+            self.started = time.monotonic()
+            if self._bar is not None:  # restart rich's speed estimate from here
+                self._bar.reset(self._task, completed=self.done + n)
+            self.done += n
+            _notify(self, "advance")
 
     def advance(self, n: int = 1, note: str | None = None) -> None:
         self.done += n

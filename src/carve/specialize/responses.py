@@ -45,7 +45,7 @@ def retrieve(index: BM25Index, corpus: Corpus, instructions: list[dict[str, Any]
     store = JsonlStore(folder / RETRIEVAL)
     missing = [item for item in instructions if item["id"] not in store]
     with stage("retrieval", len(instructions), "queries") as progress:
-        progress.advance(len(instructions) - len(missing))
+        progress.resumed(len(instructions) - len(missing))
         for start in range(0, len(missing), batch):
             chunk = missing[start : start + batch]
             hits = index.search([query_of(item) for item in chunk], k)
@@ -107,7 +107,7 @@ def generate_responses(
     documents = {d.id: d for d in corpus.documents} if corpus is not None else {}
     missing = [item for item in instructions if item["id"] not in store]
     with stage(label, len(instructions), "responses") as progress:
-        progress.advance(len(instructions) - len(missing))
+        progress.resumed(len(instructions) - len(missing))
         for start in range(0, len(missing), config.response_batch):
             chunk = missing[start : start + config.response_batch]
             requests = [

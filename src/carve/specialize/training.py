@@ -185,7 +185,7 @@ def train_lora(
 
     end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
     with stage(label, config.epochs * len(data), "examples") as progress:
-        progress.advance(seen(global_step))
+        progress.resumed(seen(global_step))
         while global_step < end:
             epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))).tolist()

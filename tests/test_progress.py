@@ -1,0 +1,19 @@
+"""The shared progress display: resumed items count as done but not toward the rate."""
+
+from __future__ import annotations
+
+import time
+
+from carve.progress import stage
+
+
+def test_resumed_items_are_done_but_not_in_the_rate(capsys) -> None:  # type: ignore[no-untyped-def]
+    with stage("responses", 100, "responses") as progress:
+        progress.resumed(90)
+        time.sleep(0.2)
+        progress.advance(2)
+        assert progress.done == 92
+        assert 2 <= progress.rate <= 11  # 2 items in ~0.2 s, not 92
+        eta = progress.eta_s()
+        assert eta is not None and 0.5 < eta < 5
+    assert "92/100 responses" in capsys.readouterr().err
