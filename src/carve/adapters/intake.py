@@ -10,7 +10,6 @@ elsewhere) ever enters the store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -173,14 +172,6 @@ def stage_copy(intake: Intake, staging_root: Path, card: dict[str, Any] | None) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def fsync_file(path: Path) -> None:

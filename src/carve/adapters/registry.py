@@ -31,11 +31,17 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel
 
-from carve.adapters.intake import CARD_FILE, fsync_dir, inspect_adapter, sha256_file, stage_copy
+from carve.adapters.intake import CARD_FILE, fsync_dir, inspect_adapter, stage_copy
 from carve.adapters.sqlite import connect, immediate, migrate
 from carve.adapters.validation import AdapterValidationError, check_name
+from carve.hashing import sha256_file
 from carve.paths import registry_dir
-from carve.platform.models import DEFAULT_MODEL, ModelError, ResolvedModel, resolve_model
+from carve.platform.models import (
+    DEFAULT_MODEL,
+    ModelError,
+    ResolvedModel,
+    resolve_model,
+)
 
 DB_FILE = "registry.sqlite3"
 STORE_DIR = "store"

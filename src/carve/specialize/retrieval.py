@@ -9,7 +9,6 @@ temporary folder and renamed, so a killed build never leaves a half index.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from carve.hashing import sha256_file
 from carve.jsonl import json_object_lines
 
 INDEX_DONE = "carve-index.json"
@@ -65,14 +65,6 @@ class Corpus:
     content_hash: str
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
 def load_corpus(path: Path) -> Corpus:
     """Read and validate the whole corpus; CorpusError lists every bad line."""
     path = Path(path)
@@ -103,7 +95,7 @@ def load_corpus(path: Path) -> Corpus:
         problems.append(f"{path}: no documents")
     if problems:
         raise CorpusError(problems)
-    return Corpus(path.resolve(), documents, file_hash(path))
+    return Corpus(path.resolve(), documents, sha256_file(path))
 
 
 def _tokenize(texts: Sequence[str]) -> list[list[str]]:
