@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from specialize_tiny import FRESH_ITEMS, write_corpus, write_generations, write_seed_set
+from specialize_tiny import FRESH_ITEMS, SEEDS, write_corpus, write_generations, write_seed_set
 
 from carve.specialize.config import build_config
 from carve.specialize.run import ITERATION_2, Manifest, RunError, prepare, run_specialization
@@ -28,6 +28,7 @@ SETTINGS = dict(
     seed_input_chars=60,
     max_prompts=8,
     prompt_style="raw",
+    fluency_margin=50.0,  # a random model finds every text unlikely: the filter runs, rejecting nothing
     top_k=3,
     document_words=20,
     response_batch=2,
@@ -74,6 +75,7 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     rejected = read_jsonl(out / "rejected.jsonl")
     assert counts["kept"] == 6 and sum(counts["removed"].values()) == len(rejected)
     assert counts["parsed"] == counts["kept"] + len(rejected)
+    assert counts["fluency_limit"] > 50.0
 
     hits = {r["id"]: r for r in read_jsonl(out / "retrieval.jsonl")}
     assert set(hits) == {k["id"] for k in kept}
@@ -86,6 +88,10 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     assert all(r["rule"] == "mixture" and r["branches"] == 3 for r in responses)
 
     train = result["counts"]["training"]
+    responses_counts = result["counts"]["responses"]
+    assert set(responses_counts["removed"]) == {"empty", "repetitive"}
+    assert responses_counts["seed_examples"] == len(SEEDS)
+    assert train["examples"] == responses_counts["kept"] + responses_counts["seed_examples"] - train["skipped_too_long"]
     assert train["steps"] == 2 * -(-train["examples"] // 4)
     assert (out / "train" / "final" / "adapter_model.safetensors").is_file()
     assert any((out / "train" / "checkpoints").glob("step-*/optimizer.pt"))

@@ -11,7 +11,8 @@ import pytest
 from specialize_tiny import write_corpus, write_seed_set
 
 from carve.specialize.config import build_config
-from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, rouge_l, rouge_tokens
+from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, degenerate_response, rouge_l, rouge_tokens
+from carve.specialize.fluency import engine_scorer, fluency_limit, mean_nll, pair_text
 from carve.specialize.generate_instructions import FilterState
 from carve.specialize.prompts import instruction_prompt, parse_task_list, response_prompt
 from carve.specialize.retrieval import BM25Index, CorpusError, load_corpus, softmax
@@ -107,12 +108,44 @@ def test_filter_state_counts_each_filter() -> None:
         "9. Instruction: Which drug was given to the patients?\n9. Input: Aspirin again.\n"  # duplicate of 8
     )
     state.feed({"prompt": 0, "text": text, "finish_reason": "eos"}, "it1", limit=10)
-    assert state.counts == {"malformed": 1, "length": 1, "not_text": 1, "near_duplicate": 2}
+    assert state.counts == {"malformed": 1, "length": 1, "not_text": 1, "disfluent": 0, "near_duplicate": 2}
     assert [k["instruction"] for k in state.kept] == ["Which drug was given to the patient?"]
     assert state.kept[0]["id"] == "it1-00000-4"
     lenient = FilterState(FilterSettings(), DuplicateIndex(0.7), require_input=False)
     lenient.feed({"prompt": 3, "text": " Summarize the abstract briefly.\n", "finish_reason": "eos"}, "it1", limit=10)
     assert [(k["instruction"], k["input"]) for k in lenient.kept] == [("Summarize the abstract briefly.", "")]
+
+
+def test_disfluent_pairs_are_rejected_before_the_duplicate_check() -> None:
+    # a scorer that finds text with a made-up word unlikely, standing in for the base model
+    def scorer(texts: list[str]) -> list[float]:
+        return [9.0 if "intranucleotide" in t else 3.0 for t in texts]
+
+    state = FilterState(FilterSettings(), DuplicateIndex(0.7), require_input=True, fluency=(scorer, 5.0))
+    text = (
+        " Serum intranucleotide contains complex structure twice.\n4. Input: none given here\n"
+        "5. Instruction: Which drug was given to the patient?\n5. Input: Aspirin was given.\n"
+    )
+    state.feed({"prompt": 0, "text": text, "finish_reason": "eos"}, "it1", limit=10)
+    assert state.counts["disfluent"] == 1
+    assert [k["instruction"] for k in state.kept] == ["Which drug was given to the patient?"]
+    assert "9.00 > 5.00" in state.rejected[0]["reason"]
+
+
+def test_degenerate_responses() -> None:
+    assert degenerate_response("   ") == ("empty", "empty response")
+    loop = "The correct answer is: " * 6
+    assert degenerate_response(loop)[0] == "repetitive"
+    entities = "C9 deficiency <Disease>, breast cancer <Disease>, ataxia telangiectasia <Disease>, Wilms tumour <Disease>"
+    assert degenerate_response(entities) is None
+    assert degenerate_response("Yes") is None
+
+
+def test_fluency_limit_is_the_least_fluent_seed_plus_margin() -> None:
+    assert fluency_limit([3.0, 4.5, math.inf], 0.5) == 5.0
+    with pytest.raises(ValueError):
+        fluency_limit([math.inf], 0.0)
+    assert pair_text(" Name the gene. ", "") == "Name the gene."
 
 
 # -- retrieval weights -------------------------------------------------------
@@ -208,3 +241,20 @@ def test_cli_reports_bad_corpus_and_creates_nothing(tmp_path: Path, tiny_model_d
     assert result.exit_code == 2
     assert "bad.jsonl line 1: invalid JSON" in result.output
     assert not out.exists()
+
+
+def test_mean_nll_is_the_per_token_loss_and_independent_of_company(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    import torch
+
+    from carve.platform.loading import open_engine
+
+    engine, _, _ = open_engine(str(tiny_model_dir), [("alpha", tiny_adapters["alpha"])])
+    texts = ["Name the gene in the sentence.", "Which drug was given to the patient today?"]
+    together = engine_scorer(engine)(texts)
+    assert together == [engine_scorer(engine)([t])[0] for t in texts]
+    ids = torch.tensor([engine.tokenizer(texts[1], add_special_tokens=False)["input_ids"]])
+    with engine.model.disable_adapter(), torch.inference_mode():  # the base, not the loaded adapter
+        logprobs = torch.log_softmax(engine.model(input_ids=ids).logits[0, :-1].float(), -1)
+    expected = -logprobs.gather(1, ids[0, 1:, None]).mean().item()
+    assert together[1] == pytest.approx(expected, abs=1e-4)
+    assert mean_nll(engine.model, engine.tokenizer, [""]) == [math.inf]

@@ -3,8 +3,11 @@
 A pair is checked in this order and rejected by the first filter it fails:
 ``malformed`` (the parser could not read it), ``length`` (instruction of too
 few or too many words, input too long), ``not_text`` (asks for images, files,
-audio..., which a text model cannot give), ``near_duplicate`` (ROUGE-L F >= 0.7
-with an instruction already kept, seeds included). ROUGE-L follows
+audio..., which a text model cannot give), ``disfluent`` (less likely under the
+base model than every seed by a margin: see carve.specialize.fluency; only when
+a scorer is given), ``near_duplicate`` (ROUGE-L F >= 0.7 with an instruction
+already kept, seeds included). Responses get their own check,
+:func:`degenerate_response` (empty, or looping on the same phrase). ROUGE-L follows
 rouge-score's tokenisation (lower-cased alphanumeric words, Porter stemming
 off) with a longest-common-subsequence computed here, skipped when the two
 lengths alone rule out the threshold: the paper profile compares 5 000
@@ -18,7 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-FILTERS = ("malformed", "length", "not_text", "near_duplicate")
+FILTERS = ("malformed", "length", "not_text", "disfluent", "near_duplicate")
+RESPONSE_FILTERS = ("empty", "repetitive")
 
 # self-instruct's list of things a text-only model cannot do
 NOT_TEXT_WORDS = (
@@ -124,3 +128,21 @@ def seed_index(instructions: Iterable[str], threshold: float) -> DuplicateIndex:
     for text in instructions:
         index.add(text)
     return index
+
+
+def degenerate_response(text: str, n: int = 4, min_distinct: float = 0.5) -> tuple[str, str] | None:
+    """Why a response is unfit for training, as (filter, reason); None when it is usable.
+
+    ``repetitive``: fewer than ``min_distinct`` of its word n-grams are distinct
+    (a small model stuck in a loop: "The correct answer is: The correct answer is: ...").
+    Lists of different entities sharing a type tag stay distinct, so they pass.
+    """
+    tokens = rouge_tokens(text)
+    if not text.strip():
+        return "empty", "empty response"
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if len(grams) >= 2 * n:
+        distinct = len(set(grams)) / len(grams)
+        if distinct < min_distinct:
+            return "repetitive", f"only {distinct:.0%} of its {n}-word phrases are distinct"
+    return None

@@ -28,6 +28,7 @@ from typing import Any
 from carve.progress import stage
 from carve.specialize.config import RunConfig
 from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, empty_counts, seed_index
+from carve.specialize.fluency import Scorer, engine_scorer, fluency_limit, pair_text
 from carve.specialize.prompts import NO_INPUT_LINE, instruction_prompt, parse_task_list
 from carve.specialize.seeds import SeedSet
 from carve.specialize.store import JsonlStore, write_atomic, write_jsonl_atomic
@@ -51,6 +52,7 @@ class FilterState:
     settings: FilterSettings
     duplicates: DuplicateIndex
     require_input: bool = True
+    fluency: tuple[Scorer, float] | None = None  # (base-model scorer, highest mean NLL accepted)
     kept: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=empty_counts)
@@ -67,6 +69,11 @@ class FilterState:
             record = {"id": f"{prefix}-{generation['prompt']:05d}-{position}", "instruction": item.instruction, "input": item.input, "prompt": generation["prompt"]}
             problem = None if item.problem == NO_INPUT_LINE and not self.require_input else item.problem
             verdict: tuple[str, str] | None = ("malformed", problem) if problem else check_pair(item.instruction, item.input, self.settings)
+            if verdict is None and self.fluency is not None:
+                scorer, limit = self.fluency
+                nll = scorer([pair_text(item.instruction, item.input)])[0]
+                if nll > limit:
+                    verdict = ("disfluent", f"mean NLL {nll:.2f} > {limit:.2f} (least fluent seed + margin)")
             if verdict is None:
                 score, other = self.duplicates.most_similar(item.instruction)
                 if other >= 0:
@@ -126,7 +133,12 @@ def generate_instructions(
     """
     settings = FilterSettings(config.min_instruction_words, config.max_instruction_words, config.max_input_chars, config.rouge_threshold)
     pool = [s.instruction for s in seed_set.seeds] + list(avoid or [])
-    state = FilterState(settings, seed_index(pool, config.rouge_threshold), config.require_input)
+    fluency = None
+    if config.fluency_margin is not None:
+        scorer = engine_scorer(engine)
+        limit = fluency_limit(scorer([pair_text(s.instruction, s.input[: config.max_input_chars]) for s in seed_set.seeds]), config.fluency_margin)
+        fluency = (scorer, limit)
+    state = FilterState(settings, seed_index(pool, config.rouge_threshold), config.require_input, fluency)
     store = JsonlStore(folder / GENERATIONS, key_field="prompt")
     target, batch, cap = config.num_instructions, config.instruction_batch, config.max_prompt_count()
     prefix = f"it{iteration}"
@@ -151,7 +163,8 @@ def generate_instructions(
 
     write_jsonl_atomic(folder / INSTRUCTIONS, state.kept)
     write_jsonl_atomic(folder / REJECTED, state.rejected)
-    summary = {"prompts": state.processed, "parsed": state.parsed, "kept": len(state.kept), "removed": state.counts}
+    summary = {"prompts": state.processed, "parsed": state.parsed, "kept": len(state.kept), "removed": state.counts,
+               "fluency_limit": fluency[1] if fluency else None}
     write_atomic(folder / FILTER_COUNTS, json.dumps(summary, indent=2))
     tokens = sum(store.items[i]["tokens"] for i in range(state.processed))
     return InstructionResult(state.kept, state.counts, state.processed, state.parsed, tokens)

@@ -130,10 +130,21 @@ class Manifest:
         return result
 
 
-def _training_examples(responses: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """Examples with a non-empty response; the count of empty ones."""
-    kept = [r for r in responses if r["output"].strip()]
-    return kept, len(responses) - len(kept)
+def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_seeds: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The usable synthetic examples (degenerate responses removed, counted per filter), then the seeds if asked."""
+    from carve.specialize.filters import RESPONSE_FILTERS, degenerate_response
+
+    removed = {name: 0 for name in RESPONSE_FILTERS}
+    kept = []
+    for response in responses:
+        verdict = degenerate_response(response["output"])
+        if verdict is None:
+            kept.append(response)
+        else:
+            removed[verdict[0]] += 1
+    if with_seeds:
+        kept += [{"instruction": s.instruction, "input": s.input, "output": s.output} for s in seed_set.seeds]
+    return kept, removed
 
 
 def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, number: int, init_adapter: Path | None) -> Path:
@@ -172,9 +183,10 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
         lambda: generate_responses(engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})"),
     )
     ordered = [responses.items[item["id"]] for item in made.kept]
-    examples, empty = _training_examples(ordered)
+    examples, removed = _training_examples(ordered, inputs.seed_set, config.train_on_seeds)
     manifest.data["counts"][f"responses{suffix}"] = {
-        "generated": len(ordered), "empty": empty, "kept": len(examples), "generated_tokens": sum(r["tokens"] for r in ordered),
+        "generated": len(ordered), "removed": removed, "kept": len(ordered) - sum(removed.values()),
+        "seed_examples": len(inputs.seed_set.seeds) if config.train_on_seeds else 0, "generated_tokens": sum(r["tokens"] for r in ordered),
     }
     manifest.save()
     trained = manifest.timed(
