@@ -223,3 +223,32 @@ def test_concatenated_lora_equals_peft_mixed_batches(tiny_model_dir: Path, tiny_
         assert f.token_ids == r.token_ids
         for a, b in zip(f.step_scores or [], r.step_scores or []):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("multi_lora", [True, False])
+def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(tiny_model_dir: Path, tiny_adapters: dict[str, Path], multi_lora: bool) -> None:
+    """k-shot prompts share their demonstrations: prefilled once per adapter, same scores as without sharing."""
+    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+    eng = Engine(model, tokenizer, multi_lora=multi_lora)
+    for name, path in tiny_adapters.items():
+        eng.load_adapter(name, path)
+    demos = "Instruction: Name the gene.\nInput: BRCA1 rose in the samples.\nResponse: BRCA1\n\n" * 3
+    queries = ["Instruction: Name the drug.\nInput: Aspirin.", "Instruction: Name it.\nInput: A much longer input sentence about IL-6 levels.\nResponse:"]
+    mixture = GenerationRequest((Branch(demos + queries[0], "alpha", 0.6), Branch(demos + queries[1], None, 0.4)), "mixture", greedy(6), record_scores=True)
+    requests = [GenerationRequest((Branch(demos + q, a),), sampling=greedy(6), record_scores=True) for q, a in zip(queries * 2, [None, "alpha", "beta", None])]
+    requests.append(mixture)
+
+    eng.share_prefixes = False
+    plain = eng.generate(requests)
+    assert eng.shared_prefix_tokens == 0
+    eng.share_prefixes = True
+    shared = eng.generate(requests)
+    assert eng.shared_prefix_tokens >= 16 * (6 - 3)  # 6 rows, 3 distinct adapters
+    for s, p in zip(shared, plain):
+        assert s.token_ids == p.token_ids
+        for a, b in zip(s.step_scores or [], p.step_scores or []):
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite) and torch.allclose(a[finite], b[finite], atol=1e-4)
+    # and against a row decoded alone (no padding at all)
+    alone = eng.generate([requests[1]])[0]
+    assert alone.token_ids == shared[1].token_ids

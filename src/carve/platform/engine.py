@@ -215,6 +215,9 @@ class Engine:
         self.lock = threading.RLock()
         self.use_multi_lora = multi_lora  # concatenated-factor LoRA (carve.platform.multi_lora) when it applies
         self._multi: Any = None
+        self.share_prefixes = not _has_sliding_window(model)
+        self.min_shared_prefix = 16  # below this an extra forward pass costs more than it saves
+        self.shared_prefix_tokens = 0  # prompt tokens not recomputed thanks to shared prefixes
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
@@ -348,12 +351,54 @@ class Engine:
                         raise EngineError(f"request {i}: empty prompt")
                     rows.append(_Row(i, token_ids, branch.adapter or BASE))
                 prompt_tokens[i] = sum(len(r.ids) for r in rows if r.request == i)
-            batch = _Batch.left_padded(rows, int(self.tokenizer.pad_token_id), _model_device(self.model))
+            shared = self._shared_prefix(rows)
+            batch = _Batch.left_padded(rows, int(self.tokenizer.pad_token_id), _model_device(self.model), shared)
             multi = self._multi
             with multi.batch(batch.adapters) if multi is not None else contextlib.nullcontext():
-                yield from self._steps(requests, batch, peft_rows=multi is None)
+                yield from self._steps(requests, batch, peft_rows=multi is None, shared_ids=rows[0].ids[:shared])
 
-    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", peft_rows: bool) -> Iterator[StreamEvent]:
+    def _shared_prefix(self, rows: list[_Row]) -> int:
+        """Tokens every row starts with that are worth prefilling once per adapter (0: none).
+
+        k-shot evaluation prompts share their demonstrations, chat prompts their
+        system text: those tokens are run once per distinct adapter in the batch
+        and their cache copied to the rows. Each row keeps at least one token of
+        its own (the logits of the next token come from it). Off for models with
+        sliding-window layers: padding between prefix and suffix would shift
+        their window.
+        """
+        if not self.share_prefixes or len(rows) <= len({r.adapter for r in rows}):
+            return 0
+        first = rows[0].ids
+        length = min(len(r.ids) for r in rows) - 1
+        for row in rows[1:]:
+            n = 0
+            while n < length and row.ids[n] == first[n]:
+                n += 1
+            length = n
+        return length if length >= self.min_shared_prefix else 0
+
+    def _prefill(self, batch: "_Batch", cache: Any, peft_rows: bool, shared_ids: list[int]) -> "torch.Tensor":
+        """The prompt forward pass: the shared prefix once per adapter, copied to every row, then each row's rest."""
+        import torch
+
+        if shared_ids:
+            distinct = list(dict.fromkeys(batch.adapters))
+            ids = torch.tensor([shared_ids] * len(distinct), device=batch.input_ids.device)
+            ones = torch.ones_like(ids)
+            positions = torch.arange(len(shared_ids), device=ids.device).expand_as(ids)
+            self._set_rows(distinct, peft_rows)
+            self._forward(ids, ones, positions, distinct, cache, peft_rows)
+            cache.batch_select_indices(torch.tensor([distinct.index(a) for a in batch.adapters], device=ids.device))
+            self._set_rows(batch.adapters, peft_rows)
+            self.shared_prefix_tokens += len(shared_ids) * (len(batch.adapters) - len(distinct))
+        return self._forward(batch.input_ids, batch.attention, batch.positions, batch.adapters, cache, peft_rows)
+
+    def _set_rows(self, adapters: list[str], peft_rows: bool) -> None:
+        if self._multi is not None and not peft_rows:
+            self._multi.set_rows(adapters)
+
+    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", peft_rows: bool, shared_ids: list[int]) -> Iterator[StreamEvent]:
         """Prefill, then per step: combine each request's branches, pick, stream, drop finished rows."""
         import torch
 
@@ -362,7 +407,7 @@ class Engine:
         steps = [0] * len(requests)
         active = list(range(len(requests)))  # requests still decoding
         cache = _new_cache(self.model)
-        logits = self._forward(batch.input_ids, batch, cache, peft_rows)
+        logits = self._prefill(batch, cache, peft_rows, shared_ids)
         while True:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             next_token: dict[int, int] = {}
@@ -391,25 +436,26 @@ class Engine:
             if finished:  # drop the finished requests' rows from the batch and the cache
                 index = batch.keep(active)
                 cache.batch_select_indices(index)
-                if self._multi is not None and not peft_rows:
-                    self._multi.set_rows(batch.adapters)
+                self._set_rows(batch.adapters, peft_rows)
             step_ids = torch.tensor([[next_token[req]] for req in batch.row_request], device=batch.input_ids.device)
             batch.advance()
-            logits = self._forward(step_ids, batch, cache, peft_rows)
+            logits = self._forward(step_ids, batch.attention, batch.positions, batch.adapters, cache, peft_rows)
 
-    def _forward(self, input_ids: "torch.Tensor", batch: "_Batch", cache: Any, peft_rows: bool) -> "torch.Tensor":
+    def _forward(
+        self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, peft_rows: bool
+    ) -> "torch.Tensor":
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
-            attention_mask=batch.attention,
-            position_ids=batch.positions,
+            attention_mask=attention,
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         if peft_rows:
             if hasattr(self.model, "peft_config"):
-                kwargs["adapter_names"] = batch.adapters
-            elif any(name != BASE for name in batch.adapters):
+                kwargs["adapter_names"] = adapters
+            elif any(name != BASE for name in adapters):
                 raise EngineError("no adapter is loaded")
         return self.model(**kwargs).logits[:, -1, :]
 
@@ -426,13 +472,15 @@ class _Batch:
     rows_of: dict[int, list[int]]
 
     @classmethod
-    def left_padded(cls, rows: list[_Row], pad: int, device: Any) -> "_Batch":
+    def left_padded(cls, rows: list[_Row], pad: int, device: Any, shared: int = 0) -> "_Batch":
+        """Rows after their first ``shared`` tokens, left-padded; the mask also covers the shared (cached) part."""
         import torch
 
-        width = max(len(r.ids) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
-        attention = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        rests = [r.ids[shared:] for r in rows]
+        width = max(len(rest) for rest in rests)
+        input_ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=device)
+        attention = torch.tensor([[1] * shared + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests], device=device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         row_request = [r.request for r in rows]
         return cls(input_ids, attention, positions, [r.adapter for r in rows], row_request, _rows_by_request(row_request))
 
@@ -480,6 +528,13 @@ def _generator(seed: int | None) -> "torch.Generator":
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
     return generator
+
+
+def _has_sliding_window(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    config = getattr(config, "text_config", None) or config
+    return bool(getattr(config, "sliding_window", None)) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
 
 
 def _model_device(model: Any) -> "torch.device":
