@@ -257,6 +257,42 @@ def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, se
     assert alone.score(MACRO, "base", 0) == report.score(MACRO, "base", 0)
 
 
+def test_killed_evaluation_resumes_from_its_journal(engine, suite_dir: Path, seed_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from carve.specialize.evaluate import JOURNAL, evaluate_models
+
+    models = {"base": None, "alpha": "alpha"}
+    settings = dict(shots=[0, 1], demos=load_seed_set(seed_dir), limit=None, max_new_tokens=6, batch_size=2, max_context=400)
+    real_generate = engine.generate
+    asked: list[int] = []
+
+    def counting(requests):
+        asked.append(len(requests))
+        if len(asked) == stop_at:
+            raise KeyboardInterrupt  # the process is stopped mid-run
+        return real_generate(requests)
+
+    monkeypatch.setattr(engine, "generate", counting)
+    stop_at = 0
+    evaluate_models(engine, models, suite_dir, out_dir=tmp_path / "whole", **settings)
+    whole, whole_rows = (tmp_path / "whole" / "predictions.jsonl").read_text(), sum(asked)
+
+    out = tmp_path / "resumed"
+    asked.clear()
+    stop_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_models(engine, models, suite_dir, out_dir=out, **settings)
+    assert not (out / "results.json").exists()
+    journaled = len((out / JOURNAL).read_text().splitlines())
+    assert journaled == asked[0] + asked[1] > 0
+
+    asked.clear()
+    stop_at = 0
+    evaluate_models(engine, models, suite_dir, out_dir=out, **settings)
+    assert sum(asked) == whole_rows - journaled  # only what the journal lacked was asked again
+    assert (out / "predictions.jsonl").read_text() == whole
+    assert not (out / JOURNAL).exists()
+
+
 def test_run_refuses_before_writing(engine, suite_dir: Path, seed_dir: Path, tmp_path: Path) -> None:
     from carve.specialize.evaluate import EvalError, evaluate_models
 

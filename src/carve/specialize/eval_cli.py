@@ -72,7 +72,7 @@ def eval_command(
     shots: List[str] = typer.Option(["0"], "--shots", help="Demonstrations per prompt, e.g. --shots 0 1 5."),
     demos: Optional[Path] = typer.Option(None, "--demos", help="Seed set whose seeds are the demonstrations (needed for k > 0)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each task."),
-    out: Path = typer.Option(..., "--out", help="Folder for results.json, predictions.jsonl, report.md, chart.png."),
+    out: Path = typer.Option(..., "--out", help="Folder for results.json, predictions.jsonl, report.md, chart.png; an interrupted run there is resumed."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per batch (each decoded by every model)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Upper bound of new tokens per answer."),
     max_context: int = typer.Option(DEFAULT_MAX_CONTEXT, "--max-context", help="Cap on prompt + answer tokens."),
@@ -99,9 +99,12 @@ def eval_command(
         from carve.platform.loading import open_engine
         from carve.specialize.evaluate import evaluate_models
 
-        engine, _, _ = open_engine(base, adapters, precision)
+        from carve.platform.models import fingerprint_weights
+
+        engine, resolved, _ = open_engine(base, adapters, precision)
         models: dict[str, str | None] = {BASE_LABEL: None, **{label: label for label, _ in adapters}}
-        report = evaluate_models(engine, models, tasks, k_values, seed_set, limit, out, max_new_tokens, batch_size, max_context)
+        identities = {BASE_LABEL: resolved.fingerprint, **{label: f"{resolved.fingerprint}+{fingerprint_weights(path)}" for label, path in adapters}}
+        report = evaluate_models(engine, models, tasks, k_values, seed_set, limit, out, max_new_tokens, batch_size, max_context, identities)
     except (EvalError, SuiteError, PromptError, SeedSetError, ModelError, AdapterValidationError, EngineError) as exc:
         raise fail(str(exc))
     for table in rich_tables(report):

@@ -8,12 +8,20 @@ so a run is deterministic. Predictions are scored by token F1 and ROUGE-L
 (carve.specialize.metrics), averaged per task and over tasks (macro), and
 written to ``out_dir`` as results.json, predictions.jsonl, report.md and chart.png.
 
+A killed evaluation resumes: every finished batch is appended to
+``out_dir/predictions.partial.jsonl``, each prediction keyed by a hash of the
+model's identity (its weights fingerprint when the caller gives one), the
+exact prompt and the answer budget. A new run in the same folder reuses every
+prediction whose key matches, so a different adapter, seed set or prompt is
+simply asked again; the journal is removed once the results are written.
+
 ``evaluate_models`` is the library entry point: ``carve eval`` and the end of
 ``carve specialize`` both call it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ BASE_LABEL = "base"
 MACRO = "macro average"
 DEFAULT_MAX_CONTEXT = 2048  # prompts beyond this are slow on a CPU and rarely help a small model
 ANSWER_MARGIN = 8  # tokens of slack over a task's longest gold answer
+JOURNAL = "predictions.partial.jsonl"
 
 
 class EvalError(ValueError):
@@ -138,12 +147,16 @@ def evaluate_models(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     max_context: int = DEFAULT_MAX_CONTEXT,
+    identities: dict[str, str] | None = None,
 ) -> EvalReport:
     """Evaluate every model on every task at every k and write the four result files.
 
     ``models`` maps a label to an adapter already loaded in ``engine`` (None for
     the base). ``batch_size`` counts examples; each batch decodes that many rows
-    per model. Nothing is written unless the suite, models and settings are valid.
+    per model. ``identities`` (label -> weights fingerprint) decides which
+    journaled predictions of an interrupted run may be reused; without it a
+    model is known by its label and adapter name only. Nothing is written
+    unless the suite, models and settings are valid.
     """
     from carve.specialize.eval_report import write_outputs
 
@@ -153,10 +166,42 @@ def evaluate_models(
     started = time.monotonic()
     plans = [TaskPlan(suite, _examples(suite, limit), _answer_budget(engine, suite, max_new_tokens)) for suite in suites]
     prompts = _build_prompts(engine, settings, plans, list(demos.seeds) if demos is not None else [])
-    predictions = _run(engine, models, settings, plans, prompts)
+    journal = Journal(Path(out_dir) / JOURNAL)
+    known = {label: (identities or {}).get(label) or f"{engine.base_label}/{label}/{adapter}" for label, adapter in models.items()}
+    predictions = _run(engine, models, settings, plans, prompts, journal, known)
     report = _aggregate(engine, models, settings, plans, predictions, demos, time.monotonic() - started)
     write_outputs(report, predictions, Path(out_dir))
+    journal.remove()
     return report
+
+
+class Journal:
+    """Predictions of finished batches, appended as they come: what a resumed evaluation reuses."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, Prediction] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = Prediction.model_validate(entry["prediction"])
+                except (ValueError, KeyError):
+                    continue  # a line torn by the kill: that batch is asked again
+
+    @staticmethod
+    def key(identity: str, prompt: str, max_new_tokens: int) -> str:
+        return hashlib.sha256(f"{identity}\0{max_new_tokens}\0{prompt}".encode()).hexdigest()
+
+    def append(self, entries: list[tuple[str, Prediction]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps({"key": key, "prediction": p.model_dump()}, ensure_ascii=False) + "\n" for key, p in entries))
+            handle.flush()
+        self.done.update(entries)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _check(engine: "Engine", models: dict[str, str | None], settings: EvalSettings, demos: "SeedSet | None") -> None:
@@ -226,7 +271,15 @@ def _answer_budget(engine: "Engine", suite: TaskSuite, cap: int) -> int:
     return min(cap, longest + ANSWER_MARGIN)
 
 
-def _run(engine: "Engine", models: dict[str, str | None], settings: EvalSettings, plans: list[TaskPlan], prompts: dict[tuple[int, str], list[BuiltPrompt]]) -> list[Prediction]:
+def _run(
+    engine: "Engine",
+    models: dict[str, str | None],
+    settings: EvalSettings,
+    plans: list[TaskPlan],
+    prompts: dict[tuple[int, str], list[BuiltPrompt]],
+    journal: Journal,
+    identities: dict[str, str],
+) -> list[Prediction]:
     from carve.platform.engine import GenerationRequest, Sampling
     from carve.progress import stage
 
@@ -239,20 +292,33 @@ def _run(engine: "Engine", models: dict[str, str | None], settings: EvalSettings
             for plan in plans:
                 built = prompts[(k, plan.suite.task)]
                 sampling = Sampling(max_new_tokens=plan.max_new_tokens, temperature=0.0, seed=0, stop=stops)
+                keys = {(i, label): Journal.key(identities[label], built[i].text, plan.max_new_tokens) for i in range(len(built)) for label in labels}
+                reused = [(i, label) for (i, label), key in keys.items() if key in journal.done]
+                predictions += [_relabelled(journal.done[keys[row]], plan.examples[row[0]], row[1], k) for row in reused]
+                progress.resumed(len(reused))
                 # Similar lengths together waste less padding; the fixed order keeps runs identical.
                 order = sorted(range(len(built)), key=lambda i: (built[i].prompt_tokens, i))
                 for start in range(0, len(order), settings.batch_size):
-                    batch = order[start : start + settings.batch_size]
-                    requests = [GenerationRequest.single(built[i].text, models[label], sampling) for i in batch for label in labels]
-                    completions = iter(engine.generate(requests))
-                    for i in batch:
-                        for label in labels:
-                            predictions.append(_scored(plan.examples[i], label, k, built[i], next(completions)))
+                    rows = [(i, label) for i in order[start : start + settings.batch_size] for label in labels if keys[(i, label)] not in journal.done]
+                    if not rows:
+                        continue
+                    requests = [GenerationRequest.single(built[i].text, models[label], sampling) for i, label in rows]
+                    made = [_scored(plan.examples[i], label, k, built[i], c) for (i, label), c in zip(rows, engine.generate(requests))]
+                    journal.append([(keys[row], p) for row, p in zip(rows, made)])
+                    predictions += made
                     progress.advance(len(requests), note=f"k={k} {plan.suite.task}")
     flat = [(plan.suite.task, e.id) for plan in plans for e in plan.examples]
     position = {key: n for n, key in enumerate(flat)}  # suite order, whatever the batch order was
     predictions.sort(key=lambda p: (settings.shots.index(p.k), position[(p.task, p.id)], labels.index(p.model)))
     return predictions
+
+
+def _relabelled(prediction: Prediction, example: EvalExample, label: str, k: int) -> Prediction:
+    """A journaled prediction under this run's label, rescored (the answers may have been corrected since)."""
+    f1, rouge = score_prediction(prediction.prediction, example.answers)
+    return prediction.model_copy(
+        update={"task": example.task, "id": example.id, "model": label, "k": k, "answers": list(example.answers), "f1": round(100 * f1, 4), "rouge_l": round(100 * rouge, 4)}
+    )
 
 
 def _scored(example: EvalExample, label: str, k: int, prompt: BuiltPrompt, completion: Any) -> Prediction:
