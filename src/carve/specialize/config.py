@@ -2,10 +2,11 @@
 
 ``paper`` is the paper's appendix B (5K examples, k=5, LoRA r=8/alpha=16,
 lr 3e-4, batch 32, 3 epochs). ``quick`` is sized for a 2-core CPU and SmolLM2-135M
-(about 50 tokens/s batched, 2 s per 256-token training example on a quiet
-machine): about 110 kept pairs from 192-token list continuations of 16
-prompts at a time, k=3 documents clipped to 80 words, 48-token responses, one
-epoch at max length 256 with an effective batch of 8 (so that about 14
+(about 28 tokens/s at a batch of 16 on one core, 3 s per training example):
+60 kept pairs from 192-token list continuations of 16 prompts at a time
+(about 4 batches), which with the ~80 seeds that fit 256 tokens make ~140
+training examples, k=3 documents clipped to 80 words, 48-token responses, one
+epoch at max length 256 with an effective batch of 8 (so that about 18
 optimizer steps happen at all) at lr 1e-3 (3e-4 barely moved the loss in
 those few steps).
 
@@ -107,7 +108,7 @@ class RunConfig(BaseModel):
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
-        "num_instructions": 110,
+        "num_instructions": 60,
         "require_input": False,
         "instruction_temperature": 0.7,
         "instruction_top_p": 0.9,
