@@ -63,10 +63,10 @@ PROMPTS = [
 
 
 def find_run(runs: Path, tag: str) -> Path | None:
-    """A finished specialization run for ``tag`` (its packaged adapter's card names the tag)."""
+    """The newest finished specialization run for ``tag`` (its packaged adapter's card names the tag)."""
     if not runs.is_dir():
         return None
-    for card in sorted(runs.glob("*/adapter/carve-card.json")):
+    for card in sorted(runs.glob("*/adapter/carve-card.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             if json.loads(card.read_text())["domain"]["tag"] == tag:
                 return card.parent.parent

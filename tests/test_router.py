@@ -106,11 +106,15 @@ def test_bm25_fallback_routes_by_shared_words(registry: Registry) -> None:
 
 
 def test_adapter_without_profile_is_profiled_from_its_card(registry: Registry, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
-    from carve.router.profiles import adapter_texts
+    from carve.router.profiles import MAX_INPUT_CHARS, adapter_texts, example_text
 
     record = registry.get("bio")
     texts, where = adapter_texts(record)
-    assert where == "profile" and len(texts) == len(seed_profile("biomedical"))
+    seeds = seed_profile("biomedical")
+    assert where == "profile" and len(texts) == len(seeds) + sum(bool(s["input"].strip()) for s in seeds)
+    with_input = next(s for s in seeds if s["input"].strip())
+    assert example_text(with_input["instruction"], with_input["input"]) in texts
+    assert with_input["input"].strip()[:MAX_INPUT_CHARS] in texts  # requests may carry the content alone
     bare = record.model_copy(update={"path": tmp_path, "card": {"domain": {"name": "legal", "description": "contracts and case law"}}, "tags": ["legal"]})
     assert adapter_texts(bare) == (["legal contracts and case law legal"], "card")
 

@@ -45,7 +45,12 @@ def example_text(instruction: str, input: str = "") -> str:
 
 
 def read_profile_texts(path: Path) -> list[str]:
-    """The example texts of a carve-profile.jsonl; ProfileError naming the line of a bad record."""
+    """The example texts of a carve-profile.jsonl; ProfileError naming the line of a bad record.
+
+    An example with an input gives two texts: the instruction with its input,
+    and the input alone, because many requests carry only the content (a
+    sentence to classify, an abstract) and no statement of the task.
+    """
     texts: list[str] = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -57,6 +62,8 @@ def read_profile_texts(path: Path) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(record.get("input", ""), str):
             raise ProfileError(f"{path} line {number}: expected an object with string fields 'instruction' and 'input'")
         texts.append(example_text(record["instruction"], record.get("input", "")))
+        if record.get("input", "").strip():
+            texts.append(record["input"].strip()[:MAX_INPUT_CHARS])
     return texts
 
 
