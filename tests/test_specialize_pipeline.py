@@ -89,7 +89,7 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
 
     train = result["counts"]["training"]
     responses_counts = result["counts"]["responses"]
-    assert set(responses_counts["removed"]) == {"empty", "repetitive"}
+    assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo"}
     assert responses_counts["seed_examples"] == len(SEEDS)
     assert train["examples"] == responses_counts["kept"] + responses_counts["seed_examples"] - train["skipped_too_long"]
     assert train["steps"] == 2 * -(-train["examples"] // 4)

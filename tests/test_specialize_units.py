@@ -139,6 +139,10 @@ def test_degenerate_responses() -> None:
     entities = "C9 deficiency <Disease>, breast cancer <Disease>, ataxia telangiectasia <Disease>, Wilms tumour <Disease>"
     assert degenerate_response(entities) is None
     assert degenerate_response("Yes") is None
+    sentence = "The gene encoding the enzyme of the malaria parasite has been identified."
+    assert degenerate_response(sentence, sentence, "")[0] == "echo"
+    assert degenerate_response("It restates: " + sentence, "Summarize.", sentence)[0] == "echo"
+    assert degenerate_response("BRCA1 <Gene>", "Tag the genes.", "Expression of BRCA1 rose in tumours of the breast.") is None
 
 
 def test_fluency_limit_is_the_least_fluent_seed_plus_margin() -> None:

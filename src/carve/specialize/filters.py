@@ -7,7 +7,8 @@ audio..., which a text model cannot give), ``disfluent`` (less likely under the
 base model than every seed by a margin: see carve.specialize.fluency; only when
 a scorer is given), ``near_duplicate`` (ROUGE-L F >= 0.7 with an instruction
 already kept, seeds included). Responses get their own check,
-:func:`degenerate_response` (empty, or looping on the same phrase). ROUGE-L follows
+:func:`degenerate_response` (empty, looping on the same phrase, or a copy
+of its own instruction or input). ROUGE-L follows
 rouge-score's tokenisation (lower-cased alphanumeric words, Porter stemming
 off) with a longest-common-subsequence computed here, skipped when the two
 lengths alone rule out the threshold: the paper profile compares 5 000
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 FILTERS = ("malformed", "length", "not_text", "disfluent", "near_duplicate")
-RESPONSE_FILTERS = ("empty", "repetitive")
+RESPONSE_FILTERS = ("empty", "repetitive", "echo")
 
 # self-instruct's list of things a text-only model cannot do
 NOT_TEXT_WORDS = (
@@ -130,12 +131,17 @@ def seed_index(instructions: Iterable[str], threshold: float) -> DuplicateIndex:
     return index
 
 
-def degenerate_response(text: str, n: int = 4, min_distinct: float = 0.5) -> tuple[str, str] | None:
+def degenerate_response(text: str, instruction: str = "", input: str = "", n: int = 4, min_distinct: float = 0.5, echo_threshold: float = 0.7) -> tuple[str, str] | None:
     """Why a response is unfit for training, as (filter, reason); None when it is usable.
 
     ``repetitive``: fewer than ``min_distinct`` of its word n-grams are distinct
     (a small model stuck in a loop: "The correct answer is: The correct answer is: ...").
     Lists of different entities sharing a type tag stay distinct, so they pass.
+    ``echo``: ROUGE-L >= ``echo_threshold`` with its own instruction or input: the
+    model restated the task instead of doing it, and training on that teaches
+    the adapter to copy (SmolLM2's quick run: "The gene X has been identified."
+    answered by the same sentence). An extracted span is far shorter than the
+    text it comes from, so extraction answers stay below the threshold.
     """
     tokens = rouge_tokens(text)
     if not text.strip():
@@ -145,4 +151,8 @@ def degenerate_response(text: str, n: int = 4, min_distinct: float = 0.5) -> tup
         distinct = len(set(grams)) / len(grams)
         if distinct < min_distinct:
             return "repetitive", f"only {distinct:.0%} of its {n}-word phrases are distinct"
+    for name, source in (("instruction", instruction), ("input", input)):
+        score = rouge_l(tokens, rouge_tokens(source))
+        if score >= echo_threshold:
+            return "echo", f"ROUGE-L {score:.2f} with its own {name}"
     return None

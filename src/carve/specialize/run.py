@@ -137,7 +137,7 @@ def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_
     removed = {name: 0 for name in RESPONSE_FILTERS}
     kept = []
     for response in responses:
-        verdict = degenerate_response(response["output"])
+        verdict = degenerate_response(response["output"], response["instruction"], response["input"])
         if verdict is None:
             kept.append(response)
         else:
