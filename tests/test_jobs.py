@@ -62,6 +62,7 @@ class PreseededLauncher:
 
     def __init__(self, inner: Any):
         self.inner = inner
+        self.background = inner.background
 
     def launch(self, root: Path, job_id: str, settings: Any) -> None:
         from carve.jobs.store import JobStore
@@ -228,3 +229,59 @@ def test_job_lifecycle_on_ray_cancel_and_restart(tiny_model_dir: Path, tmp_path:
 
     engine, _, _ = open_engine(str(tiny_model_dir), [("tinybio", record.path)])
     assert engine.generate([GenerationRequest.single("The patient", "tinybio", Sampling(max_new_tokens=2))])[0].token_ids
+
+
+def test_job_outlives_the_replica_that_launched_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A gateway replica launches a job and dies: the job runs on to success, once, and its actor then goes away."""
+    import ray
+
+    from carve.jobs.service import RayLauncher
+
+    @ray.remote(num_cpus=0)
+    class Replica:  # stands for the HTTP replica: the launcher lives (and dies) in it
+        def launch(self, root: str, job_id: str, settings: Any) -> None:
+            from carve.jobs.service import RayLauncher
+
+            self.launcher = RayLauncher()
+            self.launcher.launch(Path(root), job_id, settings)
+
+    class ThroughReplica:
+        background = True
+
+        def __init__(self) -> None:
+            self.replica = Replica.remote()
+
+        def launch(self, root: Path, job_id: str, settings: Any) -> None:
+            if self.replica is None:  # the replica is gone: its successor launches (a no-op while the job's actor lives)
+                RayLauncher().launch(root, job_id, settings)
+                return
+            preseed_generations(JobStore(root).get(job_id))
+            ray.get(self.replica.launch.remote(str(root), job_id, settings))
+
+        def kill_replica(self) -> None:
+            ray.kill(self.replica)
+            self.replica = None
+
+        def cancel(self, job_id: str) -> None:
+            raise AssertionError("not cancelled in this test")
+
+        def crashed(self) -> dict[str, str]:
+            return {}
+
+    root = tmp_path / "registry"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        launcher = ThroughReplica()
+        service = JobService(root, str(tiny_model_dir), launcher, FAST)
+        job = service.submit(request("tinybio"))
+        wait_for(service, job.id, lambda j: j.status == "running" and j.stage not in ("queued", "starting"))
+        launcher.kill_replica()  # Serve would now start a new replica; the job must not notice
+        done = wait_for(service, job.id, lambda j: j.status not in ("queued", "running"))
+        assert done.status == "succeeded", done.error
+        assert done.attempt == 1  # never restarted: it ran through
+        deadline = time.monotonic() + 30
+        while RayLauncher()._live_actor(job.id) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert RayLauncher()._live_actor(job.id) is None  # the actor removed itself
+    finally:
+        ray.shutdown()

@@ -166,6 +166,26 @@ def _unregister(root: Path, record: Any) -> None:
         pass
 
 
-def ray_entry(root: str, job_id: str, heartbeat_s: float, stale_after_s: float) -> str:
-    """The body of the Ray task (a module-level function, so Ray pickles it by reference)."""
-    return execute_job(Path(root), job_id, heartbeat_s, stale_after_s)
+class JobActor:
+    """One job in a detached Ray actor: it outlives the HTTP replica that launched it.
+
+    A plain task is owned by its caller and dies with it, so a gateway replica
+    restarted by Serve would take every running job down with it. The actor
+    runs the job once, then removes itself a few seconds after returning, long
+    enough for a live launcher to collect the result and soon enough that no
+    idle actor keeps its reserved CPUs when the launcher is gone.
+    """
+
+    EXIT_AFTER_S = 3.0
+
+    def run(self, root: str, job_id: str, heartbeat_s: float, stale_after_s: float) -> str:
+        try:
+            return execute_job(Path(root), job_id, heartbeat_s, stale_after_s)
+        finally:
+            threading.Timer(self.EXIT_AFTER_S, _kill_current_actor).start()
+
+
+def _kill_current_actor() -> None:
+    import ray
+
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

@@ -3,10 +3,12 @@
 :class:`JobService` validates a submission completely (tag, domain, every seed
 line, corpus, settings, base model) before a job exists, stores its seed set
 and corpus in ``<registry>/jobs/<id>/``, records it, and hands it to a
-launcher: :class:`RayLauncher` runs it as a Ray task in the cluster (never
-inside an HTTP replica), :class:`InlineLauncher` in the calling thread
-(``carve submit`` without a server). On start, the service resumes the jobs a
-dead server left behind.
+launcher: :class:`RayLauncher` runs it in a detached Ray actor in the cluster
+(never inside an HTTP replica, and not owned by one: a replica's death does
+not stop it), :class:`InlineLauncher` in the calling thread (``carve submit``
+without a server). On start and on every look at the jobs, the service
+resumes the active jobs whose runner stopped beating (a dead node, a killed
+worker) until they run out of attempts.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class JobSettings(BaseModel):
 
 
 class Launcher(Protocol):
+    background: bool  # jobs run elsewhere (a stalled one may be relaunched while the service serves requests)
+
     def launch(self, root: Path, job_id: str, settings: JobSettings) -> None: ...
 
     def cancel(self, job_id: str) -> None: ...
@@ -58,27 +62,55 @@ class Launcher(Protocol):
 
 
 class RayLauncher:
-    """One Ray task per job (``num_cpus`` reserved, no automatic retry: resumption is the service's)."""
+    """One detached, named Ray actor per job (``num_cpus`` reserved, never restarted by Ray: resumption is the service's).
+
+    The name ``carve-job-<id>`` in namespace ``carve-jobs`` makes a launch
+    idempotent: a job whose actor is still alive (launched by a replica that
+    has since died) is left to it instead of being started twice.
+    """
+
+    NAMESPACE = "carve-jobs"
+    background = True
 
     def __init__(self) -> None:
         self.refs: dict[str, Any] = {}
 
+    @staticmethod
+    def actor_name(job_id: str) -> str:
+        return f"carve-job-{job_id}"
+
+    def _live_actor(self, job_id: str) -> Any:
+        import ray
+
+        try:
+            return ray.get_actor(self.actor_name(job_id), namespace=self.NAMESPACE)
+        except ValueError:  # no such (live) actor
+            return None
+
     def launch(self, root: Path, job_id: str, settings: JobSettings) -> None:
         import ray
 
-        from carve.jobs.runner import ray_entry
+        from carve.jobs.runner import JobActor
 
-        task = ray.remote(ray_entry).options(
-            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0, name=f"carve-specialize-{job_id}"
+        if self._live_actor(job_id) is not None:
+            return
+        actor = (
+            ray.remote(JobActor)
+            .options(
+                name=self.actor_name(job_id), namespace=self.NAMESPACE, lifetime="detached",
+                num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=0,
+            )
+            .remote()
         )
-        self.refs[job_id] = task.remote(str(root), job_id, settings.heartbeat_s, settings.stale_after_s)
+        self.refs[job_id] = actor.run.remote(str(root), job_id, settings.heartbeat_s, settings.stale_after_s)
 
     def cancel(self, job_id: str) -> None:
         import ray
 
-        ref = self.refs.pop(job_id, None)
-        if ref is not None:
-            ray.cancel(ref, force=True)  # kills the worker process: the job stops now, not at its next report
+        self.refs.pop(job_id, None)
+        actor = self._live_actor(job_id)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)  # kills the worker process: the job stops now, not at its next report
 
     def crashed(self) -> dict[str, str]:
         import ray
@@ -100,6 +132,8 @@ class RayLauncher:
 
 class InlineLauncher:
     """Runs the job in the calling thread, to its end (local mode)."""
+
+    background = False
 
     def launch(self, root: Path, job_id: str, settings: JobSettings) -> None:
         execute_job(root, job_id, settings.heartbeat_s, settings.stale_after_s)
@@ -213,9 +247,11 @@ class JobService:
         return job
 
     def refresh(self) -> None:
-        """Record as failed the jobs whose worker died under this service (an OOM kill, a lost node)."""
+        """Record the jobs whose worker died under this service (an OOM kill, a lost node), then resume stalled ones."""
         for job_id, error in self.launcher.crashed().items():
             self.store.fail(job_id, None, f"the job's worker died: {error}; resubmit, or restart the server to resume it")
+        if self.launcher.background:
+            self.recover()
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.5) -> JobRecord:
         """Poll until the job finishes or ``timeout_s`` passes; returns its last state."""
