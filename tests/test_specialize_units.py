@@ -201,7 +201,10 @@ def test_profiles() -> None:
     paper, quick = build_config("paper"), build_config("quick")
     assert (paper.num_instructions, paper.top_k, paper.training.epochs, paper.training.batch_size) == (5000, 5, 3, 32)
     assert (paper.instruction_top_p, paper.instruction_temperature, paper.training.learning_rate) == (0.98, 1.0, 3e-4)
-    assert paper.training.accumulation == 8 and quick.num_instructions >= 100
+    assert paper.training.accumulation == 8 and not paper.train_on_seeds and paper.fluency_margin is None
+    # quick: fewer synthetic pairs, the seeds train too (~140 examples), and the small-generator fixes
+    assert quick.num_instructions == 60 and quick.train_on_seeds and quick.fluency_margin == 0.0
+    assert (quick.instruction_temperature, quick.instruction_top_p) == (0.7, 0.9)
     assert build_config("quick", top_k=5, training={"epochs": 3}).training.epochs == 3
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         build_config("paper", training={"micro_batch_size": 5})
