@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 class RecordingLauncher:
     """Accepts jobs without running them (the run itself is tested in test_jobs.py): they stay queued."""
 
+    background = False  # never relaunched by the service: each launch is recorded once
+
     def __init__(self) -> None:
         self.launched: list[str] = []
 
