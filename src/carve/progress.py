@@ -67,10 +67,14 @@ class StageProgress:
         return f"[{self.stage}] {self.done}{total} {self.unit} ({self.rate:.2f}/s{left})"
 
     def resumed(self, n: int) -> None:
-        """Count ``n`` items an earlier attempt finished (shown as done, left out of the rate)."""
+        """Count ``n`` items an earlier attempt finished (shown as done, left out of the rate).
+
+        May be called mid-stage (an evaluation finds each task's journaled
+        answers as it reaches the task): the rate stays fresh items over the
+        whole elapsed time, never the resumed ones over a restarted clock.
+        """
         if n:
             self.resumed_items += n
-            self.started = time.monotonic()
             if self._bar is not None:  # restart rich's speed estimate from here
                 self._bar.reset(self._task, completed=self.done + n)
             self.done += n
