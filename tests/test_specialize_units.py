@@ -108,7 +108,7 @@ def test_filter_state_counts_each_filter() -> None:
         "9. Instruction: Which drug was given to the patients?\n9. Input: Aspirin again.\n"  # duplicate of 8
     )
     state.feed({"prompt": 0, "text": text, "finish_reason": "eos"}, "it1", limit=10)
-    assert state.counts == {"malformed": 1, "length": 1, "not_text": 1, "disfluent": 0, "near_duplicate": 2}
+    assert state.counts == {"malformed": 1, "length": 1, "not_text": 1, "near_duplicate": 2, "disfluent": 0}
     assert [k["instruction"] for k in state.kept] == ["Which drug was given to the patient?"]
     assert state.kept[0]["id"] == "it1-00000-4"
     lenient = FilterState(FilterSettings(), DuplicateIndex(0.7), require_input=False)
@@ -116,7 +116,7 @@ def test_filter_state_counts_each_filter() -> None:
     assert [(k["instruction"], k["input"]) for k in lenient.kept] == [("Summarize the abstract briefly.", "")]
 
 
-def test_disfluent_pairs_are_rejected_before_the_duplicate_check() -> None:
+def test_disfluent_pairs_are_rejected() -> None:
     # a scorer that finds text with a made-up word unlikely, standing in for the base model
     def scorer(texts: list[str]) -> list[float]:
         return [9.0 if "intranucleotide" in t else 3.0 for t in texts]

@@ -248,7 +248,7 @@ class Engine:
 
     def base_linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every linear module of the base, by module name."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         shapes: dict[str, tuple[int, int]] = {}
         for name, module in base.named_modules():
             if ".lora_" in name or name.endswith(".base_layer"):
@@ -372,7 +372,7 @@ class Engine:
             batch = _Batch.left_padded(rows, int(self.tokenizer.pad_token_id), _model_device(self.model), shared)
             multi = self._multi
             with multi.batch(batch.adapters) if multi is not None else contextlib.nullcontext():
-                yield from self._steps(requests, batch, peft_rows=multi is None, shared_ids=rows[0].ids[:shared])
+                yield from self._steps(requests, batch, peft_rows=multi is None)
 
     def _shared_prefix(self, rows: list[_Row]) -> int:
         """Tokens every row starts with that are worth prefilling once per adapter (0: none).
@@ -395,10 +395,11 @@ class Engine:
             length = n
         return length if length >= self.min_shared_prefix else 0
 
-    def _prefill(self, batch: "_Batch", cache: Any, peft_rows: bool, shared_ids: list[int]) -> "torch.Tensor":
+    def _prefill(self, batch: "_Batch", cache: Any, peft_rows: bool) -> "torch.Tensor":
         """The prompt forward pass: the shared prefix once per adapter, copied to every row, then each row's rest."""
         import torch
 
+        shared_ids = batch.shared_ids
         if shared_ids:
             distinct = list(dict.fromkeys(batch.adapters))
             ids = torch.tensor([shared_ids] * len(distinct), device=batch.input_ids.device)
@@ -415,7 +416,7 @@ class Engine:
         if self._multi is not None and not peft_rows:
             self._multi.set_rows(adapters)
 
-    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", peft_rows: bool, shared_ids: list[int]) -> Iterator[StreamEvent]:
+    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", peft_rows: bool) -> Iterator[StreamEvent]:
         """Prefill, then per step: combine each request's branches, pick, stream, drop finished rows."""
         import torch
 
@@ -424,7 +425,7 @@ class Engine:
         steps = [0] * len(requests)
         active = list(range(len(requests)))  # requests still decoding
         cache = _new_cache(self.model)
-        logits = self._prefill(batch, cache, peft_rows, shared_ids)
+        logits = self._prefill(batch, cache, peft_rows)
         while True:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             next_token: dict[int, int] = {}
@@ -487,6 +488,7 @@ class _Batch:
     adapters: list[str]
     row_request: list[int]
     rows_of: dict[int, list[int]]
+    shared_ids: list[int]  # the prompt prefix every row starts with, prefilled once per adapter ([] when none)
 
     @classmethod
     def left_padded(cls, rows: list[_Row], pad: int, device: Any, shared: int = 0) -> "_Batch":
@@ -499,7 +501,7 @@ class _Batch:
         attention = torch.tensor([[1] * shared + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests], device=device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         row_request = [r.request for r in rows]
-        return cls(input_ids, attention, positions, [r.adapter for r in rows], row_request, _rows_by_request(row_request))
+        return cls(input_ids, attention, positions, [r.adapter for r in rows], row_request, _rows_by_request(row_request), rows[0].ids[:shared])
 
     def keep(self, requests: list[int]) -> "torch.Tensor":
         """Keep only the rows of ``requests``; returns the kept row indices."""
@@ -547,9 +549,13 @@ def _generator(seed: int | None) -> "torch.Generator":
     return generator
 
 
+def base_model(model: Any) -> Any:
+    """The causal LM under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _has_sliding_window(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+    config = base_model(model).config
     config = getattr(config, "text_config", None) or config
     return bool(getattr(config, "sliding_window", None)) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
 
@@ -561,5 +567,4 @@ def _model_device(model: Any) -> "torch.device":
 def _new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return DynamicCache(config=base.config)
+    return DynamicCache(config=base_model(model).config)

@@ -225,7 +225,9 @@ def _check(engine: "Engine", models: dict[str, str | None], settings: EvalSettin
 
 def context_window(engine: "Engine", cap: int) -> int:
     """The model's maximum positions, capped (long prompts are slow on a CPU)."""
-    model = engine.model.get_base_model() if hasattr(engine.model, "get_base_model") else engine.model
+    from carve.platform.engine import base_model
+
+    model = base_model(engine.model)
     positions = getattr(model.config, "max_position_embeddings", None) or cap
     return min(int(positions), cap)
 
@@ -294,7 +296,9 @@ def _run(
                 sampling = Sampling(max_new_tokens=plan.max_new_tokens, temperature=0.0, seed=0, stop=stops)
                 keys = {(i, label): Journal.key(identities[label], built[i].text, plan.max_new_tokens) for i in range(len(built)) for label in labels}
                 reused = [(i, label) for (i, label), key in keys.items() if key in journal.done]
-                predictions += [_relabelled(journal.done[keys[row]], plan.examples[row[0]], row[1], k) for row in reused]
+                for i, label in reused:  # rescored: the gold answers may have been corrected since
+                    saved = journal.done[keys[(i, label)]]
+                    predictions.append(_scored(plan.examples[i], label, k, built[i], saved.prediction, saved.finish_reason))
                 progress.resumed(len(reused))
                 # Similar lengths together waste less padding; the fixed order keeps runs identical.
                 order = sorted(range(len(built)), key=lambda i: (built[i].prompt_tokens, i))
@@ -303,7 +307,7 @@ def _run(
                     if not rows:
                         continue
                     requests = [GenerationRequest.single(built[i].text, models[label], sampling) for i, label in rows]
-                    made = [_scored(plan.examples[i], label, k, built[i], c) for (i, label), c in zip(rows, engine.generate(requests))]
+                    made = [_scored(plan.examples[i], label, k, built[i], c.text, c.finish_reason) for (i, label), c in zip(rows, engine.generate(requests))]
                     journal.append([(keys[row], p) for row, p in zip(rows, made)])
                     predictions += made
                     progress.advance(len(requests), note=f"k={k} {plan.suite.task}")
@@ -313,16 +317,8 @@ def _run(
     return predictions
 
 
-def _relabelled(prediction: Prediction, example: EvalExample, label: str, k: int) -> Prediction:
-    """A journaled prediction under this run's label, rescored (the answers may have been corrected since)."""
-    f1, rouge = score_prediction(prediction.prediction, example.answers)
-    return prediction.model_copy(
-        update={"task": example.task, "id": example.id, "model": label, "k": k, "answers": list(example.answers), "f1": round(100 * f1, 4), "rouge_l": round(100 * rouge, 4)}
-    )
-
-
-def _scored(example: EvalExample, label: str, k: int, prompt: BuiltPrompt, completion: Any) -> Prediction:
-    text = completion.text.strip()
+def _scored(example: EvalExample, label: str, k: int, prompt: BuiltPrompt, answer: str, finish_reason: str) -> Prediction:
+    text = answer.strip()
     f1, rouge = score_prediction(text, example.answers)
     return Prediction(
         task=example.task,
@@ -333,7 +329,7 @@ def _scored(example: EvalExample, label: str, k: int, prompt: BuiltPrompt, compl
         input_trimmed=prompt.input_trimmed,
         prompt_tokens=prompt.prompt_tokens,
         prediction=text,
-        finish_reason=completion.finish_reason,
+        finish_reason=finish_reason,
         answers=list(example.answers),
         f1=round(100 * f1, 4),
         rouge_l=round(100 * rouge, 4),

@@ -3,10 +3,10 @@
 A pair is checked in this order and rejected by the first filter it fails:
 ``malformed`` (the parser could not read it), ``length`` (instruction of too
 few or too many words, input too long), ``not_text`` (asks for images, files,
-audio..., which a text model cannot give), ``disfluent`` (less likely under the
-base model than every seed by a margin: see carve.specialize.fluency; only when
-a scorer is given), ``near_duplicate`` (ROUGE-L F >= 0.7 with an instruction
-already kept, seeds included). Responses get their own check,
+audio..., which a text model cannot give), ``near_duplicate`` (ROUGE-L F >= 0.7
+with an instruction already kept, seeds included), ``disfluent`` (less likely
+under the base model than every seed by a margin: see carve.specialize.fluency;
+only when a scorer is given; last, as the one check that runs the model). Responses get their own check,
 :func:`degenerate_response` (empty, looping on the same phrase, or a copy
 of its own instruction or input). ROUGE-L follows
 rouge-score's tokenisation (lower-cased alphanumeric words, Porter stemming
@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-FILTERS = ("malformed", "length", "not_text", "disfluent", "near_duplicate")
+FILTERS = ("malformed", "length", "not_text", "near_duplicate", "disfluent")
 RESPONSE_FILTERS = ("empty", "repetitive", "echo")
 
 # self-instruct's list of things a text-only model cannot do

@@ -14,6 +14,7 @@ which other texts were scored with it: a resumed run filters identically.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -44,10 +45,8 @@ def engine_scorer(engine: Any) -> Scorer:
 
     def score(texts: Sequence[str]) -> list[float]:
         model = engine.model
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                return mean_nll(model, engine.tokenizer, texts)
-        return mean_nll(model, engine.tokenizer, texts)
+        with engine.lock, model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            return mean_nll(model, engine.tokenizer, texts)
 
     return score
 

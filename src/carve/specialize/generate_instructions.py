@@ -69,15 +69,15 @@ class FilterState:
             record = {"id": f"{prefix}-{generation['prompt']:05d}-{position}", "instruction": item.instruction, "input": item.input, "prompt": generation["prompt"]}
             problem = None if item.problem == NO_INPUT_LINE and not self.require_input else item.problem
             verdict: tuple[str, str] | None = ("malformed", problem) if problem else check_pair(item.instruction, item.input, self.settings)
-            if verdict is None and self.fluency is not None:
-                scorer, limit = self.fluency
-                nll = scorer([pair_text(item.instruction, item.input)])[0]
-                if nll > limit:
-                    verdict = ("disfluent", f"mean NLL {nll:.2f} > {limit:.2f} (least fluent seed + margin)")
             if verdict is None:
                 score, other = self.duplicates.most_similar(item.instruction)
                 if other >= 0:
                     verdict = ("near_duplicate", f"ROUGE-L {score:.2f} with a kept instruction (#{other})")
+            if verdict is None and self.fluency is not None:  # last: the only check that runs the model
+                scorer, limit = self.fluency
+                nll = scorer([pair_text(item.instruction, item.input)])[0]
+                if nll > limit:
+                    verdict = ("disfluent", f"mean NLL {nll:.2f} > {limit:.2f} (least fluent seed + margin)")
             if verdict is not None:
                 self.counts[verdict[0]] += 1
                 self.rejected.append({**record, "filter": verdict[0], "reason": verdict[1]})
