@@ -87,8 +87,16 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     assert [r["id"] for r in responses] == [k["id"] for k in kept]
     assert all(r["rule"] == "mixture" and r["branches"] == 3 for r in responses)
 
+    training_set = read_jsonl(out / "training_set.jsonl")
+    dropped = read_jsonl(out / "rejected_responses.jsonl")
+    synthetic = [r for r in training_set if r["source"] == "synthetic"]
+    assert len(synthetic) + len(dropped) == len(responses)
+    assert [r["source"] for r in training_set[len(synthetic):]] == ["seed"] * len(SEEDS)
+    assert all(r["filter"] in {"empty", "repetitive", "echo"} and r["reason"] for r in dropped)
+
     train = result["counts"]["training"]
     responses_counts = result["counts"]["responses"]
+    assert responses_counts["kept"] == len(synthetic)
     assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo"}
     assert responses_counts["seed_examples"] == len(SEEDS)
     assert train["examples"] == responses_counts["kept"] + responses_counts["seed_examples"] - train["skipped_too_long"]
@@ -110,8 +118,10 @@ def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict
     out, result = finished_run
     print_summary(result, out)
     shown = capsys.readouterr().out
-    for expected in ("instructions_iter2", "near_duplicate", "training", "total", "Instruction:", str(out / "adapter")):
+    for expected in ("instructions_iter2", "near_duplicate", "training", "total", "generated examples passed every filter", str(out / "adapter")):
         assert expected in shown
+    synthetic = [r for r in read_jsonl(out / "training_set.jsonl") if r["source"] == "synthetic"]
+    assert ("Instruction: " + synthetic[0]["instruction"][:20] in shown) if synthetic else ("0 generated examples" in shown)
 
 
 def test_packaged_adapter_and_card(finished_run: tuple[Path, dict], tiny_model_dir: Path) -> None:

@@ -8,6 +8,8 @@ Layout of a run folder::
     filter_counts.json    what each filter removed
     retrieval.jsonl       top-k documents, BM25 scores and p_ret per instruction (stage 2)
     responses.jsonl       one response per instruction (stage 3)
+    training_set.jsonl    what training sees: kept responses and, if asked, the seeds, each with its source;
+                          rejected_responses.jsonl with the response filter and reason
     train/                checkpoints/ and final/ (stage 4)
     iter2/                the same for the second iteration (stage 5, --iterations 2)
     adapter/              the packaged PEFT adapter with carve-card.json (stage 6)
@@ -28,12 +30,14 @@ from typing import Any, Callable
 from carve.specialize.config import RunConfig
 from carve.specialize.retrieval import Corpus, load_corpus
 from carve.specialize.seeds import SeedSet, load_seed_set
-from carve.specialize.store import write_atomic
+from carve.specialize.store import write_atomic, write_jsonl_atomic
 
 MANIFEST = "run.json"
 ITERATION_2 = "iter2"
 ADAPTER = "adapter"
 SPECIALIZED = "specialized"
+TRAINING_SET = "training_set.jsonl"
+REJECTED_RESPONSES = "rejected_responses.jsonl"
 
 
 class RunError(ValueError):
@@ -130,20 +134,31 @@ class Manifest:
         return result
 
 
-def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_seeds: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The usable synthetic examples (degenerate responses removed, counted per filter), then the seeds if asked."""
+def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_seeds: bool, folder: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The usable synthetic examples (degenerate responses removed, counted per filter), then the seeds if asked.
+
+    Writes what training will see to ``training_set.jsonl`` (each example with
+    its ``source``) and the removed responses with the filter and reason to
+    ``rejected_responses.jsonl``: the run folder shows exactly what the adapter
+    learned from, not only the raw generations.
+    """
     from carve.specialize.filters import RESPONSE_FILTERS, degenerate_response
 
     removed = {name: 0 for name in RESPONSE_FILTERS}
-    kept = []
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
     for response in responses:
         verdict = degenerate_response(response["output"], response["instruction"], response["input"])
+        example = {"id": response["id"], "source": "synthetic", "instruction": response["instruction"], "input": response["input"], "output": response["output"]}
         if verdict is None:
-            kept.append(response)
+            kept.append(example)
         else:
             removed[verdict[0]] += 1
+            rejected.append({**example, "filter": verdict[0], "reason": verdict[1]})
     if with_seeds:
-        kept += [{"instruction": s.instruction, "input": s.input, "output": s.output} for s in seed_set.seeds]
+        kept += [{"id": f"seed-{n}", "source": "seed", "instruction": s.instruction, "input": s.input, "output": s.output} for n, s in enumerate(seed_set.seeds)]
+    write_jsonl_atomic(folder / TRAINING_SET, kept)
+    write_jsonl_atomic(folder / REJECTED_RESPONSES, rejected)
     return kept, removed
 
 
@@ -183,7 +198,7 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
         lambda: generate_responses(engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})"),
     )
     ordered = [responses.items[item["id"]] for item in made.kept]
-    examples, removed = _training_examples(ordered, inputs.seed_set, config.train_on_seeds)
+    examples, removed = _training_examples(ordered, inputs.seed_set, config.train_on_seeds, folder)
     manifest.data["counts"][f"responses{suffix}"] = {
         "generated": len(ordered), "removed": removed, "kept": len(ordered) - sum(removed.values()),
         "seed_examples": len(inputs.seed_set.seeds) if config.train_on_seeds else 0, "generated_tokens": sum(r["tokens"] for r in ordered),

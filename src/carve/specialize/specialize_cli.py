@@ -63,6 +63,7 @@ def print_summary(result: dict[str, Any], out: Path, examples: int = 3) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from carve.specialize.run import TRAINING_SET
     from carve.specialize.store import read_jsonl
 
     console = Console()
@@ -82,9 +83,11 @@ def print_summary(result: dict[str, Any], out: Path, examples: int = 3) -> None:
         timings.add_row(name, f"{seconds:.1f}")
     timings.add_row("total", f"{sum(result['timings_s'].values()):.1f}")
     console.print(timings)
-    responses = out / "responses.jsonl"
-    if responses.is_file():
-        for record in read_jsonl(responses)[:examples]:
+    training_set = out / TRAINING_SET
+    if training_set.is_file():
+        synthetic = [r for r in read_jsonl(training_set) if r["source"] == "synthetic"]
+        console.print(f"[bold]{len(synthetic)} generated examples passed every filter[/bold]" + (", the first ones:" if synthetic else ""))
+        for record in synthetic[:examples]:
             console.print(f"[bold]Instruction:[/bold] {record['instruction']}")
             if record["input"]:
                 console.print(f"[bold]Input:[/bold] {record['input'][:300]}")
