@@ -18,6 +18,7 @@ import pytest
 from specialize_tiny import FRESH_ITEMS, SEEDS, write_corpus, write_generations, write_seed_set
 
 from carve.specialize.config import build_config
+from carve.specialize.filters import RESPONSE_FILTERS
 from carve.specialize.run import ITERATION_2, Manifest, RunError, prepare, run_specialization
 from carve.specialize.store import read_jsonl
 
@@ -92,12 +93,12 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     synthetic = [r for r in training_set if r["source"] == "synthetic"]
     assert len(synthetic) + len(dropped) == len(responses)
     assert [r["source"] for r in training_set[len(synthetic):]] == ["seed"] * len(SEEDS)
-    assert all(r["filter"] in {"empty", "repetitive", "echo"} and r["reason"] for r in dropped)
+    assert all(r["filter"] in RESPONSE_FILTERS and r["reason"] for r in dropped)
 
     train = result["counts"]["training"]
     responses_counts = result["counts"]["responses"]
     assert responses_counts["kept"] == len(synthetic)
-    assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo"}
+    assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo", "copied"}
     assert responses_counts["seed_examples"] == len(SEEDS)
     assert train["examples"] == responses_counts["kept"] + responses_counts["seed_examples"] - train["skipped_too_long"]
     assert train["steps"] == 2 * -(-train["examples"] // 4)

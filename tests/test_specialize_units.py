@@ -145,6 +145,20 @@ def test_degenerate_responses() -> None:
     assert degenerate_response("BRCA1 <Gene>", "Tag the genes.", "Expression of BRCA1 rose in tumours of the breast.") is None
 
 
+def test_response_read_out_of_a_retrieved_document_is_copied() -> None:
+    document = (
+        "Short-term memory and sentence comprehension. The relationship between short-term memory impairment and "
+        "sentence comprehension is explored in a right-handed patient with a focal temporoparietal lesion of the right hemisphere."
+    )
+    read_out = "The relationship between short-term memory impairment and sentence comprehension is explored in a right-handed patient"
+    verdict = degenerate_response(read_out, "Split the sentence into two sentences.", "", ["An unrelated abstract about kidneys.", document])
+    assert verdict is not None and verdict[0] == "copied" and "document 2" in verdict[1]
+    # an answer drawn from the document but short, or long and in its own words, is kept
+    assert degenerate_response("a focal temporoparietal lesion", "Where is the lesion?", "", [document]) is None
+    own_words = "The patient had a lesion on the right side of the brain, which impaired memory and, through it, how well long sentences were understood."
+    assert degenerate_response(own_words, "Summarize the case.", "", [document]) is None
+
+
 def test_fluency_limit_is_the_least_fluent_seed_plus_margin() -> None:
     assert fluency_limit([3.0, 4.5, math.inf], 0.5) == 5.0
     with pytest.raises(ValueError):

@@ -7,8 +7,8 @@ audio..., which a text model cannot give), ``near_duplicate`` (ROUGE-L F >= 0.7
 with an instruction already kept, seeds included), ``disfluent`` (less likely
 under the base model than every seed by a margin: see carve.specialize.fluency;
 only when a scorer is given; last, as the one check that runs the model). Responses get their own check,
-:func:`degenerate_response` (empty, looping on the same phrase, or a copy
-of its own instruction or input). ROUGE-L follows
+:func:`degenerate_response` (empty, looping on the same phrase, a restatement
+of its own instruction or input, or a passage copied from a retrieved document). ROUGE-L follows
 rouge-score's tokenisation (lower-cased alphanumeric words, Porter stemming
 off) with a longest-common-subsequence computed here, skipped when the two
 lengths alone rule out the threshold: the paper profile compares 5 000
@@ -20,10 +20,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 FILTERS = ("malformed", "length", "not_text", "near_duplicate", "disfluent")
-RESPONSE_FILTERS = ("empty", "repetitive", "echo")
+RESPONSE_FILTERS = ("empty", "repetitive", "echo", "copied")
 
 # self-instruct's list of things a text-only model cannot do
 NOT_TEXT_WORDS = (
@@ -131,7 +131,17 @@ def seed_index(instructions: Iterable[str], threshold: float) -> DuplicateIndex:
     return index
 
 
-def degenerate_response(text: str, instruction: str = "", input: str = "", n: int = 4, min_distinct: float = 0.5, echo_threshold: float = 0.7) -> tuple[str, str] | None:
+def degenerate_response(
+    text: str,
+    instruction: str = "",
+    input: str = "",
+    documents: Sequence[str] = (),
+    n: int = 4,
+    min_distinct: float = 0.5,
+    echo_threshold: float = 0.7,
+    copy_words: int = 12,
+    copy_share: float = 0.8,
+) -> tuple[str, str] | None:
     """Why a response is unfit for training, as (filter, reason); None when it is usable.
 
     ``repetitive``: fewer than ``min_distinct`` of its word n-grams are distinct
@@ -142,6 +152,11 @@ def degenerate_response(text: str, instruction: str = "", input: str = "", n: in
     the adapter to copy (SmolLM2's quick run: "The gene X has been identified."
     answered by the same sentence). An extracted span is far shorter than the
     text it comes from, so extraction answers stay below the threshold.
+    ``copied``: at least ``copy_words`` words, ``copy_share`` of them a
+    subsequence of one document the prompt showed: the model read the passage
+    out instead of answering ("Split the sentence..." answered by the first
+    lines of the retrieved abstract). A short extracted answer is not long
+    enough to count.
     """
     tokens = rouge_tokens(text)
     if not text.strip():
@@ -155,4 +170,9 @@ def degenerate_response(text: str, instruction: str = "", input: str = "", n: in
         score = rouge_l(tokens, rouge_tokens(source))
         if score >= echo_threshold:
             return "echo", f"ROUGE-L {score:.2f} with its own {name}"
+    if len(tokens) >= copy_words:
+        for number, document in enumerate(documents, start=1):
+            share = _lcs(tokens, rouge_tokens(document)) / len(tokens)
+            if share >= copy_share:
+                return "copied", f"{share:.0%} of its words copied in order from retrieved document {number}"
     return None

@@ -80,15 +80,28 @@ def build_request(
         text = documents[doc_id].passage(config.document_words) if doc_id is not None else None
         return response_prompt(domain, item["instruction"], item["input"], text, tokenizer, config.prompt_style)
 
-    doc_ids = list(hit["docs"]) if hit is not None and config.retrieval != "none" else []
+    doc_ids = shown_document_ids(config, hit, contrast_adapter is not None)
     if contrast_adapter is not None:
         shown = prompt(doc_ids[0] if doc_ids else None)
         return GenerationRequest((Branch(shown, contrast_adapter), Branch(shown, None)), "contrast", sampling)
-    if config.retrieval == "marginal" and len(doc_ids) > 1:
+    if len(doc_ids) > 1:
         weights = hit["weights"]  # type: ignore[index]
         branches = tuple(Branch(prompt(d), None, max(w, 1e-30)) for d, w in zip(doc_ids, weights))
         return GenerationRequest(branches, "mixture", sampling)
     return GenerationRequest.single(prompt(doc_ids[0] if doc_ids else None), None, sampling)
+
+
+def shown_document_ids(config: RunConfig, hit: dict[str, Any] | None, contrast: bool = False) -> list[str]:
+    """The documents a response's prompts show: all k when marginalizing, else the best one, or none."""
+    if hit is None or config.retrieval == "none":
+        return []
+    doc_ids = list(hit["docs"])
+    return doc_ids if config.retrieval == "marginal" and not contrast else doc_ids[:1]
+
+
+def shown_passages(config: RunConfig, hit: dict[str, Any] | None, documents: dict[str, Any], contrast: bool = False) -> list[str]:
+    """The passages themselves, as the prompts showed them (the response filters compare against them)."""
+    return [documents[d].passage(config.document_words) for d in shown_document_ids(config, hit, contrast)]
 
 
 def generate_responses(
@@ -104,7 +117,7 @@ def generate_responses(
 ) -> JsonlStore:
     """One response per instruction, batched ``response_batch`` requests at a time; resumes by id."""
     store = JsonlStore(folder / RESPONSES)
-    documents = {d.id: d for d in corpus.documents} if corpus is not None else {}
+    documents = corpus.by_id() if corpus is not None else {}
     missing = [item for item in instructions if item["id"] not in store]
     with stage(label, len(instructions), "responses") as progress:
         progress.resumed(len(instructions) - len(missing))

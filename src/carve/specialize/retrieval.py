@@ -64,6 +64,9 @@ class Corpus:
     documents: list[Document]
     content_hash: str
 
+    def by_id(self) -> dict[str, Document]:
+        return {d.id: d for d in self.documents}
+
 
 def load_corpus(path: Path) -> Corpus:
     """Read and validate the whole corpus; CorpusError lists every bad line."""

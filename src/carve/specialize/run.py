@@ -134,8 +134,12 @@ class Manifest:
         return result
 
 
-def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_seeds: bool, folder: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _training_examples(
+    responses: list[dict[str, Any]], passages: dict[str, list[str]], seed_set: SeedSet, with_seeds: bool, folder: Path
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The usable synthetic examples (degenerate responses removed, counted per filter), then the seeds if asked.
+
+    ``passages`` holds, per response id, the documents its prompts showed.
 
     Writes what training will see to ``training_set.jsonl`` (each example with
     its ``source``) and the removed responses with the filter and reason to
@@ -148,7 +152,7 @@ def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for response in responses:
-        verdict = degenerate_response(response["output"], response["instruction"], response["input"])
+        verdict = degenerate_response(response["output"], response["instruction"], response["input"], passages.get(response["id"], ()))
         example = {"id": response["id"], "source": "synthetic", "instruction": response["instruction"], "input": response["input"], "output": response["output"]}
         if verdict is None:
             kept.append(example)
@@ -165,7 +169,7 @@ def _training_examples(responses: list[dict[str, Any]], seed_set: SeedSet, with_
 def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, number: int, init_adapter: Path | None) -> Path:
     """Stages 1-4 of one iteration in ``folder``; returns the trained adapter folder."""
     from carve.specialize.generate_instructions import generate_instructions
-    from carve.specialize.responses import generate_responses, retrieve
+    from carve.specialize.responses import generate_responses, retrieve, shown_passages
     from carve.specialize.retrieval import BM25Index
     from carve.specialize.store import read_jsonl
     from carve.specialize.training import train_lora
@@ -198,7 +202,9 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
         lambda: generate_responses(engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})"),
     )
     ordered = [responses.items[item["id"]] for item in made.kept]
-    examples, removed = _training_examples(ordered, inputs.seed_set, config.train_on_seeds, folder)
+    documents = inputs.corpus.by_id() if inputs.corpus is not None else {}
+    passages = {r["id"]: shown_passages(config, hits.items.get(r["id"]) if hits is not None else None, documents, contrast is not None) for r in ordered}
+    examples, removed = _training_examples(ordered, passages, inputs.seed_set, config.train_on_seeds, folder)
     manifest.data["counts"][f"responses{suffix}"] = {
         "generated": len(ordered), "removed": removed, "kept": len(ordered) - sum(removed.values()),
         "seed_examples": len(inputs.seed_set.seeds) if config.train_on_seeds else 0, "generated_tokens": sum(r["tokens"] for r in ordered),
