@@ -63,6 +63,21 @@ def test_parser_reads_items_and_reports_malformed_ones() -> None:
     assert len(off_format) == 1 and off_format[0].problem is None
 
 
+def test_first_item_only_stops_at_the_next_item_and_parses_what_is_left(tmp_path: Path) -> None:
+    from carve.specialize.generate_instructions import _request
+    from carve.specialize.prompts import NEXT_ITEM
+    from carve.specialize.seeds import load_seed_set
+
+    seeds = load_seed_set(write_seed_set(tmp_path / "seeds"))
+    paper, _ = _request(build_config("paper"), seeds, None, 0, 1, None)
+    quick, _ = _request(build_config("quick"), seeds, None, 0, 1, None)
+    assert paper.sampling.stop == () and quick.sampling.stop == (NEXT_ITEM,)
+    # the engine cuts "...\n5. Instruction:" before the stop string, leaving the next item's number
+    for left in (" Name the drug.\n4. Input: Aspirin was given.\n5", " Name the drug.\n5. Input: Aspirin was given.\n 12 "):
+        items = parse_task_list(left)
+        assert [(i.instruction, i.input, i.problem) for i in items] == [("Name the drug.", "Aspirin was given.", None)]
+
+
 # -- filters ----------------------------------------------------------------
 
 
@@ -215,9 +230,9 @@ def test_profiles() -> None:
     paper, quick = build_config("paper"), build_config("quick")
     assert (paper.num_instructions, paper.top_k, paper.training.epochs, paper.training.batch_size) == (5000, 5, 3, 32)
     assert (paper.instruction_top_p, paper.instruction_temperature, paper.training.learning_rate) == (0.98, 1.0, 3e-4)
-    assert paper.training.accumulation == 8 and not paper.train_on_seeds and paper.fluency_margin is None
-    # quick: fewer synthetic pairs, the seeds train too (~140 examples), and the small-generator fixes
-    assert quick.num_instructions == 60 and quick.train_on_seeds and quick.fluency_margin == 0.0
+    assert paper.training.accumulation == 8 and not paper.train_on_seeds and paper.fluency_margin is None and not paper.first_item_only
+    # quick: fewer synthetic pairs, one per prompt, the seeds train too, and the small-generator fixes
+    assert quick.num_instructions == 120 and quick.first_item_only and quick.train_on_seeds and quick.fluency_margin == 0.0
     assert (quick.instruction_temperature, quick.instruction_top_p) == (0.7, 0.9)
     assert build_config("quick", top_k=5, training={"epochs": 3}).training.epochs == 3
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):

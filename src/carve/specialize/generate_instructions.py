@@ -29,7 +29,7 @@ from carve.progress import stage
 from carve.specialize.config import RunConfig
 from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, empty_counts, seed_index
 from carve.specialize.fluency import Scorer, engine_scorer, fluency_limit, pair_text
-from carve.specialize.prompts import NO_INPUT_LINE, instruction_prompt, parse_task_list
+from carve.specialize.prompts import NEXT_ITEM, NO_INPUT_LINE, instruction_prompt, parse_task_list
 from carve.specialize.seeds import SeedSet
 from carve.specialize.store import JsonlStore, write_atomic, write_jsonl_atomic
 
@@ -100,6 +100,7 @@ def _request(config: RunConfig, seed_set: SeedSet, tokenizer: Any, index: int, i
         temperature=config.instruction_temperature,
         top_p=config.instruction_top_p,
         seed=derive_seed(config.seed, "sample", iteration, index),
+        stop=(NEXT_ITEM,) if config.first_item_only else (),
         alpha=config.contrast_alpha,
     )
     if adapter is None:

@@ -20,6 +20,7 @@ PromptStyle = Literal["raw", "chat"]
 NO_INPUT = "<noinput>"
 FIRST_GENERATED = 4  # items 1-3 are the seeds shown
 NO_INPUT_LINE = "no input line"
+NEXT_ITEM = ". Instruction:"  # the stop string that ends a continuation after its first item ("5. Instruction:")
 
 INSTRUCTION_PROMPT = """You are asked to come up with a set of 20 diverse task instructions about a {domain} domain. These task instructions will be given to a GPT model and we will evaluate the GPT model for completing the instructions.
 
@@ -111,9 +112,14 @@ def parse_task_list(completion: str, first_number: int = FIRST_GENERATED, trunca
     (no input line, an input without its instruction, empty instruction).
     An input line belongs to the instruction just before it whatever its number. When the
     generation hit its token limit (``truncated``) the last item is cut short
-    and is reported as malformed. Text after the list ends is ignored.
+    and is reported as malformed. Text after the list ends is ignored, and so
+    is a bare item number on the last line: what a stop at :data:`NEXT_ITEM`
+    leaves of the next item.
     """
     text = f"{first_number}. Instruction:" + completion
+    head, _, last = text.rpartition("\n")
+    if head and last.strip().isdigit():
+        text = head
     items: list[ParsedItem] = []
     current: dict[str, Any] | None = None
 
