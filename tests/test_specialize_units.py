@@ -158,6 +158,10 @@ def test_degenerate_responses() -> None:
     assert degenerate_response(sentence, sentence, "")[0] == "echo"
     assert degenerate_response("It restates: " + sentence, "Summarize.", sentence)[0] == "echo"
     assert degenerate_response("BRCA1 <Gene>", "Tag the genes.", "Expression of BRCA1 rose in tumours of the breast.") is None
+    # only the named checks apply (the paper profile drops empty responses and nothing else)
+    assert degenerate_response(sentence, sentence, "", checks=("empty",)) is None
+    assert degenerate_response(loop, checks=("empty", "echo")) is None
+    assert degenerate_response(" ", checks=("empty",))[0] == "empty"
 
 
 def test_response_read_out_of_a_retrieved_document_is_copied() -> None:
@@ -232,6 +236,7 @@ def test_profiles() -> None:
     assert (paper.instruction_top_p, paper.instruction_temperature, paper.training.learning_rate) == (0.98, 1.0, 3e-4)
     assert paper.training.accumulation == 8 and not paper.train_on_seeds and paper.fluency_margin is None and not paper.first_item_only
     # quick: fewer synthetic pairs, one per prompt, the seeds train too, and the small-generator fixes
+    assert paper.response_filters == ("empty",) and set(quick.response_filters) == {"empty", "repetitive", "echo", "copied"}
     assert quick.num_instructions == 120 and quick.first_item_only and quick.train_on_seeds and quick.fluency_margin == 0.0
     assert (quick.instruction_temperature, quick.instruction_top_p) == (0.7, 0.9)
     assert build_config("quick", top_k=5, training={"epochs": 3}).training.epochs == 3

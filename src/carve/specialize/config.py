@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Profile = Literal["quick", "paper"]
 RetrievalMode = Literal["marginal", "top1", "none"]
+ResponseFilter = Literal["empty", "repetitive", "echo", "copied"]
 
 
 class TrainingConfig(BaseModel):
@@ -95,6 +96,9 @@ class RunConfig(BaseModel):
     response_batch: int = Field(8, ge=1)
     response_max_new_tokens: int = Field(512, ge=1)
     contrast_alpha: float = Field(0.1, ge=0, le=1)
+    response_filters: tuple[ResponseFilter, ...] = Field(
+        ("empty",), description="response filters applied before training (carve.specialize.filters.degenerate_response); the paper has none but empty"
+    )
     # training data (stage 4)
     train_on_seeds: bool = Field(False, description="add the seed examples to the synthetic ones (the paper trains on synthetic data only)")
     training: TrainingConfig = TrainingConfig()
@@ -118,6 +122,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "instruction_top_p": 0.9,
         "fluency_margin": 0.0,
         "train_on_seeds": True,
+        "response_filters": ("empty", "repetitive", "echo", "copied"),
         "instruction_batch": 16,
         "instruction_max_new_tokens": 160,
         "seed_input_chars": 150,

@@ -141,6 +141,7 @@ def degenerate_response(
     echo_threshold: float = 0.7,
     copy_words: int = 12,
     copy_share: float = 0.8,
+    checks: Sequence[str] = RESPONSE_FILTERS,
 ) -> tuple[str, str] | None:
     """Why a response is unfit for training, as (filter, reason); None when it is usable.
 
@@ -156,21 +157,21 @@ def degenerate_response(
     subsequence of one document the prompt showed: the model read the passage
     out instead of answering ("Split the sentence..." answered by the first
     lines of the retrieved abstract). A short extracted answer is not long
-    enough to count.
+    enough to count. Only the filters named in ``checks`` apply.
     """
     tokens = rouge_tokens(text)
-    if not text.strip():
+    if "empty" in checks and not text.strip():
         return "empty", "empty response"
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    if len(grams) >= 2 * n:
+    if "repetitive" in checks and len(grams) >= 2 * n:
         distinct = len(set(grams)) / len(grams)
         if distinct < min_distinct:
             return "repetitive", f"only {distinct:.0%} of its {n}-word phrases are distinct"
-    for name, source in (("instruction", instruction), ("input", input)):
+    for name, source in (("instruction", instruction), ("input", input)) if "echo" in checks else ():
         score = rouge_l(tokens, rouge_tokens(source))
         if score >= echo_threshold:
             return "echo", f"ROUGE-L {score:.2f} with its own {name}"
-    if len(tokens) >= copy_words:
+    if "copied" in checks and len(tokens) >= copy_words:
         for number, document in enumerate(documents, start=1):
             share = _lcs(tokens, rouge_tokens(document)) / len(tokens)
             if share >= copy_share:

@@ -135,9 +135,9 @@ class Manifest:
 
 
 def _training_examples(
-    responses: list[dict[str, Any]], passages: dict[str, list[str]], seed_set: SeedSet, with_seeds: bool, folder: Path
+    responses: list[dict[str, Any]], passages: dict[str, list[str]], seed_set: SeedSet, config: RunConfig, folder: Path
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The usable synthetic examples (degenerate responses removed, counted per filter), then the seeds if asked.
+    """The usable synthetic examples (``config.response_filters`` applied, counted per filter), then the seeds if asked.
 
     ``passages`` holds, per response id, the documents its prompts showed.
 
@@ -152,14 +152,14 @@ def _training_examples(
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for response in responses:
-        verdict = degenerate_response(response["output"], response["instruction"], response["input"], passages.get(response["id"], ()))
+        verdict = degenerate_response(response["output"], response["instruction"], response["input"], passages.get(response["id"], ()), checks=config.response_filters)
         example = {"id": response["id"], "source": "synthetic", "instruction": response["instruction"], "input": response["input"], "output": response["output"]}
         if verdict is None:
             kept.append(example)
         else:
             removed[verdict[0]] += 1
             rejected.append({**example, "filter": verdict[0], "reason": verdict[1]})
-    if with_seeds:
+    if config.train_on_seeds:
         kept += [{"id": f"seed-{n}", "source": "seed", "instruction": s.instruction, "input": s.input, "output": s.output} for n, s in enumerate(seed_set.seeds)]
     write_jsonl_atomic(folder / TRAINING_SET, kept)
     write_jsonl_atomic(folder / REJECTED_RESPONSES, rejected)
@@ -204,7 +204,7 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
     ordered = [responses.items[item["id"]] for item in made.kept]
     documents = inputs.corpus.by_id() if inputs.corpus is not None else {}
     passages = {r["id"]: shown_passages(config, hits.items.get(r["id"]) if hits is not None else None, documents, contrast is not None) for r in ordered}
-    examples, removed = _training_examples(ordered, passages, inputs.seed_set, config.train_on_seeds, folder)
+    examples, removed = _training_examples(ordered, passages, inputs.seed_set, config, folder)
     manifest.data["counts"][f"responses{suffix}"] = {
         "generated": len(ordered), "removed": removed, "kept": len(ordered) - sum(removed.values()),
         "seed_examples": len(inputs.seed_set.seeds) if config.train_on_seeds else 0, "generated_tokens": sum(r["tokens"] for r in ordered),
