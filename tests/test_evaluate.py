@@ -248,6 +248,12 @@ def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, se
     text = (out / "report.md").read_text()
     assert "## Token F1" in text and "## ROUGE-L" in text and "| k=0 base | k=0 alpha | k=0 beta | k=1 base |" in text
     assert "| qa |" in text and "| **macro average** |" in text and "chart.png" in text
+    # each adapter against the base, per k and metric, its gain the macro difference of the table
+    assert {(g.model, g.k, g.metric) for g in report.gains} == {(m, k, x) for m in ("alpha", "beta") for k in (0, 1) for x in ("f1", "rouge_l")}
+    for g in report.gains:
+        table_gain = getattr(report.score(MACRO, g.model, g.k), g.metric) - getattr(report.score(MACRO, "base", g.k), g.metric)
+        assert g.gain == pytest.approx(table_gain, abs=1e-3) and g.low <= g.gain + 1e-9 and g.gain <= g.high + 1e-9
+    assert "## Against the base" in text and "| alpha | 0 |" in text
 
     # Mixed batches change nothing: the base alone, in another run, answers exactly as in the mixed run.
     alone = evaluate_models(engine, {"base": None}, suite_dir, [0, 1], load_seed_set(seed_dir), None, tmp_path / "alone", max_new_tokens=8, batch_size=3, max_context=400)
@@ -346,3 +352,28 @@ def test_adapters_by_folder_or_registry_name(tiny_model_dir: Path, tiny_adapters
     assert (labels[1][1] / "adapter_config.json").is_file()
     with pytest.raises(EvalError, match="--adapter nope: not a folder, and no adapter"):
         unique_labels(["nope"])
+
+
+def _prediction(task: str, id: str, model: str, f1: float, k: int = 0):  # type: ignore[no-untyped-def]
+    from carve.specialize.evaluate import Prediction
+
+    return Prediction(task=task, id=id, model=model, k=k, shots_used=k, input_trimmed=False, prompt_tokens=10,
+                      prediction="x", finish_reason="eos", answers=["x"], f1=f1, rouge_l=f1)
+
+
+def test_paired_gain_and_its_bootstrap_interval() -> None:
+    from carve.specialize.eval_compare import paired_gains
+
+    base = [_prediction(t, f"{t}{i}", "base", 10.0 * (i % 3)) for t in ("a", "b") for i in range(30)]
+    same = [p.model_copy(update={"model": "same"}) for p in base]
+    # +20 on every example of task a, -4 on every example of task b: macro gain +8, task b below the base
+    shifted = [p.model_copy(update={"model": "shifted", "f1": p.f1 + (20 if p.task == "a" else -4)}) for p in base]
+    gains = {g.model: g for g in paired_gains(base + same + shifted, "base", metrics=("f1",))}
+    assert (gains["same"].gain, gains["same"].low, gains["same"].high, gains["same"].tasks_worse) == (0, 0, 0, 0)
+    constant = gains["shifted"]
+    assert (constant.gain, constant.low, constant.high) == (8, 8, 8)  # a constant paired difference has no spread
+    assert (constant.tasks_better, constant.tasks_worse, constant.worst_task, constant.worst_task_gain) == (1, 1, "b", -4)
+    # noisy differences: the interval holds the mean and narrows with more examples
+    noisy = [p.model_copy(update={"model": "noisy", "f1": p.f1 + (15 if int(p.id[1:]) % 2 else -5)}) for p in base]
+    g = paired_gains(base + noisy, "base", metrics=("f1",))[0]
+    assert g.gain == 5 and g.low < 5 < g.high and g.high - g.low < 10

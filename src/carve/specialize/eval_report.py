@@ -53,6 +53,22 @@ def markdown_table(report: EvalReport, metric: str) -> str:
     return "\n".join(lines)
 
 
+def gain_rows(report: EvalReport) -> list[list[str]]:
+    """model, k, F1 gain [interval], ROUGE-L gain [interval], tasks above / below the base, worst task: one row per adapter x k."""
+    by_key = {(g.model, g.k, g.metric): g for g in report.gains}
+    rows = []
+    for model, k in dict.fromkeys((g.model, g.k) for g in report.gains):
+        f1, rouge = by_key.get((model, k, "f1")), by_key.get((model, k, "rouge_l"))
+        cells = [f"{g.gain:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" if g else "-" for g in (f1, rouge)]
+        reference = f1 or rouge
+        assert reference is not None
+        rows.append([model, str(k), *cells, f"{reference.tasks_better} / {reference.tasks_worse}", f"{reference.worst_task} ({reference.worst_task_gain:+.2f})"])
+    return rows
+
+
+GAIN_HEADERS = ["model", "k", "token F1 gain [95% interval]", "ROUGE-L gain [95% interval]", "tasks above / below base (F1)", "worst task (F1 gain)"]
+
+
 def markdown_report(report: EvalReport) -> str:
     models = "\n".join(f"- `{label}`: " + (f"adapter `{adapter}`" if adapter else "the base model alone") for label, adapter in report.models.items())
     first = next(iter(report.models))  # prompts are the same for every model
@@ -76,6 +92,18 @@ def markdown_report(report: EvalReport) -> str:
     ]
     for metric, title in METRICS.items():
         parts += ["", f"## {title}", "", markdown_table(report, metric)]
+    if report.gains:
+        parts += [
+            "",
+            "## Against the base",
+            "",
+            "Macro-average difference to the base in points; the interval is a 95% paired bootstrap over the evaluated examples "
+            "(each task resampled, the same examples for both models).",
+            "",
+            "| " + " | ".join(GAIN_HEADERS) + " |",
+            "|---|---:|---:|---:|---:|---|",
+            *("| " + " | ".join(row) + " |" for row in gain_rows(report)),
+        ]
     parts += [
         "",
         "## Tasks",
@@ -102,6 +130,11 @@ def rich_tables(report: EvalReport) -> list["RenderableType"]:
         for task, values, best in table_rows(report, metric):
             cells = [f"[bold]{v:.2f}[/bold]" if i in best else f"{v:.2f}" for i, v in enumerate(values)]
             table.add_row(f"[bold]{task}[/bold]" if task == MACRO else task, *cells, end_section=task == report.tasks[-1].task)
+        tables.append(table)
+    if report.gains:
+        table = Table(*GAIN_HEADERS, title="against the base (points, 95% paired bootstrap interval)", title_justify="left")
+        for row in gain_rows(report):
+            table.add_row(*row)
         tables.append(table)
     return tables
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel
 
+from carve.specialize.eval_compare import Gain, paired_gains
 from carve.specialize.eval_prompts import BuiltPrompt, Demo, PromptFitter, eval_stop_strings, pick_demos
 from carve.specialize.eval_suite import EvalExample, TaskSuite, load_suite
 from carve.specialize.metrics import score_prediction
@@ -83,6 +84,7 @@ class EvalReport(BaseModel):
     batch_size: int
     scores: list[Score]  # one per task x model x k
     macro: list[Score]  # one per model x k, averaged over tasks
+    gains: list[Gain] = []  # each adapter against the base, with a paired bootstrap interval
     generations: int
     wall_time_s: float
 
@@ -98,6 +100,10 @@ class EvalReport(BaseModel):
             "tasks": [t.task for t in self.tasks],
             "shots": self.shots,
             "macro": {m: {f"k={s.k}": {"f1": s.f1, "rouge_l": s.rouge_l} for s in self.macro if s.model == m} for m in self.models},
+            "gain_over_base_f1": {
+                g.model: {f"k={g.k}": {"gain": g.gain, "interval_95": [g.low, g.high], "tasks_worse": g.tasks_worse} for g in self.gains if g.metric == "f1" and g.model == m}
+                for m in dict.fromkeys(g.model for g in self.gains)
+            },
         }
 
 
@@ -387,6 +393,7 @@ def _aggregate(engine: "Engine", models: dict[str, str | None], settings: EvalSe
         batch_size=settings.batch_size,
         scores=scores,
         macro=macro,
+        gains=paired_gains(predictions, BASE_LABEL) if BASE_LABEL in models and len(models) > 1 else [],
         generations=len(predictions),
         wall_time_s=round(wall, 2),
     )

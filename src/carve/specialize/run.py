@@ -296,6 +296,7 @@ def _evaluate(engine: Any, adapter: Path, inputs: Inputs, tasks: Path, options: 
         "shots": report.shots,
         "limit": report.limit,
         "macro": [score.model_dump(mode="json") for score in report.macro],
+        "gains": [gain.model_dump(mode="json") for gain in report.gains],
         "scores": [score.model_dump(mode="json") for score in report.scores],
         "details": str(inputs.out / "evaluation"),
     }
