@@ -254,6 +254,8 @@ def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, se
         table_gain = getattr(report.score(MACRO, g.model, g.k), g.metric) - getattr(report.score(MACRO, "base", g.k), g.metric)
         assert g.gain == pytest.approx(table_gain, abs=1e-3) and g.low <= g.gain + 1e-9 and g.gain <= g.high + 1e-9
     assert "## Against the base" in text and "| alpha | 0 |" in text
+    short = report.summary()
+    assert set(short["macro"]) == set(models) and set(short["f1_gain_over_base"]) == {f"{m} k={k}" for m in ("alpha", "beta") for k in (0, 1)}
 
     # Mixed batches change nothing: the base alone, in another run, answers exactly as in the mixed run.
     alone = evaluate_models(engine, {"base": None}, suite_dir, [0, 1], load_seed_set(seed_dir), None, tmp_path / "alone", max_new_tokens=8, batch_size=3, max_context=400)

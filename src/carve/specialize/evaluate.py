@@ -100,10 +100,7 @@ class EvalReport(BaseModel):
             "tasks": [t.task for t in self.tasks],
             "shots": self.shots,
             "macro": {m: {f"k={s.k}": {"f1": s.f1, "rouge_l": s.rouge_l} for s in self.macro if s.model == m} for m in self.models},
-            "gain_over_base_f1": {
-                g.model: {f"k={g.k}": {"gain": g.gain, "interval_95": [g.low, g.high], "tasks_worse": g.tasks_worse} for g in self.gains if g.metric == "f1" and g.model == m}
-                for m in dict.fromkeys(g.model for g in self.gains)
-            },
+            "f1_gain_over_base": {f"{g.model} k={g.k}": {"gain": g.gain, "interval_95": [g.low, g.high], "tasks_worse": g.tasks_worse} for g in self.gains if g.metric == "f1"},
         }
 
 
