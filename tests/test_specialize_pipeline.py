@@ -187,8 +187,6 @@ def test_retrieval_none_and_top1_ablations(tiny_model_dir: Path, domain_files: t
     assert top1.rule == "single" and "Gene expression of BRCA1" in top1.branches[0].prompt
     assert marginal.rule == "mixture" and [b.weight for b in marginal.branches] == [0.8, 0.1, 0.1]
     assert "tumour grew" in marginal.branches[1].prompt
-    # a response ends where a base model starts another section ("...\n\nOutput: ..." in most gemma3 responses)
-    assert {"\nInput:", "\nResponse:", "\nOutput:", "\nExplanation:"} <= set(marginal.sampling.stop)
 
 
 def test_sigkill_mid_responses_then_resume(tiny_model_dir: Path, domain_files: tuple[Path, Path], finished_run: tuple[Path, dict], tmp_path: Path) -> None:

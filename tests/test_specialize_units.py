@@ -157,9 +157,6 @@ def test_degenerate_responses() -> None:
     sentence = "The gene encoding the enzyme of the malaria parasite has been identified."
     assert degenerate_response(sentence, sentence, "")[0] == "echo"
     assert degenerate_response("It restates: " + sentence, "Summarize.", sentence)[0] == "echo"
-    question, context = "Answer the question using the context. Reply with the single lowercase word 'yes' or 'no'.", "Context: The mice were kept in a high-pressure chamber for four long hours."
-    both = degenerate_response(f"{question}\n\nInput: {context}", question, context)
-    assert both is not None and both == ("echo", both[1]) and "instruction and input" in both[1]
     assert degenerate_response("BRCA1 <Gene>", "Tag the genes.", "Expression of BRCA1 rose in tumours of the breast.") is None
     # only the named checks apply (the paper profile drops empty responses and nothing else)
     assert degenerate_response(sentence, sentence, "", checks=("empty",)) is None

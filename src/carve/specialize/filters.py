@@ -148,7 +148,7 @@ def degenerate_response(
     ``repetitive``: fewer than ``min_distinct`` of its word n-grams are distinct
     (a small model stuck in a loop: "The correct answer is: The correct answer is: ...").
     Lists of different entities sharing a type tag stay distinct, so they pass.
-    ``echo``: ROUGE-L >= ``echo_threshold`` with its own instruction, input, or both: the
+    ``echo``: ROUGE-L >= ``echo_threshold`` with its own instruction or input: the
     model restated the task instead of doing it, and training on that teaches
     the adapter to copy (SmolLM2's quick run: "The gene X has been identified."
     answered by the same sentence). An extracted span is far shorter than the
@@ -167,8 +167,7 @@ def degenerate_response(
         distinct = len(set(grams)) / len(grams)
         if distinct < min_distinct:
             return "repetitive", f"only {distinct:.0%} of its {n}-word phrases are distinct"
-    restated = (("instruction", instruction), ("input", input), ("instruction and input", f"{instruction}\n{input}"))
-    for name, source in restated if "echo" in checks else ():
+    for name, source in (("instruction", instruction), ("input", input)) if "echo" in checks else ():
         score = rouge_l(tokens, rouge_tokens(source))
         if score >= echo_threshold:
             return "echo", f"ROUGE-L {score:.2f} with its own {name}"

@@ -32,10 +32,7 @@ from carve.specialize.templates import STOP_STRINGS
 
 RETRIEVAL = "retrieval.jsonl"
 RESPONSES = "responses.jsonl"
-# A response ends where the model starts another section of the prompt's layout, or an
-# "Output:"/"Explanation:" section of its own: base models (gemma3-270m) go on past their
-# answer that way in most responses, and a training target should be the answer alone.
-RESPONSE_STOPS = STOP_STRINGS + ("\nInstruction:", "\nDocument:", "\nInput:", "\nResponse:", "\nOutput:", "\nExplanation:")
+RESPONSE_STOPS = STOP_STRINGS + ("\nInstruction:", "\nDocument:")
 
 
 def query_of(item: dict[str, Any]) -> str:
