@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ROUNDS = 2000
 CONFIDENCE = 0.95
+TAIL_PERCENT = (1 - CONFIDENCE) / 2 * 100
 
 
 class Gain(BaseModel):
@@ -63,7 +64,6 @@ def paired_gains(predictions: Sequence["Prediction"], baseline: str, metrics: Se
                     continue
                 means = {task: float(d.mean()) for task, d in per_task.items()}
                 resampled = np.mean([d[rng.integers(0, len(d), size=(rounds, len(d)))].mean(axis=1) for d in per_task.values()], axis=0)
-                tail = (1 - CONFIDENCE) / 2 * 100
                 worst = min(means, key=lambda t: means[t])
                 gains.append(
                     Gain(
@@ -72,8 +72,8 @@ def paired_gains(predictions: Sequence["Prediction"], baseline: str, metrics: Se
                         k=k,
                         metric=metric,
                         gain=round(sum(means.values()) / len(means), 4),
-                        low=round(float(np.percentile(resampled, tail)), 4),
-                        high=round(float(np.percentile(resampled, 100 - tail)), 4),
+                        low=round(float(np.percentile(resampled, TAIL_PERCENT)), 4),
+                        high=round(float(np.percentile(resampled, 100 - TAIL_PERCENT)), 4),
                         tasks_better=sum(v > 0 for v in means.values()),
                         tasks_worse=sum(v < 0 for v in means.values()),
                         worst_task=worst,

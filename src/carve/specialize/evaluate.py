@@ -390,7 +390,7 @@ def _aggregate(engine: "Engine", models: dict[str, str | None], settings: EvalSe
         batch_size=settings.batch_size,
         scores=scores,
         macro=macro,
-        gains=paired_gains(predictions, BASE_LABEL) if BASE_LABEL in models and len(models) > 1 else [],
+        gains=paired_gains(predictions, BASE_LABEL),  # empty without a base or without adapters
         generations=len(predictions),
         wall_time_s=round(wall, 2),
     )

@@ -134,6 +134,11 @@ class Manifest:
         return result
 
 
+def seed_examples(seed_set: SeedSet) -> list[dict[str, Any]]:
+    """The seeds as training examples, in the form training_set.jsonl records them (also the seeds-only baseline's data)."""
+    return [{"id": f"seed-{n}", "source": "seed", "instruction": s.instruction, "input": s.input, "output": s.output} for n, s in enumerate(seed_set.seeds)]
+
+
 def _training_examples(
     responses: list[dict[str, Any]], passages: dict[str, list[str]], seed_set: SeedSet, config: RunConfig, folder: Path
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -160,7 +165,7 @@ def _training_examples(
             removed[verdict[0]] += 1
             rejected.append({**example, "filter": verdict[0], "reason": verdict[1]})
     if config.train_on_seeds:
-        kept += [{"id": f"seed-{n}", "source": "seed", "instruction": s.instruction, "input": s.input, "output": s.output} for n, s in enumerate(seed_set.seeds)]
+        kept += seed_examples(seed_set)
     write_jsonl_atomic(folder / TRAINING_SET, kept)
     write_jsonl_atomic(folder / REJECTED_RESPONSES, rejected)
     return kept, removed
