@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from carve.specialize.eval_prompts import PromptError, PromptFitter, eval_stop_strings, pick_demos, render
+from carve.specialize.eval_prompts import PromptError, PromptFitter, eval_stop_strings, pick_demos
 from carve.specialize.eval_suite import EvalExample, SuiteError, load_suite
 from carve.specialize.metrics import score_prediction
 from carve.specialize.seeds import load_seed_set
-from carve.specialize.templates import STOP_STRINGS, alpaca_example, alpaca_prompt
+from carve.specialize.templates import STOP_STRINGS, alpaca_example, alpaca_prompt, kshot_prompt
 
 QA = "Answer the question with yes or no."
 NER = "Name the disease entities. Generate the output in this format: entity1 <type_of_entity1>."
@@ -158,11 +158,11 @@ def test_prompt_with_k_demos_is_alpaca_examples_then_query(seed_dir: Path) -> No
 def test_demos_dropped_last_first_before_the_input_is_cut(seed_dir: Path) -> None:
     seeds = load_seed_set(seed_dir).seeds
     demos = pick_demos(seeds, query(), 2)
-    one_demo = render(demos[:1], QA, query().input)
+    one_demo = kshot_prompt(demos[:1], QA, query().input)
     built = PromptFitter(budget=len(one_demo), **chars()).build(query(), demos)
     assert built.text == one_demo and built.shots_used == 1 and not built.input_trimmed
 
-    bare = render([], QA, query().input)
+    bare = kshot_prompt([], QA, query().input)
     built = PromptFitter(budget=len(bare), **chars()).build(query(), demos)
     assert built.text == bare == alpaca_prompt(QA, query().input)
     assert built.shots_used == 0 and not built.input_trimmed
@@ -196,7 +196,7 @@ def test_stop_strings_extend_the_templates() -> None:
 
     demo = Seed(instruction=QA, input="Is DNA a protein?", output="no", task="qa")
     # exactly what follows a demonstration's answer in a k-shot prompt, so a model imitating it stops
-    assert render([demo], QA, "?").split("### Response:\nno", 1)[1].startswith("\n\nBelow")
+    assert kshot_prompt([demo], QA, "?").split("### Response:\nno", 1)[1].startswith("\n\nBelow")
 
 
 # -- a run on a tiny model --------------------------------------------------------

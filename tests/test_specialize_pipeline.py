@@ -92,14 +92,21 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     dropped = read_jsonl(out / "rejected_responses.jsonl")
     synthetic = [r for r in training_set if r["source"] == "synthetic"]
     assert len(synthetic) + len(dropped) == len(responses)
-    assert [r["source"] for r in training_set[len(synthetic):]] == ["seed"] * len(SEEDS)
+    # each seed twice (quick's seed_demonstrations=2): alone, then after two other seeds, its own task's first
+    seeds_part = training_set[len(synthetic):]
+    assert [r["source"] for r in seeds_part] == ["seed"] * 2 * len(SEEDS)
+    for seed, alone, shown in zip(SEEDS, seeds_part[0::2], seeds_part[1::2]):
+        assert "demos" not in alone and (alone["instruction"], alone["output"]) == (shown["instruction"], shown["output"]) == (seed["instruction"], seed["output"])
+        assert len(shown["demos"]) == 2 and all(d["output"] != seed["output"] for d in shown["demos"])
+        same_task = [s["output"] for s in SEEDS if s["task"] == seed["task"] and s is not seed]
+        assert [d["output"] for d in shown["demos"]][: len(same_task)] == same_task[:2]
     assert all(r["filter"] in RESPONSE_FILTERS and r["reason"] for r in dropped)
 
     train = result["counts"]["training"]
     responses_counts = result["counts"]["responses"]
     assert responses_counts["kept"] == len(synthetic)
     assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo", "copied"}
-    assert responses_counts["seed_examples"] == len(SEEDS)
+    assert responses_counts["seed_examples"] == 2 * len(SEEDS)
     assert train["examples"] == responses_counts["kept"] + responses_counts["seed_examples"] - train["skipped_too_long"]
     assert train["steps"] == 2 * -(-train["examples"] // 4)
     assert (out / "train" / "final" / "adapter_model.safetensors").is_file()

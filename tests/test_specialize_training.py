@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from carve.specialize.config import TrainingConfig
-from carve.specialize.templates import alpaca_prompt
+from carve.specialize.templates import Demonstration, alpaca_prompt, kshot_prompt
 from carve.specialize.training import IGNORE, encode_example, train_lora
 
 EXAMPLES = [
@@ -33,6 +33,28 @@ def test_loss_only_on_response_tokens(tiny_model_dir: Path) -> None:
     assert encoded.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(encoded.input_ids[prompt_len:-1]) == "BRCA1"
     assert encode_example(tokenizer, "Name the gene.", "x " * 300, "BRCA1", 64) is None
+
+
+def test_demonstrations_come_before_the_prompt_and_are_dropped_to_fit(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    demos = [Demonstration("Name the gene.", "TP53 was mutated.", "TP53"), Demonstration("Name the gene.", "EGFR " * 60, "EGFR")]
+    query = ("Name the gene.", "BRCA1 was measured.", "BRCA1")
+    both = encode_example(tokenizer, *query, 4000, demos)
+    assert both is not None
+    prompt = kshot_prompt(demos, *query[:2])
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    assert both.input_ids[:prompt_len] == tokenizer(prompt)["input_ids"]
+    # the demonstrations' answers are context, not targets: only the query's response is learned
+    assert both.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert tokenizer.decode(both.input_ids[prompt_len:-1]) == "BRCA1"
+    # too long for both: the last demonstration goes, and the whole response still fits
+    one_len = len(tokenizer(kshot_prompt(demos[:1], *query[:2]))["input_ids"])
+    fitted = encode_example(tokenizer, *query, one_len + 10, demos)
+    assert fitted is not None and len(fitted.input_ids) <= one_len + 10
+    assert fitted.input_ids[:one_len] == tokenizer(kshot_prompt(demos[:1], *query[:2]))["input_ids"]
+    assert fitted.input_ids[-1] == tokenizer.eos_token_id
 
 
 def _weights(folder: Path) -> dict:

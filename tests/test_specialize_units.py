@@ -239,6 +239,9 @@ def test_profiles() -> None:
     assert paper.response_filters == ("empty",) and set(quick.response_filters) == {"empty", "repetitive", "echo", "copied"}
     assert quick.num_instructions == 120 and quick.first_item_only and quick.train_on_seeds and quick.fluency_margin == 0.0
     assert (quick.instruction_temperature, quick.instruction_top_p) == (0.7, 0.9)
+    assert quick.seed_demonstrations == 2 and paper.seed_demonstrations == 0 and quick.training.max_length == 512
+    with pytest.raises(ValueError, match="seed_demonstrations needs train_on_seeds"):
+        build_config("paper", seed_demonstrations=2)
     assert build_config("quick", top_k=5, training={"epochs": 3}).training.epochs == 3
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         build_config("paper", training={"micro_batch_size": 5})

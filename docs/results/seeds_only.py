@@ -23,7 +23,7 @@ from carve.specialize.training import train_lora
 def main(base: str, out: Path, seeds: Path = Path("seeds/biomedical")) -> None:
     config = build_config("quick", base=base)
     seed_set = load_seed_set(seeds)
-    result = train_lora(resolve_model(base).path, seed_examples(seed_set), config.training, out, config.seed)
+    result = train_lora(resolve_model(base).path, seed_examples(seed_set, config.seed_demonstrations), config.training, out, config.seed)
     print(f"{result.examples} examples ({result.skipped_too_long} too long), {result.steps} steps, loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
     print(f"adapter: {result.adapter_dir}")
 

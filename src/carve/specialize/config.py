@@ -101,7 +101,16 @@ class RunConfig(BaseModel):
     )
     # training data (stage 4)
     train_on_seeds: bool = Field(False, description="add the seed examples to the synthetic ones (the paper trains on synthetic data only)")
+    seed_demonstrations: int = Field(
+        0, ge=0, description="also train on each seed after this many other seeds of its task, as a k-shot prompt shows them (0: zero-shot only)"
+    )
     training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _demonstrations_need_seeds(self) -> "RunConfig":
+        if self.seed_demonstrations and not self.train_on_seeds:
+            raise ValueError("seed_demonstrations needs train_on_seeds: the demonstrated examples are seeds")
+        return self
 
     def branches(self) -> int:
         """Documents per response: k for marginalization, 1 for top-1, 0 without retrieval."""
@@ -122,6 +131,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "instruction_top_p": 0.9,
         "fluency_margin": 0.0,
         "train_on_seeds": True,
+        "seed_demonstrations": 2,
         "response_filters": ("empty", "repetitive", "echo", "copied"),
         "instruction_batch": 16,
         "instruction_max_new_tokens": 160,
@@ -132,7 +142,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "response_batch": 8,
         "response_max_new_tokens": 48,
         "max_input_chars": 600,
-        "training": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_length": 256, "save_every_steps": 4},
+        "training": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_length": 512, "save_every_steps": 4},
     },
 }
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from carve.specialize.templates import RESPONSE_MARKER, STOP_STRINGS, alpaca_example, alpaca_prompt
+from carve.specialize.templates import RESPONSE_MARKER, STOP_STRINGS, alpaca_prompt, kshot_prompt
 
 
 class PromptError(ValueError):
@@ -62,31 +62,25 @@ def eval_stop_strings() -> tuple[str, ...]:
     return tuple(STOP_STRINGS) + ("\n\n" + preamble.split()[0], "\n" + section)
 
 
-def _same_question(demo: Demo, query: Query) -> bool:
+def _same_question(demo: Demo, query: Query | Demo) -> bool:
     def norm(text: str) -> str:
         return " ".join(text.split()).lower()
 
     return norm(demo.instruction) == norm(query.instruction) and norm(demo.input) == norm(query.input)
 
 
-def pick_demos(seeds: Sequence[Demo], query: Query, k: int) -> list[Demo]:
+def pick_demos(seeds: Sequence[Demo], query: Query | Demo, k: int) -> list[Demo]:
     """The first k seeds of the query's task, then the domain's other seeds in order.
 
     A seed that is the query itself (same instruction and input) is skipped, so
-    the answer is never shown in the prompt.
+    the answer is never shown in the prompt; a seed may be the query (training
+    on demonstrations, carve.specialize.run.seed_examples).
     """
     if k <= 0:
         return []
     same = [s for s in seeds if s.task == query.task]
     others = [s for s in seeds if s.task != query.task]
     return [s for s in same + others if not _same_question(s, query)][:k]
-
-
-def render(demos: Sequence[Demo], instruction: str, input: str) -> str:
-    """Demonstrations, each a full Alpaca example, then the query's prompt, separated by blank lines."""
-    parts = [alpaca_example(d.instruction, d.input, d.output) for d in demos]
-    parts.append(alpaca_prompt(instruction, input))
-    return "\n\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ class PromptFitter:
     def build(self, query: Query, demos: Sequence[Demo]) -> BuiltPrompt:
         demos = list(demos)
         while True:
-            text = render(demos, query.instruction, query.input)
+            text = kshot_prompt(demos, query.instruction, query.input)
             tokens = self.count(text)
             if tokens <= self.budget:
                 return BuiltPrompt(text, len(demos), False, tokens)
@@ -126,6 +120,6 @@ class PromptFitter:
             # Cut by the overshoot (plus one, as token boundaries can shift), then re-check.
             keep = max(0, keep - (tokens - self.budget) - 1)
             cut = self.decode(input_ids[:keep]).rstrip("\ufffd")
-            text = render([], query.instruction, cut)
+            text = kshot_prompt([], query.instruction, cut)
             tokens = self.count(text)
         return BuiltPrompt(text, 0, True, tokens)

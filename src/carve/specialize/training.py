@@ -1,7 +1,7 @@
 """Stage 4: specialization (paper §3.4): LoRA on the generated examples, resumable.
 
-A plain torch loop: the Alpaca prompt (templates.alpaca_prompt) followed by
-the response and EOS, loss on the response tokens only, AdamW at a constant
+A plain torch loop: the Alpaca prompt (templates.kshot_prompt: the example's
+demonstrations, if it has any, then its own prompt) followed by the response and EOS, loss on the response tokens only, AdamW at a constant
 learning rate, the effective batch reached by gradient accumulation (the loss
 is normalised by the response tokens of the whole effective batch, so
 accumulating equals one big batch). On CUDA the base is loaded in 4-bit nf4
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from carve.progress import stage
 from carve.specialize.config import TrainingConfig
 from carve.specialize.generate_instructions import derive_seed
-from carve.specialize.templates import alpaca_prompt
+from carve.specialize.templates import Demonstration, kshot_prompt
 
 IGNORE = -100
 STATE = "trainer_state.json"
@@ -55,10 +55,21 @@ class TrainResult:
     resumed_from_step: int
 
 
-def encode_example(tokenizer: Any, instruction: str, input: str, output: str, max_length: int) -> Encoded | None:
-    """Alpaca prompt + response + EOS with the prompt masked out; None when the prompt alone is too long."""
-    prompt_ids = list(tokenizer(alpaca_prompt(instruction, input))["input_ids"])
+def encode_example(
+    tokenizer: Any, instruction: str, input: str, output: str, max_length: int, demos: Sequence[Demonstration] = ()
+) -> Encoded | None:
+    """Prompt + response + EOS with the prompt masked out; None when the prompt alone is too long.
+
+    Demonstrations that would not leave room for the whole response are dropped,
+    the last one first, as k-shot evaluation drops them (eval_prompts.PromptFitter).
+    """
     response_ids = list(tokenizer(output.strip(), add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
+    shown = list(demos)
+    while True:
+        prompt_ids = list(tokenizer(kshot_prompt(shown, instruction, input))["input_ids"])
+        if not shown or len(prompt_ids) + len(response_ids) <= max_length:
+            break
+        shown.pop()
     if len(prompt_ids) + 8 > max_length:
         return None
     ids = (prompt_ids + response_ids)[:max_length]
@@ -155,7 +166,10 @@ def train_lora(
         )
         model = get_peft_model(model, lora)
 
-    encoded = [encode_example(tokenizer, e["instruction"], e["input"], e["output"], config.max_length) for e in examples]
+    encoded = [
+        encode_example(tokenizer, e["instruction"], e["input"], e["output"], config.max_length, [Demonstration(**d) for d in e.get("demos", ())])
+        for e in examples
+    ]
     data = [e for e in encoded if e is not None]
     skipped = len(encoded) - len(data)
     if not data:
