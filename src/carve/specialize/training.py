@@ -204,6 +204,8 @@ def train_lora(
             epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))).tolist()
             batch = [data[i] for i in order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]]
+            # Micro-batches of similar lengths pad less; the summed gradient of the step is the same.
+            batch.sort(key=lambda e: len(e.input_ids))
             tokens = sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in batch)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
