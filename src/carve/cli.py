@@ -107,7 +107,7 @@ if __name__ == "__main__":  # pragma: no cover
 # -- carve demo ---------------------------------------------------------------
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder of the demo's specialization (resumed when present)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder of the demo's runs: one per settings, resumed when present."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Base model name or Hugging Face folder."),
     seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed set (default: the shipped seeds/biomedical)."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus JSONL (default: the shipped PubMed sample)."),

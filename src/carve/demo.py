@@ -9,13 +9,17 @@ A killed demo resumes where it stopped: the run folder is resumable.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from carve.specialize.config import RunConfig
 
 QUESTIONS = [
     (
@@ -36,6 +40,23 @@ QUESTIONS = [
 def project_root() -> Path:
     """The clone this package runs from (seeds/ and data/ are shipped there, not in the wheel)."""
     return Path(__file__).resolve().parents[2]
+
+
+def settings_folder(out: Path, config: "RunConfig", seeds: Path, corpus: Path) -> Path:
+    """The demo's run folder for these settings and inputs, under ``out``.
+
+    A killed demo resumes in it; after an upgrade that changes the quick profile
+    or the shipped seeds, the demo starts a new folder beside the old one instead
+    of refusing to resume it (``carve specialize --resume`` refuses a resume with
+    other settings, rightly: it would mix two runs).
+    """
+    from carve.hashing import sha256_file
+
+    files = sorted(p for p in Path(seeds).rglob("*") if p.is_file()) + [Path(corpus)]
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    for path in files:
+        digest.update(f"{path.name}\0{sha256_file(path)}\0".encode())
+    return out / f"{config.profile}-{digest.hexdigest()[:10]}"
 
 
 def _free_port() -> int:
@@ -67,8 +88,9 @@ def run_demo(
             raise FileNotFoundError(f"{needed} is missing: run the demo from a clone of the repository, or pass --seeds/--corpus")
 
     console.print(Rule("[bold]1/3 self-specialization[/bold] (quick profile)"))
-    console.print(f"seeds {seeds}\ncorpus {corpus}\nbase {model}\nrun folder {out} (a killed demo resumes here)")
     config = build_config("quick", base=model)
+    out = settings_folder(out, config, seeds, corpus)
+    console.print(f"seeds {seeds}\ncorpus {corpus}\nbase {model}\nrun folder {out} (a killed demo resumes here)")
     inputs = prepare(config, seeds, corpus, out, resume=out.exists())
     result = run_specialization(inputs, eval_tasks, {"shots": [0], "limit": eval_limit})
     print_summary(result, out)
