@@ -17,19 +17,16 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from carve.specialize.templates import RESPONSE_MARKER, STOP_STRINGS, alpaca_prompt, kshot_prompt
+from carve.specialize.templates import RESPONSE_MARKER, STOP_STRINGS, Example, alpaca_prompt, kshot_prompt
 
 
 class PromptError(ValueError):
     """An example that cannot be turned into a prompt within the context window."""
 
 
-class Demo(Protocol):
-    """What a demonstration needs: carve.specialize.seeds.Seed satisfies it."""
+class Demo(Example, Protocol):
+    """A demonstration with its task (picked by task): carve.specialize.seeds.Seed satisfies it."""
 
-    instruction: str
-    input: str
-    output: str
     task: str | None
 
 

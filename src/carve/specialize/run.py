@@ -229,7 +229,7 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
     examples, removed = _training_examples(ordered, passages, inputs.seed_set, config, folder)
     manifest.data["counts"][f"responses{suffix}"] = {
         "generated": len(ordered), "removed": removed, "kept": len(ordered) - sum(removed.values()),
-        "seed_examples": len(examples) - len(ordered) + sum(removed.values()), "generated_tokens": sum(r["tokens"] for r in ordered),
+        "seed_examples": sum(e["source"] == "seed" for e in examples), "generated_tokens": sum(r["tokens"] for r in ordered),
     }
     manifest.save()
     trained = manifest.timed(

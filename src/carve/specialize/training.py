@@ -1,10 +1,11 @@
 """Stage 4: specialization (paper §3.4): LoRA on the generated examples, resumable.
 
 A plain torch loop: the Alpaca prompt (templates.kshot_prompt: the example's
-demonstrations, if it has any, then its own prompt) followed by the response and EOS, loss on the response tokens only, AdamW at a constant
-learning rate, the effective batch reached by gradient accumulation (the loss
-is normalised by the response tokens of the whole effective batch, so
-accumulating equals one big batch). On CUDA the base is loaded in 4-bit nf4
+demonstrations, if it has any, then its own prompt) followed by the response
+and EOS, loss on the response tokens only, AdamW at a constant learning rate,
+the effective batch reached by gradient accumulation (the loss is normalised
+by the response tokens of the whole effective batch, so accumulating equals
+one big batch). On CUDA the base is loaded in 4-bit nf4
 (QLoRA, peft's prepare_model_for_kbit_training).
 
 Checkpoints (adapter weights, optimizer, step, RNG state) are written at the
