@@ -86,7 +86,7 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
 
     responses = read_jsonl(out / "responses.jsonl")
     assert [r["id"] for r in responses] == [k["id"] for k in kept]
-    assert all(r["rule"] == "mixture" and r["branches"] == 3 for r in responses)
+    assert all(r["rule"] == "mixture" and r["branches"] == 3 and r["adapter"] is None for r in responses)
 
     training_set = read_jsonl(out / "training_set.jsonl")
     dropped = read_jsonl(out / "rejected_responses.jsonl")
@@ -172,6 +172,38 @@ def test_resume_refuses_other_settings_and_needs_flag(finished_run: tuple[Path, 
         prepare(tiny_config(tiny_model_dir, iterations=2, top_k=2), seeds, corpus, out, resume=True)
     with pytest.raises(RunError, match="--resume"):
         prepare(tiny_config(tiny_model_dir, iterations=2), seeds, corpus, out, resume=False)
+
+
+def test_seed_adapter_writes_the_responses(tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """``respond_with seed_adapter``: stage 0 trains on the seeds alone, and that adapter answers every instruction."""
+    from carve.platform.loading import open_engine
+    from carve.specialize.responses import build_request
+    from carve.specialize.retrieval import load_corpus
+    from carve.specialize.run import SEED_ADAPTER, SEEDED
+    from carve.specialize.seeds import load_seed_set
+
+    seeds, corpus = domain_files
+    config = tiny_config(tiny_model_dir, respond_with="seed_adapter")
+    out = tmp_path / "seeded"
+    result = run_specialization(start_run(config, seeds, corpus, out))
+
+    seed_training = result["counts"]["seed_training"]
+    assert seed_training["examples"] == 2 * len(SEEDS) - seed_training["skipped_too_long"]
+    assert result["stages_done"][:2] == ["load_model", "seed_training"]
+    responses = read_jsonl(out / "responses.jsonl")
+    assert responses and all(r["adapter"] == SEEDED and r["rule"] == "mixture" for r in responses)
+    # the stored text is what that adapter decodes for the same requests
+    engine, _, _ = open_engine(str(tiny_model_dir))
+    engine.load_adapter(SEEDED, out / SEED_ADAPTER / "final")
+    hits = {r["id"]: r for r in read_jsonl(out / "retrieval.jsonl")}
+    documents = load_corpus(corpus).by_id()
+    domain = load_seed_set(seeds).domain
+    kept = read_jsonl(out / "instructions.jsonl")
+    requests = [build_request(config, domain, engine.tokenizer, item, hits[item["id"]], documents, adapter=SEEDED) for item in kept]
+    assert [c.text.strip() for c in engine.generate(requests)] == [r["output"] for r in responses]
+    base_requests = [build_request(config, domain, engine.tokenizer, item, hits[item["id"]], documents) for item in kept]
+    assert [c.text.strip() for c in engine.generate(base_requests)] != [r["output"] for r in responses], "the base would have written the same"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_retrieval_none_and_top1_ablations(tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path) -> None:

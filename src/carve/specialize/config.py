@@ -96,6 +96,9 @@ class RunConfig(BaseModel):
     response_batch: int = Field(8, ge=1)
     response_max_new_tokens: int = Field(512, ge=1)
     contrast_alpha: float = Field(0.1, ge=0, le=1)
+    respond_with: Literal["base", "seed_adapter"] = Field(
+        "base", description="who writes stage 3's responses: the base (the paper) or an adapter first trained on the seeds alone (stage 0)"
+    )
     response_filters: tuple[ResponseFilter, ...] = Field(
         ("empty",), description="response filters applied before training (carve.specialize.filters.degenerate_response); the paper has none but empty"
     )

@@ -70,8 +70,13 @@ def build_request(
     hit: dict[str, Any] | None,
     documents: dict[str, Any],
     contrast_adapter: str | None = None,
+    adapter: str | None = None,
 ) -> Any:
-    """The engine request for one instruction (see the module docstring for each mode)."""
+    """The engine request for one instruction (see the module docstring for each mode).
+
+    ``adapter`` writes the response instead of the base (``respond_with
+    seed_adapter``); contrast decoding always pits ``contrast_adapter`` against the base.
+    """
     from carve.platform.engine import Branch, GenerationRequest, Sampling
 
     sampling = Sampling(max_new_tokens=config.response_max_new_tokens, temperature=0.0, stop=RESPONSE_STOPS, alpha=config.contrast_alpha)
@@ -86,9 +91,9 @@ def build_request(
         return GenerationRequest((Branch(shown, contrast_adapter), Branch(shown, None)), "contrast", sampling)
     if len(doc_ids) > 1:
         weights = hit["weights"]  # type: ignore[index]
-        branches = tuple(Branch(prompt(d), None, max(w, 1e-30)) for d, w in zip(doc_ids, weights))
+        branches = tuple(Branch(prompt(d), adapter, max(w, 1e-30)) for d, w in zip(doc_ids, weights))
         return GenerationRequest(branches, "mixture", sampling)
-    return GenerationRequest.single(prompt(doc_ids[0] if doc_ids else None), None, sampling)
+    return GenerationRequest.single(prompt(doc_ids[0] if doc_ids else None), adapter, sampling)
 
 
 def shown_document_ids(config: RunConfig, hit: dict[str, Any] | None, contrast: bool = False) -> list[str]:
@@ -114,6 +119,7 @@ def generate_responses(
     folder: Path,
     contrast_adapter: str | None = None,
     label: str = "responses",
+    adapter: str | None = None,
 ) -> JsonlStore:
     """One response per instruction, batched ``response_batch`` requests at a time; resumes by id."""
     store = JsonlStore(folder / RESPONSES)
@@ -124,7 +130,7 @@ def generate_responses(
         for start in range(0, len(missing), config.response_batch):
             chunk = missing[start : start + config.response_batch]
             requests = [
-                build_request(config, domain, engine.tokenizer, item, hits.items.get(item["id"]) if hits is not None else None, documents, contrast_adapter)
+                build_request(config, domain, engine.tokenizer, item, hits.items.get(item["id"]) if hits is not None else None, documents, contrast_adapter, adapter)
                 for item in chunk
             ]
             completions = engine.generate(requests)
@@ -137,6 +143,7 @@ def generate_responses(
                     "finish_reason": completion.finish_reason,
                     "rule": request.rule,
                     "branches": len(request.branches),
+                    "adapter": request.branches[0].adapter,
                     "tokens": len(completion.token_ids),
                 }
                 for item, request, completion in zip(chunk, requests, completions)

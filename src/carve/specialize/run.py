@@ -10,6 +10,8 @@ Layout of a run folder::
     responses.jsonl       one response per instruction (stage 3)
     training_set.jsonl    what training sees: kept responses and, if asked, the seeds, each with its source;
                           rejected_responses.jsonl with the response filter and reason
+    seed_adapter/         checkpoints/ and final/ of the adapter trained on the seeds alone, which
+                          writes the responses with --respond-with seed_adapter (stage 0)
     train/                checkpoints/ and final/ (stage 4)
     iter2/                the same for the second iteration (stage 5, --iterations 2)
     adapter/              the packaged PEFT adapter with carve-card.json (stage 6)
@@ -34,6 +36,8 @@ from carve.specialize.store import write_atomic, write_jsonl_atomic
 
 MANIFEST = "run.json"
 ITERATION_2 = "iter2"
+SEED_ADAPTER = "seed_adapter"
+SEEDED = "seeded"
 ADAPTER = "adapter"
 SPECIALIZED = "specialized"
 TRAINING_SET = "training_set.jsonl"
@@ -188,8 +192,49 @@ def _training_examples(
     return kept, removed
 
 
-def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, number: int, init_adapter: Path | None) -> Path:
-    """Stages 1-4 of one iteration in ``folder``; returns the trained adapter folder."""
+def _training_counts(trained: Any) -> dict[str, Any]:
+    return {
+        "examples": trained.examples, "skipped_too_long": trained.skipped_too_long, "steps": trained.steps,
+        "final_loss": trained.final_loss, "first_loss": trained.losses[0] if trained.losses else None,
+        "examples_per_second": trained.examples_per_second,
+    }
+
+
+def _train_seed_adapter(engine: Any, inputs: Inputs, manifest: Manifest) -> str:
+    """Stage 0 (``respond_with seed_adapter``): a LoRA on the seeds alone, loaded into the engine to write the responses.
+
+    Why: a 135M base answers a generated task zero-shot by restating it (59 of
+    120 of SmolLM2's quick responses were echoes) while the same model trained
+    on the seeds already scores twice its base (issue 4). The paper's base is
+    30B, where zero-shot responses are usable; here the seeds must teach the
+    answer formats before the model can write answers worth learning.
+    """
+    from carve.specialize.training import train_lora
+
+    config = inputs.config
+    trained = manifest.timed(
+        "seed_training",
+        lambda: train_lora(
+            inputs.base.path, seed_examples(inputs.seed_set, config.seed_demonstrations), config.training,
+            inputs.out / SEED_ADAPTER, config.seed, label="training on the seeds (stage 0)",
+        ),
+    )
+    manifest.data["counts"]["seed_training"] = _training_counts(trained)
+    manifest.save()
+    if SEEDED in engine.adapters:
+        engine.unload_adapter(SEEDED)
+    engine.load_adapter(SEEDED, trained.adapter_dir)
+    return SEEDED
+
+
+def _iteration(
+    engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, number: int, init_adapter: Path | None, responder: str | None = None
+) -> Path:
+    """Stages 1-4 of one iteration in ``folder``; returns the trained adapter folder.
+
+    ``responder`` is the adapter that writes the responses (None: the base);
+    iteration 2 decodes contrastively with the specialized adapter instead.
+    """
     from carve.specialize.generate_instructions import generate_instructions
     from carve.specialize.responses import generate_responses, retrieve, shown_passages
     from carve.specialize.retrieval import BM25Index
@@ -221,7 +266,10 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
         manifest.data["counts"][f"retrieval{suffix}"] = {"queries": len(hits)}
     responses = manifest.timed(
         f"responses{suffix}",
-        lambda: generate_responses(engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})"),
+        lambda: generate_responses(
+            engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})",
+            adapter=responder if contrast is None else None,
+        ),
     )
     ordered = [responses.items[item["id"]] for item in made.kept]
     documents = inputs.corpus.by_id() if inputs.corpus is not None else {}
@@ -236,11 +284,7 @@ def _iteration(engine: Any, inputs: Inputs, manifest: Manifest, folder: Path, nu
         f"training{suffix}",
         lambda: train_lora(inputs.base.path, examples, config.training, folder / "train", config.seed + number - 1, init_adapter, label=f"training (iteration {number})"),
     )
-    manifest.data["counts"][f"training{suffix}"] = {
-        "examples": trained.examples, "skipped_too_long": trained.skipped_too_long, "steps": trained.steps,
-        "final_loss": trained.final_loss, "first_loss": trained.losses[0] if trained.losses else None,
-        "examples_per_second": trained.examples_per_second,
-    }
+    manifest.data["counts"][f"training{suffix}"] = _training_counts(trained)
     manifest.save()
     return trained.adapter_dir
 
@@ -256,7 +300,8 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
     engine, _resolved, plan = manifest.timed("load_model", lambda: open_engine(str(inputs.base.path)))
     manifest.data["load_plan"] = plan.describe()
 
-    trained = _iteration(engine, inputs, manifest, inputs.out, 1, None)
+    responder = _train_seed_adapter(engine, inputs, manifest) if config.respond_with == "seed_adapter" else None
+    trained = _iteration(engine, inputs, manifest, inputs.out, 1, None, responder)
     if config.iterations == 2:
         if SPECIALIZED in engine.adapters:
             engine.unload_adapter(SPECIALIZED)

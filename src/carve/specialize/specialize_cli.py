@@ -18,6 +18,7 @@ def specialize(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Documents per instruction (profile default)."),
     retrieval: Optional[str] = typer.Option(None, "--retrieval", help="marginal (eq. 2), top1, or none."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="1, or 2 for iterative self-specialization."),
+    respond_with: Optional[str] = typer.Option(None, "--respond-with", help="base (the paper) or seed_adapter (a LoRA on the seeds writes the responses)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (profile default)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed; every item's seed derives from it."),
     prompt_style: Optional[str] = typer.Option(None, "--prompt-style", help="chat (chat template when the model has one) or raw."),
@@ -44,7 +45,7 @@ def specialize(
         config = build_config(
             profile,  # type: ignore[arg-type]
             num_instructions=num_instructions, top_k=top_k, retrieval=retrieval, iterations=iterations,
-            seed=seed, prompt_style=prompt_style, base=base, training=training,
+            respond_with=respond_with, seed=seed, prompt_style=prompt_style, base=base, training=training,
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
