@@ -19,7 +19,7 @@ from specialize_tiny import FRESH_ITEMS, SEEDS, write_corpus, write_generations,
 
 from carve.specialize.config import build_config
 from carve.specialize.filters import RESPONSE_FILTERS
-from carve.specialize.run import ITERATION_2, Manifest, RunError, prepare, run_specialization
+from carve.specialize.run import ITERATION_2, SEED_ADAPTER, SEEDED, Manifest, RunError, prepare, run_specialization
 from carve.specialize.store import read_jsonl
 
 SETTINGS = dict(
@@ -86,28 +86,31 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
 
     responses = read_jsonl(out / "responses.jsonl")
     assert [r["id"] for r in responses] == [k["id"] for k in kept]
-    assert all(r["rule"] == "mixture" and r["branches"] == 3 and r["adapter"] is None for r in responses)
+    assert all(r["rule"] == "mixture" and r["branches"] == 3 and r["adapter"] == SEEDED for r in responses)
 
-    training_set = read_jsonl(out / "training_set.jsonl")
-    dropped = read_jsonl(out / "rejected_responses.jsonl")
-    synthetic = [r for r in training_set if r["source"] == "synthetic"]
-    assert len(synthetic) + len(dropped) == len(responses)
-    # each seed twice (quick's seed_demonstrations=2): alone, then after two other seeds, its own task's first
-    seeds_part = training_set[len(synthetic):]
+    # stage 0 trained on each seed twice (quick's seed_demonstrations=2): alone, then after two other seeds, its own task's first
+    seeds_part = read_jsonl(out / SEED_ADAPTER / "training_set.jsonl")
     assert [r["source"] for r in seeds_part] == ["seed"] * 2 * len(SEEDS)
     for seed, alone, shown in zip(SEEDS, seeds_part[0::2], seeds_part[1::2]):
         assert "demos" not in alone and (alone["instruction"], alone["output"]) == (shown["instruction"], shown["output"]) == (seed["instruction"], seed["output"])
         assert len(shown["demos"]) == 2 and all(d["output"] != seed["output"] for d in shown["demos"])
         same_task = [s["output"] for s in SEEDS if s["task"] == seed["task"] and s is not seed]
         assert [d["output"] for d in shown["demos"]][: len(same_task)] == same_task[:2]
-    assert all(r["filter"] in RESPONSE_FILTERS and r["reason"] for r in dropped)
+    seed_training = result["counts"]["seed_training"]
+    assert seed_training["examples"] == 2 * len(SEEDS) - seed_training["skipped_too_long"]
+    assert (out / SEED_ADAPTER / "final" / "adapter_model.safetensors").is_file()
 
+    # stage 4 continued that adapter on the generated pairs that passed the response filters
+    training_set = read_jsonl(out / "training_set.jsonl")
+    dropped = read_jsonl(out / "rejected_responses.jsonl")
+    assert training_set and all(r["source"] == "synthetic" for r in training_set)
+    assert len(training_set) + len(dropped) == len(responses)
+    assert all(r["filter"] in RESPONSE_FILTERS and r["reason"] for r in dropped)
     train = result["counts"]["training"]
     responses_counts = result["counts"]["responses"]
-    assert responses_counts["kept"] == len(synthetic)
+    assert responses_counts["kept"] == len(training_set) and responses_counts["seed_examples"] == 0
     assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo", "copied"}
-    assert responses_counts["seed_examples"] == 2 * len(SEEDS)
-    assert train["examples"] == responses_counts["kept"] + responses_counts["seed_examples"] - train["skipped_too_long"]
+    assert train["examples"] == responses_counts["kept"] - train["skipped_too_long"]
     assert train["steps"] == 2 * -(-train["examples"] // 4)
     assert (out / "train" / "final" / "adapter_model.safetensors").is_file()
     assert any((out / "train" / "checkpoints").glob("step-*/optimizer.pt"))
@@ -117,7 +120,7 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     assert second and all(r["rule"] == "contrast" and r["branches"] == 2 for r in second)
     assert not {r["instruction"] for r in second} & {k["instruction"] for k in kept}
     assert (out / ITERATION_2 / "train" / "final" / "adapter_model.safetensors").is_file()
-    assert set(result["timings_s"]) >= {"instructions", "retrieval", "responses", "training", "instructions_iter2", "training_iter2", "package"}
+    assert set(result["timings_s"]) >= {"seed_training", "instructions", "retrieval", "responses", "training", "instructions_iter2", "training_iter2", "package"}
 
 
 def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,36 +177,27 @@ def test_resume_refuses_other_settings_and_needs_flag(finished_run: tuple[Path, 
         prepare(tiny_config(tiny_model_dir, iterations=2), seeds, corpus, out, resume=False)
 
 
-def test_seed_adapter_writes_the_responses(tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path) -> None:
-    """``respond_with seed_adapter``: stage 0 trains on the seeds alone, and that adapter answers every instruction."""
+def test_seed_adapter_writes_the_responses(finished_run: tuple[Path, dict], tiny_model_dir: Path, domain_files: tuple[Path, Path]) -> None:
+    """The stored responses are what the stage-0 adapter decodes for the same requests, not what the base would."""
     from carve.platform.loading import open_engine
     from carve.specialize.responses import build_request
     from carve.specialize.retrieval import load_corpus
-    from carve.specialize.run import SEED_ADAPTER, SEEDED
     from carve.specialize.seeds import load_seed_set
 
+    out, _ = finished_run
     seeds, corpus = domain_files
-    config = tiny_config(tiny_model_dir, respond_with="seed_adapter")
-    out = tmp_path / "seeded"
-    result = run_specialization(start_run(config, seeds, corpus, out))
-
-    seed_training = result["counts"]["seed_training"]
-    assert seed_training["examples"] == 2 * len(SEEDS) - seed_training["skipped_too_long"]
-    assert result["stages_done"][:2] == ["load_model", "seed_training"]
-    responses = read_jsonl(out / "responses.jsonl")
-    assert responses and all(r["adapter"] == SEEDED and r["rule"] == "mixture" for r in responses)
-    # the stored text is what that adapter decodes for the same requests
+    config = tiny_config(tiny_model_dir, iterations=2)
     engine, _, _ = open_engine(str(tiny_model_dir))
     engine.load_adapter(SEEDED, out / SEED_ADAPTER / "final")
     hits = {r["id"]: r for r in read_jsonl(out / "retrieval.jsonl")}
     documents = load_corpus(corpus).by_id()
     domain = load_seed_set(seeds).domain
     kept = read_jsonl(out / "instructions.jsonl")
+    written = [r["output"] for r in read_jsonl(out / "responses.jsonl")]
     requests = [build_request(config, domain, engine.tokenizer, item, hits[item["id"]], documents, adapter=SEEDED) for item in kept]
-    assert [c.text.strip() for c in engine.generate(requests)] == [r["output"] for r in responses]
+    assert [c.text.strip() for c in engine.generate(requests)] == written
     base_requests = [build_request(config, domain, engine.tokenizer, item, hits[item["id"]], documents) for item in kept]
-    assert [c.text.strip() for c in engine.generate(base_requests)] != [r["output"] for r in responses], "the base would have written the same"
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert [c.text.strip() for c in engine.generate(base_requests)] != written, "the base would have written the same"
 
 
 def test_retrieval_none_and_top1_ablations(tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path) -> None:

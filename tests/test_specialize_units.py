@@ -164,6 +164,26 @@ def test_degenerate_responses() -> None:
     assert degenerate_response(" ", checks=("empty",))[0] == "empty"
 
 
+def test_training_set_holds_the_kept_responses_and_the_seeds_only_if_asked(tmp_path: Path) -> None:
+    from specialize_tiny import SEEDS
+
+    from carve.specialize.run import TRAINING_SET, _training_examples
+    from carve.specialize.seeds import load_seed_set
+
+    seed_set = load_seed_set(write_seed_set(tmp_path / "seeds"))
+    sentence = "The gene encoding the enzyme of the malaria parasite has been identified."
+    responses = [
+        {"id": "a", "instruction": "Tag the genes.", "input": "BRCA1 rose.", "output": "BRCA1 <Gene>"},
+        {"id": "b", "instruction": sentence, "input": "", "output": sentence},
+    ]
+    for train_on_seeds, seed_rows in ((False, 0), (True, 2 * len(SEEDS))):
+        config = build_config("quick", train_on_seeds=train_on_seeds)
+        examples, removed = _training_examples(responses, {}, seed_set, config, tmp_path)
+        assert [e["id"] for e in examples[:1]] == ["a"] and removed["echo"] == 1
+        assert [e["source"] for e in examples[1:]] == ["seed"] * seed_rows
+        assert [json.loads(line)["id"] for line in (tmp_path / TRAINING_SET).read_text().splitlines()] == [e["id"] for e in examples]
+
+
 def test_response_read_out_of_a_retrieved_document_is_copied() -> None:
     document = (
         "Short-term memory and sentence comprehension. The relationship between short-term memory impairment and "
@@ -237,11 +257,16 @@ def test_profiles() -> None:
     assert paper.training.accumulation == 8 and not paper.train_on_seeds and paper.fluency_margin is None and not paper.first_item_only
     # quick: fewer synthetic pairs, one per prompt, the seeds train too, and the small-generator fixes
     assert paper.response_filters == ("empty",) and set(quick.response_filters) == {"empty", "repetitive", "echo", "copied"}
-    assert quick.num_instructions == 120 and quick.first_item_only and quick.train_on_seeds and quick.fluency_margin == 0.0
+    assert quick.num_instructions == 120 and quick.first_item_only and quick.fluency_margin == 0.0
     assert (quick.instruction_temperature, quick.instruction_top_p) == (0.7, 0.9)
     assert quick.seed_demonstrations == 2 and paper.seed_demonstrations == 0 and quick.training.max_length == 512
-    with pytest.raises(ValueError, match="seed_demonstrations needs train_on_seeds"):
+    # quick: the seeds train first (stage 0); that adapter writes the responses and stage 4 continues it
+    assert (quick.respond_with, quick.train_from, quick.train_on_seeds) == ("seed_adapter", "seed_adapter", False) and quick.uses_seed_adapter()
+    assert (paper.respond_with, paper.train_from) == ("base", "scratch") and not paper.uses_seed_adapter()
+    assert build_config("paper", train_from="seed_adapter").uses_seed_adapter()
+    with pytest.raises(ValueError, match="seed_demonstrations needs train_on_seeds or a seed adapter"):
         build_config("paper", seed_demonstrations=2)
+    assert build_config("paper", seed_demonstrations=2, train_on_seeds=True).seed_demonstrations == 2
     assert build_config("quick", top_k=5, training={"epochs": 3}).training.epochs == 3
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         build_config("paper", training={"micro_batch_size": 5})

@@ -10,8 +10,9 @@ Layout of a run folder::
     responses.jsonl       one response per instruction (stage 3)
     training_set.jsonl    what training sees: kept responses and, if asked, the seeds, each with its source;
                           rejected_responses.jsonl with the response filter and reason
-    seed_adapter/         checkpoints/ and final/ of the adapter trained on the seeds alone, which
-                          writes the responses with --respond-with seed_adapter (stage 0)
+    seed_adapter/         training_set.jsonl, checkpoints/ and final/ of the adapter trained on the seeds
+                          alone (stage 0), which writes the responses (respond_with) and/or which
+                          stage 4 continues (train_from)
     train/                checkpoints/ and final/ (stage 4)
     iter2/                the same for the second iteration (stage 5, --iterations 2)
     adapter/              the packaged PEFT adapter with carve-card.json (stage 6)
@@ -200,31 +201,30 @@ def _training_counts(trained: Any) -> dict[str, Any]:
     }
 
 
-def _train_seed_adapter(engine: Any, inputs: Inputs, manifest: Manifest) -> str:
-    """Stage 0 (``respond_with seed_adapter``): a LoRA on the seeds alone, loaded into the engine to write the responses.
+def _train_seed_adapter(inputs: Inputs, manifest: Manifest) -> Path:
+    """Stage 0: a LoRA on the seeds alone; it writes the responses (``respond_with``) and/or stage 4 continues from it (``train_from``).
 
     Why: a 135M base answers a generated task zero-shot by restating it (59 of
     120 of SmolLM2's quick responses were echoes) while the same model trained
     on the seeds already scores twice its base (issue 4). The paper's base is
     30B, where zero-shot responses are usable; here the seeds must teach the
-    answer formats before the model can write answers worth learning.
+    answer formats before the model can write answers worth learning, and
+    continuing from this adapter keeps what the seeds taught instead of
+    diluting 188 certain examples with 96 generated ones.
     """
     from carve.specialize.training import train_lora
 
     config = inputs.config
+    examples = seed_examples(inputs.seed_set, config.seed_demonstrations)
+    (inputs.out / SEED_ADAPTER).mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(inputs.out / SEED_ADAPTER / TRAINING_SET, examples)
     trained = manifest.timed(
         "seed_training",
-        lambda: train_lora(
-            inputs.base.path, seed_examples(inputs.seed_set, config.seed_demonstrations), config.training,
-            inputs.out / SEED_ADAPTER, config.seed, label="training on the seeds (stage 0)",
-        ),
+        lambda: train_lora(inputs.base.path, examples, config.training, inputs.out / SEED_ADAPTER, config.seed, label="training on the seeds (stage 0)"),
     )
     manifest.data["counts"]["seed_training"] = _training_counts(trained)
     manifest.save()
-    if SEEDED in engine.adapters:
-        engine.unload_adapter(SEEDED)
-    engine.load_adapter(SEEDED, trained.adapter_dir)
-    return SEEDED
+    return trained.adapter_dir
 
 
 def _iteration(
@@ -280,6 +280,12 @@ def _iteration(
         "seed_examples": sum(e["source"] == "seed" for e in examples), "generated_tokens": sum(r["tokens"] for r in ordered),
     }
     manifest.save()
+    if not examples:
+        if init_adapter is None:
+            raise RunError(f"every generated response of iteration {number} was filtered out and no seeds train: nothing to train on ({folder / REJECTED_RESPONSES})")
+        manifest.data["counts"][f"training{suffix}"] = {"examples": 0, "kept_adapter": str(init_adapter)}
+        manifest.save()
+        return init_adapter
     trained = manifest.timed(
         f"training{suffix}",
         lambda: train_lora(inputs.base.path, examples, config.training, folder / "train", config.seed + number - 1, init_adapter, label=f"training (iteration {number})"),
@@ -300,8 +306,15 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
     engine, _resolved, plan = manifest.timed("load_model", lambda: open_engine(str(inputs.base.path)))
     manifest.data["load_plan"] = plan.describe()
 
-    responder = _train_seed_adapter(engine, inputs, manifest) if config.respond_with == "seed_adapter" else None
-    trained = _iteration(engine, inputs, manifest, inputs.out, 1, None, responder)
+    seed_adapter = _train_seed_adapter(inputs, manifest) if config.uses_seed_adapter() else None
+    responder = None
+    if config.respond_with == "seed_adapter":
+        assert seed_adapter is not None
+        if SEEDED in engine.adapters:
+            engine.unload_adapter(SEEDED)
+        engine.load_adapter(SEEDED, seed_adapter)
+        responder = SEEDED
+    trained = _iteration(engine, inputs, manifest, inputs.out, 1, seed_adapter if config.train_from == "seed_adapter" else None, responder)
     if config.iterations == 2:
         if SPECIALIZED in engine.adapters:
             engine.unload_adapter(SPECIALIZED)
