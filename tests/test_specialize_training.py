@@ -8,7 +8,7 @@ import pytest
 
 from carve.specialize.config import TrainingConfig
 from carve.specialize.templates import Demonstration, alpaca_prompt, kshot_prompt
-from carve.specialize.training import IGNORE, encode_example, train_lora
+from carve.specialize.training import IGNORE, _collate, encode_example, response_loss, train_lora
 
 EXAMPLES = [
     {"instruction": "Name the gene.", "input": "BRCA1 was measured.", "output": "BRCA1"},
@@ -33,6 +33,30 @@ def test_loss_only_on_response_tokens(tiny_model_dir: Path) -> None:
     assert encoded.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(encoded.input_ids[prompt_len:-1]) == "BRCA1"
     assert encode_example(tokenizer, "Name the gene.", "x " * 300, "BRCA1", 64) is None
+
+
+def test_response_loss_equals_the_full_logits_loss_on_padded_batches(tiny_model_dir: Path) -> None:
+    """Projecting only the learned positions changes nothing: same loss, same gradient as the full logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    encoded = [encode_example(tokenizer, e["instruction"], e["input"], e["output"], 400) for e in EXAMPLES[:3]]
+    micro = _collate([e for e in encoded if e is not None], int(tokenizer.pad_token_id))  # three lengths: right padding differs per row
+
+    def full(model: object) -> torch.Tensor:
+        logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[:, :-1].float()  # type: ignore[operator]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    kept = response_loss(model, micro)
+    kept.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    reference = full(model)
+    reference.backward()
+    assert kept.item() == pytest.approx(reference.item(), rel=1e-5) and reference.item() > 0
+    assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-6)
 
 
 def test_demonstrations_come_before_the_prompt_and_are_dropped_to_fit(tiny_model_dir: Path) -> None:

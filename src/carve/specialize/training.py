@@ -93,6 +93,22 @@ def _collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
+def response_loss(model: Any, micro: dict[str, Any]) -> Any:
+    """Summed cross-entropy of a micro-batch's response tokens (labels other than IGNORE).
+
+    Only the positions that predict a learned token go through the vocabulary
+    projection (``logits_to_keep`` as a boolean mask): a k-shot seed is ~400
+    prompt tokens for ~20 learned ones, and full logits were most of the memory.
+    """
+    import torch
+
+    targets = micro["labels"][:, 1:]
+    learned = torch.zeros_like(micro["labels"], dtype=torch.bool)
+    learned[:, :-1] = targets != IGNORE
+    logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"], logits_to_keep=learned).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[learned[:, :-1]], reduction="sum")
+
+
 def _latest_checkpoint(folder: Path) -> Path | None:
     done = sorted(p for p in folder.glob("step-*") if (p / STATE).is_file())
     return done[-1] if done else None
@@ -211,13 +227,7 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for start in range(0, len(batch), config.micro_batch_size):
-                micro = _collate(batch[start : start + config.micro_batch_size], pad_id)
-                logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
-                shift_logits = logits[:, :-1, :].float()
-                shift_labels = micro["labels"][:, 1:]
-                loss = torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-                ) / max(tokens, 1)
+                loss = response_loss(model, _collate(batch[start : start + config.micro_batch_size], pad_id)) / max(tokens, 1)
                 loss.backward()
                 step_loss += float(loss.detach())
             optimizer.step()
