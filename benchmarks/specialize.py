@@ -7,13 +7,16 @@
       naive   - the same math with k separate forward passes (one KV cache per branch)
                 per request per decoding step, combined by the same `combine`.
     Both must produce the same tokens (checked); examples/minute of each and the ratio.
-(b) LoRA training throughput (examples/second) with the quick profile's settings.
+(b) LoRA training throughput (examples/second) with the quick profile's settings,
+    and the training loss on k-shot seed micro-batches two ways: the vocabulary
+    projection only where a response token is learned (carve) against full logits
+    (the usual causal-LM loss); both must give the same loss (checked).
 (c) Wall time of each stage of the quick profile, read from a finished run's run.json
     (default /work/runs/quick-smollm2, produced by `carve specialize --profile quick`).
 
 Run: ../shared/tools/offline .venv/bin/python benchmarks/specialize.py [--requests 8] [--run DIR]
 Target: engine >= 2.5 x naive.
-Last line: RESULT branches_vs_naive=<ratio> quick_profile_s=<seconds> kept_examples=<n>
+Last line: RESULT branches_vs_naive=<ratio> learned_vs_full_logits=<ratio> quick_profile_s=<seconds> kept_examples=<n>
 """
 
 from __future__ import annotations
@@ -130,6 +133,53 @@ def bench_training(args: argparse.Namespace) -> float:
     return rate
 
 
+def bench_loss(args: argparse.Namespace) -> float:
+    """Seconds per micro-batch (forward + backward) of the learned-positions loss and of full logits; returns full / learned."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from carve.platform.models import resolve_model
+    from carve.specialize.config import build_config
+    from carve.specialize.run import seed_examples
+    from carve.specialize.seeds import load_seed_set
+    from carve.specialize.templates import Demonstration
+    from carve.specialize.training import IGNORE, _collate, encode_example, load_for_training, response_loss
+
+    config = build_config("quick")
+    model, tokenizer, _ = load_for_training(resolve_model(args.model).path, False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    shown = [e for e in seed_examples(load_seed_set(ROOT / "seeds" / "biomedical"), config.seed_demonstrations) if "demos" in e]
+    size = config.training.micro_batch_size
+    encoded = [encode_example(tokenizer, e["instruction"], e["input"], e["output"], config.training.max_length, [Demonstration(**d) for d in e["demos"]]) for e in shown]
+    fitting = sorted((e for e in encoded if e is not None), key=lambda e: len(e.input_ids))[: size * args.loss_batches]
+    batches = [_collate(fitting[i : i + size], int(tokenizer.pad_token_id)) for i in range(0, len(fitting), size)]
+
+    def full_logits(model, micro):  # type: ignore[no-untyped-def]
+        logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    seconds, losses = {}, {}
+    for name, loss_of in (("learned positions", response_loss), ("full logits", full_logits)):
+        spent, values = 0.0, []
+        for micro in batches:
+            with timer() as elapsed:
+                loss = loss_of(model, micro)
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+            spent += elapsed[0]
+            values.append(loss.item())
+        seconds[name], losses[name] = spent / len(batches), values
+    same = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(losses["learned positions"], losses["full logits"]))
+    tokens = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+    width = sum(b["input_ids"].numel() for b in batches)
+    print(f"(b2) training loss, {len(batches)} micro-batches of {size} k-shot seeds ({width} positions, {tokens} learned): "
+          f"learned positions {seconds['learned positions']:.2f} s, full logits {seconds['full logits']:.2f} s per micro-batch "
+          f"-> {seconds['full logits'] / seconds['learned positions']:.2f}x; same loss: {same}")
+    if not same:
+        raise SystemExit("the two losses differ")
+    return seconds["full logits"] / seconds["learned positions"]
+
+
 def quick_profile(run: Path) -> tuple[float | None, int | None]:
     manifest = run / "run.json"
     if not manifest.is_file():
@@ -155,11 +205,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--doc-words", type=int, default=80)
     parser.add_argument("--train-examples", type=int, default=16)
+    parser.add_argument("--loss-batches", type=int, default=6)
     parser.add_argument("--run", type=Path, default=Path("/work/runs/quick-smollm2"))
     args = parser.parse_args()
 
     engine_rate, naive_rate, same = bench_responses(args)
     train_rate = bench_training(args)
+    loss_ratio = bench_loss(args)
     quick_s, kept = quick_profile(args.run)
     ratio = engine_rate / naive_rate
     print(f"target: engine >= 2.5 x naive -> {ratio:.2f} x {'met' if ratio >= 2.5 else 'NOT met'}; tokens identical: {same}")
@@ -168,8 +220,8 @@ def main() -> None:
               [engine_rate, naive_rate], "examples / minute")
     (OUT_DIR / "specialize.json").write_text(json.dumps(
         {"engine_examples_per_min": engine_rate, "naive_examples_per_min": naive_rate, "ratio": ratio, "same_tokens": same,
-         "training_examples_per_s": train_rate, "quick_profile_s": quick_s, "kept_examples": kept}, indent=2))
-    print(f"RESULT branches_vs_naive={ratio:.2f} quick_profile_s={quick_s if quick_s is not None else 'NA'} kept_examples={kept if kept is not None else 'NA'}")
+         "training_examples_per_s": train_rate, "learned_vs_full_logits": loss_ratio, "quick_profile_s": quick_s, "kept_examples": kept}, indent=2))
+    print(f"RESULT branches_vs_naive={ratio:.2f} learned_vs_full_logits={loss_ratio:.2f} quick_profile_s={quick_s if quick_s is not None else 'NA'} kept_examples={kept if kept is not None else 'NA'}")
 
 
 if __name__ == "__main__":
