@@ -109,7 +109,7 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     train = result["counts"]["training"]
     responses_counts = result["counts"]["responses"]
     assert responses_counts["kept"] == len(training_set) and responses_counts["seed_examples"] == 0
-    assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo", "copied"}
+    assert set(responses_counts["removed"]) == {"empty", "repetitive", "echo", "copied", "markup"}
     assert train["examples"] == responses_counts["kept"] - train["skipped_too_long"]
     assert train["steps"] == 2 * -(-train["examples"] // 4)
     assert (out / "train" / "final" / "adapter_model.safetensors").is_file()

@@ -162,6 +162,16 @@ def test_degenerate_responses() -> None:
     assert degenerate_response(sentence, sentence, "", checks=("empty",)) is None
     assert degenerate_response(loop, checks=("empty", "echo")) is None
     assert degenerate_response(" ", checks=("empty",))[0] == "empty"
+    # markup no seed answer has (gemma3's "<tex>$16$</tex>"), while entity tags and dollar amounts pass
+    assert degenerate_response("HPV 16 <tex>$16$</tex>")[0] == "markup"
+    assert degenerate_response("Meth mouth <tex>>> xerostomia")[0] == "markup"
+    assert degenerate_response("IgG2b <b>bold</b>")[0] == "markup"
+    assert degenerate_response("revenue rose from $5M to $6M") is None
+    from carve.specialize.seeds import load_seed_set
+
+    seeds_root = Path(__file__).resolve().parent.parent / "seeds"
+    for domain in ("biomedical", "finance"):
+        assert all(degenerate_response(s.output, checks=("markup",)) is None for s in load_seed_set(seeds_root / domain).seeds)
 
 
 def test_training_set_holds_the_kept_responses_and_the_seeds_only_if_asked(tmp_path: Path) -> None:
@@ -256,7 +266,7 @@ def test_profiles() -> None:
     assert (paper.instruction_top_p, paper.instruction_temperature, paper.training.learning_rate) == (0.98, 1.0, 3e-4)
     assert paper.training.accumulation == 8 and not paper.train_on_seeds and paper.fluency_margin is None and not paper.first_item_only
     # quick: fewer synthetic pairs, one per prompt, the seeds train too, and the small-generator fixes
-    assert paper.response_filters == ("empty",) and set(quick.response_filters) == {"empty", "repetitive", "echo", "copied"}
+    assert paper.response_filters == ("empty",) and set(quick.response_filters) == {"empty", "repetitive", "echo", "copied", "markup"}
     assert quick.num_instructions == 120 and quick.first_item_only and quick.fluency_margin == 0.0
     assert (quick.instruction_temperature, quick.instruction_top_p) == (0.7, 0.9)
     assert quick.seed_demonstrations == 2 and paper.seed_demonstrations == 0 and quick.training.max_length == 512

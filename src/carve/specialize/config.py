@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Profile = Literal["quick", "paper"]
 RetrievalMode = Literal["marginal", "top1", "none"]
-ResponseFilter = Literal["empty", "repetitive", "echo", "copied"]
+ResponseFilter = Literal["empty", "repetitive", "echo", "copied", "markup"]
 
 
 class TrainingConfig(BaseModel):
@@ -150,7 +150,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seed_demonstrations": 2,
         "respond_with": "seed_adapter",
         "train_from": "seed_adapter",
-        "response_filters": ("empty", "repetitive", "echo", "copied"),
+        "response_filters": ("empty", "repetitive", "echo", "copied", "markup"),
         "instruction_batch": 16,
         "instruction_max_new_tokens": 160,
         "seed_input_chars": 150,

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 FILTERS = ("malformed", "length", "not_text", "near_duplicate", "disfluent")
-RESPONSE_FILTERS = ("empty", "repetitive", "echo", "copied")
+RESPONSE_FILTERS = ("empty", "repetitive", "echo", "copied", "markup")
+# A closing tag, or a TeX/math tag: the seeds mark an entity with one opening-style "<Type>" and close nothing.
+_MARKUP = re.compile(r"</[A-Za-z][\w-]*>|<(?:tex|math|latex)\b[^>]*>", re.IGNORECASE)
 
 # self-instruct's list of things a text-only model cannot do
 NOT_TEXT_WORDS = (
@@ -157,7 +159,10 @@ def degenerate_response(
     subsequence of one document the prompt showed: the model read the passage
     out instead of answering ("Split the sentence..." answered by the first
     lines of the retrieved abstract). A short extracted answer is not long
-    enough to count. Only the filters named in ``checks`` apply.
+    enough to count. ``markup``: a closing tag or a TeX tag, which no seed answer
+    has (gemma3-270m's seed adapter wrote "HPV 16 <tex>$16$</tex>" for 35 of 120
+    responses, and the adapter trained on them appended it to its answers).
+    Only the filters named in ``checks`` apply.
     """
     tokens = rouge_tokens(text)
     if "empty" in checks and not text.strip():
@@ -171,6 +176,10 @@ def degenerate_response(
         score = rouge_l(tokens, rouge_tokens(source))
         if score >= echo_threshold:
             return "echo", f"ROUGE-L {score:.2f} with its own {name}"
+    if "markup" in checks:
+        match = _MARKUP.search(text)
+        if match:
+            return "markup", f"markup no seed answer has: {match.group(0)!r}"
     if "copied" in checks and len(tokens) >= copy_words:
         for number, document in enumerate(documents, start=1):
             share = _lcs(tokens, rouge_tokens(document)) / len(tokens)
