@@ -135,7 +135,6 @@ def bench_training(args: argparse.Namespace) -> float:
 
 def bench_loss(args: argparse.Namespace) -> float:
     """Seconds per micro-batch (forward + backward) of the learned-positions loss and of full logits; returns full / learned."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from carve.platform.models import resolve_model
@@ -155,8 +154,8 @@ def bench_loss(args: argparse.Namespace) -> float:
     batches = [_collate(fitting[i : i + size], int(tokenizer.pad_token_id)) for i in range(0, len(fitting), size)]
 
     def full_logits(model, micro):  # type: ignore[no-untyped-def]
-        logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+        """transformers' own causal-LM loss (a mean over the learned tokens), summed like response_loss."""
+        return model(**micro).loss * int((micro["labels"][:, 1:] != IGNORE).sum())
 
     seconds, losses = {}, {}
     for name, loss_of in (("learned positions", response_loss), ("full logits", full_logits)):

@@ -28,12 +28,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from carve.specialize.config import RunConfig
 from carve.specialize.retrieval import Corpus, load_corpus
 from carve.specialize.seeds import SeedSet, load_seed_set
 from carve.specialize.store import write_atomic, write_jsonl_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from carve.specialize.training import TrainResult
 
 MANIFEST = "run.json"
 ITERATION_2 = "iter2"
@@ -193,7 +196,7 @@ def _training_examples(
     return kept, removed
 
 
-def _training_counts(trained: Any) -> dict[str, Any]:
+def _training_counts(trained: "TrainResult") -> dict[str, Any]:
     return {
         "examples": trained.examples, "skipped_too_long": trained.skipped_too_long, "steps": trained.steps,
         "final_loss": trained.final_loss, "first_loss": trained.losses[0] if trained.losses else None,
@@ -220,7 +223,7 @@ def _train_seed_adapter(inputs: Inputs, manifest: Manifest) -> Path:
     write_jsonl_atomic(inputs.out / SEED_ADAPTER / TRAINING_SET, examples)
     trained = manifest.timed(
         "seed_training",
-        lambda: train_lora(inputs.base.path, examples, config.training, inputs.out / SEED_ADAPTER, config.seed, label="training on the seeds (stage 0)"),
+        lambda: train_lora(inputs.base.path, examples, config.training, inputs.out / SEED_ADAPTER, config.seed, label="seed training (stage 0)"),
     )
     manifest.data["counts"]["seed_training"] = _training_counts(trained)
     manifest.save()
@@ -233,7 +236,7 @@ def _iteration(
     """Stages 1-4 of one iteration in ``folder``; returns the trained adapter folder.
 
     ``responder`` is the adapter that writes the responses (None: the base);
-    iteration 2 decodes contrastively with the specialized adapter instead.
+    iteration 2 passes none, as it decodes contrastively with the specialized adapter.
     """
     from carve.specialize.generate_instructions import generate_instructions
     from carve.specialize.responses import generate_responses, retrieve, shown_passages
@@ -268,7 +271,7 @@ def _iteration(
         f"responses{suffix}",
         lambda: generate_responses(
             engine, config, inputs.seed_set.domain, made.kept, hits, inputs.corpus, folder, contrast, f"responses (iteration {number})",
-            adapter=responder if contrast is None else None,
+            adapter=responder,
         ),
     )
     ordered = [responses.items[item["id"]] for item in made.kept]
@@ -308,10 +311,7 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
 
     seed_adapter = _train_seed_adapter(inputs, manifest) if config.uses_seed_adapter() else None
     responder = None
-    if config.respond_with == "seed_adapter":
-        assert seed_adapter is not None
-        if SEEDED in engine.adapters:
-            engine.unload_adapter(SEEDED)
+    if seed_adapter is not None and config.respond_with == "seed_adapter":
         engine.load_adapter(SEEDED, seed_adapter)
         responder = SEEDED
     trained = _iteration(engine, inputs, manifest, inputs.out, 1, seed_adapter if config.train_from == "seed_adapter" else None, responder)
