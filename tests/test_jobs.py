@@ -164,6 +164,17 @@ def test_progress_is_monotonic_over_the_stages() -> None:
     ]
     assert points == sorted(points) and points[0] == 0 and points[-1] == pytest.approx(1.0)
     assert stage_progress("training (iteration 1)", 1.0, 1, 2) < stage_progress("instructions (iteration 2)", 0.1, 2, 2)
+    # with stage 0 (the quick profile): seed training comes once, between loading and the first instructions
+    seeded = [
+        stage_progress("load model", 1.0, 1, 2, True),
+        stage_progress("seed training (stage 0)", 0.5, 1, 2, True),
+        stage_progress("instructions (iteration 1)", 0.0, 1, 2, True),
+        stage_progress("training (iteration 1)", 1.0, 1, 2, True),
+        stage_progress("instructions (iteration 2)", 0.1, 2, 2, True),
+        stage_progress("register", 1.0, 1, 2, True),
+    ]
+    assert seeded == sorted(seeded) and seeded[-1] == pytest.approx(1.0)
+    assert stage_progress("training (iteration 2)", 1.0, 2, 2, True) == pytest.approx(stage_progress("register", 0.0, 1, 2, True))
 
 
 # -- the lifecycle on Ray --------------------------------------------------------------------
@@ -193,14 +204,17 @@ def test_job_lifecycle_on_ray_cancel_and_restart(tiny_model_dir: Path, tmp_path:
     try:
         service = JobService(root, str(tiny_model_dir), PreseededLauncher(RayLauncher()), FAST)
         doomed = service.submit(request("tinycancel"))
-        job = service.submit(request("tinybio"))
+        # more epochs than the other tests: the tiny job must still be running when the server dies
+        slow = {**SETTINGS, "training": {**SETTINGS["training"], "epochs": 4}}
+        job = service.submit(request("tinybio", settings=slow))
         assert job.status in ("queued", "running") and (root / "jobs" / job.id / "seeds" / "seeds.jsonl").is_file()
 
         running = wait_for(service, doomed.id, lambda j: j.status == "running" and j.stage not in ("queued", "starting"))
         cancelled = service.cancel(doomed.id)
         assert cancelled.status == "cancelled"
 
-        seen = wait_for(service, job.id, lambda j: j.stage.startswith(("responses", "training")) or j.status not in ("queued", "running"))
+        # seed training (stage 0) is the first stage with real work and the longest: the server dies with most of the run ahead
+        seen = wait_for(service, job.id, lambda j: j.stage.startswith(("seed training", "responses", "training")) or j.status not in ("queued", "running"))
         assert seen.status == "running" and 0 < seen.progress < 1 and seen.detail, seen
         assert running.progress >= 0
     finally:
