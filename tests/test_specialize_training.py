@@ -100,6 +100,22 @@ def test_interrupted_training_resumes_to_the_same_adapter(tiny_model_dir: Path, 
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it trained
 
 
+def test_continuing_an_adapter_trains_at_the_continue_rate(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    one_epoch = CONFIG.model_copy(update={"epochs": 1, "learning_rate": 1e-2})
+    start = train_lora(tiny_model_dir, EXAMPLES, one_epoch, tmp_path / "start", seed=7).adapter_dir
+    gentle = one_epoch.model_copy(update={"continue_learning_rate": 1e-4})
+    assert (gentle.rate(continuing=False), gentle.rate(continuing=True), one_epoch.rate(continuing=True)) == (1e-2, 1e-4, 1e-2)
+    continued = train_lora(tiny_model_dir, EXAMPLES, gentle, tmp_path / "continued", seed=8, init_adapter=start).adapter_dir
+    same = train_lora(tiny_model_dir, EXAMPLES, one_epoch.model_copy(update={"learning_rate": 1e-4}), tmp_path / "same", seed=8, init_adapter=start).adapter_dir
+    fast = train_lora(tiny_model_dir, EXAMPLES, one_epoch, tmp_path / "fast", seed=8, init_adapter=start).adapter_dir
+    a, b, c, s = _weights(continued), _weights(same), _weights(fast), _weights(start)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the continue rate is the rate a continuation trains at
+    moved = {name: sum(float((w[k] - s[k]).abs().sum()) for k in s) for name, w in (("gentle", a), ("fast", c))}
+    assert 0 < moved["gentle"] < moved["fast"]  # and it moves the adapter less than the fresh rate would
+
+
 def test_qlora_plan_and_step_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     from carve.platform.models import plan_load

@@ -273,6 +273,9 @@ def test_profiles() -> None:
     # quick: the seeds train first (stage 0); that adapter writes the responses and stage 4 continues it
     assert (quick.respond_with, quick.train_from, quick.train_on_seeds) == ("seed_adapter", "seed_adapter", False) and quick.uses_seed_adapter()
     assert (paper.respond_with, paper.train_from) == ("base", "scratch") and not paper.uses_seed_adapter()
+    # ... at the paper's rate, not quick's fresh-LoRA rate: the continuation keeps what the seeds taught
+    assert (quick.training.rate(continuing=False), quick.training.rate(continuing=True)) == (1e-3, 3e-4)
+    assert paper.training.continue_learning_rate is None and paper.training.rate(continuing=True) == 3e-4
     assert build_config("paper", train_from="seed_adapter").uses_seed_adapter()
     with pytest.raises(ValueError, match="seed_demonstrations needs train_on_seeds or a seed adapter"):
         build_config("paper", seed_demonstrations=2)

@@ -171,7 +171,7 @@ def train_lora(
     checkpoints.mkdir(exist_ok=True)
     torch.manual_seed(derive_seed(seed, "lora-init"))
     model, tokenizer, _plan = load_for_training(base_path, quantize)
-    if init_adapter is not None:  # iteration 2 continues from iteration 1's adapter
+    if init_adapter is not None:  # stage 4 continues the seed adapter, iteration 2 the first iteration's
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
         lora = LoraConfig(
@@ -193,7 +193,7 @@ def train_lora(
         raise ValueError("no training example fits max_length; nothing to train on")
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.rate(init_adapter is not None), weight_decay=0.0)
 
     global_step, losses = 0, []
     latest = _latest_checkpoint(checkpoints)
