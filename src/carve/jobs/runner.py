@@ -49,7 +49,8 @@ def stage_progress(stage: str, fraction: float, iteration: int, iterations: int,
     done = share * min(max(fraction, 0.0), 1.0)
     if key in ONCE_PER_JOB:
         return start + done
-    body_start = sum(share for name, share in shares[: names.index("instructions")]) / scale
+    first_repeating = next(i for i, name in enumerate(names) if name not in ONCE_PER_JOB)
+    body_start = sum(share for _, share in shares[:first_repeating]) / scale
     body = sum(share for name, share in shares if name not in ONCE_PER_JOB) / scale
     within = (start - body_start + done) / body
     return body_start + body * ((iteration - 1) + within) / iterations
