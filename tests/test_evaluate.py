@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from carve.specialize.eval_prompts import PromptError, PromptFitter, eval_stop_strings, pick_demos
-from carve.specialize.eval_suite import EvalExample, SuiteError, load_suite
-from carve.specialize.metrics import score_prediction
+from carve.engine.templates import STOP_STRINGS, alpaca_example, alpaca_prompt, kshot_prompt
+from carve.evaluation.metrics import score_prediction
+from carve.evaluation.prompts import PromptError, PromptFitter, eval_stop_strings, pick_demos
+from carve.evaluation.suite import EvalExample, SuiteError, load_suite
 from carve.specialize.seeds import load_seed_set
-from carve.specialize.templates import STOP_STRINGS, alpaca_example, alpaca_prompt, kshot_prompt
 
 QA = "Answer the question with yes or no."
 NER = "Name the disease entities. Generate the output in this format: entity1 <type_of_entity1>."
@@ -204,14 +204,14 @@ def test_stop_strings_extend_the_templates() -> None:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
 
     engine, _, _ = open_engine(str(tiny_model_dir), [("alpha", tiny_adapters["alpha"]), ("beta", tiny_adapters["beta"])])
     return engine
 
 
 def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, seed_dir: Path, tmp_path: Path) -> None:
-    from carve.specialize.evaluate import MACRO, EvalReport, evaluate_models
+    from carve.evaluation.run import MACRO, EvalReport, evaluate_models
 
     out = tmp_path / "out"
     models = {"base": None, "alpha": "alpha", "beta": "beta"}
@@ -266,7 +266,7 @@ def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, se
 
 
 def test_killed_evaluation_resumes_from_its_journal(engine, suite_dir: Path, seed_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from carve.specialize.evaluate import JOURNAL, evaluate_models
+    from carve.evaluation.run import JOURNAL, evaluate_models
 
     models = {"base": None, "alpha": "alpha"}
     settings = dict(shots=[0, 1], demos=load_seed_set(seed_dir), limit=None, max_new_tokens=6, batch_size=2, max_context=400)
@@ -302,7 +302,7 @@ def test_killed_evaluation_resumes_from_its_journal(engine, suite_dir: Path, see
 
 
 def test_run_refuses_before_writing(engine, suite_dir: Path, seed_dir: Path, tmp_path: Path) -> None:
-    from carve.specialize.evaluate import EvalError, evaluate_models
+    from carve.evaluation.run import EvalError, evaluate_models
 
     out = tmp_path / "out"
     with pytest.raises(EvalError, match="needs demonstrations"):
@@ -318,7 +318,7 @@ def test_run_refuses_before_writing(engine, suite_dir: Path, seed_dir: Path, tmp
 def test_cli_eval(tiny_model_dir: Path, tiny_adapters: dict[str, Path], suite_dir: Path, seed_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from carve.cli import app
+    from carve.cli.app import app
 
     runner = CliRunner()
     out = tmp_path / "cli-out"
@@ -344,8 +344,8 @@ def test_cli_eval(tiny_model_dir: Path, tiny_adapters: dict[str, Path], suite_di
 
 def test_adapters_by_folder_or_registry_name(tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from carve.adapters.registry import Registry
-    from carve.specialize.eval_cli import unique_labels
-    from carve.specialize.evaluate import EvalError
+    from carve.cli.evaluate import unique_labels
+    from carve.evaluation.run import EvalError
 
     monkeypatch.setenv("CARVE_REGISTRY", str(tmp_path / "registry"))
     Registry().add(tiny_adapters["beta"], "bio", base=str(tiny_model_dir))
@@ -357,14 +357,14 @@ def test_adapters_by_folder_or_registry_name(tiny_model_dir: Path, tiny_adapters
 
 
 def _prediction(task: str, id: str, model: str, f1: float, k: int = 0):  # type: ignore[no-untyped-def]
-    from carve.specialize.evaluate import Prediction
+    from carve.evaluation.run import Prediction
 
     return Prediction(task=task, id=id, model=model, k=k, shots_used=k, input_trimmed=False, prompt_tokens=10,
                       prediction="x", finish_reason="eos", answers=["x"], f1=f1, rouge_l=f1)
 
 
 def test_paired_gain_and_its_bootstrap_interval() -> None:
-    from carve.specialize.eval_compare import paired_gains
+    from carve.evaluation.compare import paired_gains
 
     base = [_prediction(t, f"{t}{i}", "base", 10.0 * (i % 3)) for t in ("a", "b") for i in range(30)]
     same = [p.model_copy(update={"model": "same"}) for p in base]

@@ -238,8 +238,8 @@ def test_job_lifecycle_on_ray_cancel_and_restart(tiny_model_dir: Path, tmp_path:
     with pytest.raises(AdapterNotFound):
         registry.resolve("tinycancel")
     # served with no restart: a live engine loads it straight from the registry and decodes with it
-    from carve.platform.engine import GenerationRequest, Sampling
-    from carve.platform.loading import open_engine
+    from carve.engine.decoding import GenerationRequest, Sampling
+    from carve.engine.loading import open_engine
 
     engine, _, _ = open_engine(str(tiny_model_dir), [("tinybio", record.path)])
     assert engine.generate([GenerationRequest.single("The patient", "tinybio", Sampling(max_new_tokens=2))])[0].token_ids

@@ -11,11 +11,11 @@ from typing import Any, Iterator
 import pytest
 from typer.testing import CliRunner
 
-from carve.cli import app
+from carve.cli.app import app
+from carve.cli.submit import parse_settings
 from carve.jobs.http import JobsHttp
 from carve.jobs.service import JobService, JobSettings
 from carve.jobs.store import JobStore
-from carve.submit_cli import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

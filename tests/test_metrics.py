@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from carve.specialize.metrics import best_over, normalize_answer, rouge_l, score_prediction, token_f1
+from carve.evaluation.metrics import best_over, normalize_answer, rouge_l, score_prediction, token_f1
 
 
 @pytest.mark.parametrize(

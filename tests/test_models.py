@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from carve.cli import app
-from carve.platform.models import (
+from carve.cli.app import app
+from carve.engine.models import (
     COMPLETE_MARKER,
     PACKAGED_MODELS,
     ModelError,
@@ -103,9 +103,9 @@ def test_interrupted_conversion_leaves_nothing_then_retry_loads_and_answers(tmp_
     resolved = resolve_model(smollm2.name, tmp_path)
     assert (target / COMPLETE_MARKER).is_file() and resolved.model_id == smollm2.hf_id
 
-    from carve.platform.engine import Engine, GenerationRequest, Sampling
-    from carve.platform.loading import format_user_prompt
-    from carve.platform.models import load_base
+    from carve.engine.decoding import Engine, GenerationRequest, Sampling
+    from carve.engine.models import load_base
+    from carve.engine.text import format_user_prompt
 
     model, tokenizer = load_base(resolved, plan_load(False))
     engine = Engine(model, tokenizer)

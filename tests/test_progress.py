@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from carve.progress import stage
+from carve.common.progress import stage
 
 
 def test_resumed_items_are_done_but_not_in_the_rate(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -12,8 +12,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 from contextlib import closing as closing_connection
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -25,7 +25,7 @@ from carve.adapters.registry import (
     RegistryError,
     parse_ref,
 )
-from carve.platform.models import resolve_model
+from carve.engine.models import resolve_model
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -298,7 +298,7 @@ def test_refusals_change_nothing(case: str, reg: Registry, tiny_adapters: dict[s
 
 
 def test_validation_refusals_are_also_adapter_validation_errors(reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path, base) -> None:
-    from carve.adapters.validation import AdapterValidationError
+    from carve.artifact import AdapterValidationError
 
     with pytest.raises(AdapterValidationError):
         reg.add(variant(tiny_adapters["alpha"], tmp_path / "r8", {"r": 8}), "x", base=base)
@@ -459,7 +459,7 @@ def test_cli_add_list_show_tag_remove(
 ) -> None:
     from typer.testing import CliRunner
 
-    from carve.cli import app
+    from carve.cli.app import app
 
     runner = CliRunner()
     root = str(tmp_path / "registry")
@@ -496,7 +496,7 @@ def test_cli_add_list_show_tag_remove(
 def test_cli_errors_exit_2_and_change_nothing(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from carve.cli import app
+    from carve.cli.app import app
 
     runner = CliRunner()
     root = tmp_path / "registry"
@@ -536,7 +536,7 @@ def numpy_lora(folder: Path, base_dir: Path, base_id: str, modules: tuple[str, .
     import numpy as np
     from safetensors.numpy import save_file
 
-    from carve.adapters.validation import base_shapes_from_folder
+    from carve.engine.adapter_checks import base_shapes_from_folder
 
     rng = np.random.default_rng(0)
     tensors = {}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from carve.adapters.registry import Registry
-from carve.platform.models import resolve_model
+from carve.engine.models import resolve_model
 from carve.router import Router, RouterConfig, RoutingError
 from carve.router.profiles import BM25Scorer, EmbeddingScorer, embedding_available
 
@@ -168,7 +168,7 @@ def test_bad_routing_requests_name_the_field(router: Router, model: str, carve: 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path, registry: Registry) -> Any:
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
 
     engine, _, _ = open_engine(str(tiny_model_dir), [("bio@v1", registry.get("bio").path), ("fin@v1", registry.get("fin").path)])
     return engine
@@ -181,12 +181,12 @@ def engine_name(record: Any) -> str:
 def test_output_space_mixture_equals_brute_force_reference(router: Router, engine: Any) -> None:
     import torch
 
-    from carve.platform.engine import Sampling
-    from carve.router.mixture import engine_request
+    from carve.engine.batching import engine_request
+    from carve.engine.decoding import Sampling
 
     decision = router.route("auto", "", {"mix": {"biomedical": 0.7, "finance": 0.3}})
     prompt = "The patient was treated with aspirin"
-    request = engine_request(decision, prompt, Sampling(max_new_tokens=6, ignore_eos=True), engine_name)
+    request = engine_request(decision.weighted(), prompt, Sampling(max_new_tokens=6, ignore_eos=True), engine_name)
     assert request.rule == "mixture" and [(b.adapter, b.weight) for b in request.branches] == [("bio@v1", 0.7), ("fin@v1", 0.3)]
     from dataclasses import replace
 
@@ -205,7 +205,7 @@ def test_output_space_mixture_equals_brute_force_reference(router: Router, engin
             assert torch.allclose(scores, expected, atol=1e-4)
             assert int(torch.argmax(expected)) == out.token_ids[step]
     # a single-adapter decision is a plain single request
-    single = engine_request(router.route("finance"), prompt, Sampling(max_new_tokens=3), engine_name)
+    single = engine_request(router.route("finance").weighted(), prompt, Sampling(max_new_tokens=3), engine_name)
     assert single.rule == "single" and single.branches[0].adapter == "fin@v1"
 
 
@@ -220,14 +220,15 @@ def live_delta(model: Any, adapter: str) -> dict[str, Any]:
 
 def test_weight_space_merge_is_exact_and_cached(router: Router, engine: Any, registry: Registry) -> None:
     import torch
+    from lora_math import lora_deltas
 
-    from carve.platform.engine import GenerationRequest, Sampling
-    from carve.router.mixture import MergeCache, lora_deltas
+    from carve.engine.adapter_cache import AdapterCache
+    from carve.engine.decoding import GenerationRequest, Sampling
 
-    cache = MergeCache(engine, capacity=1)
-    decision = router.route("auto", "", {"mix": {"biomedical": 0.7, "finance": 0.3}, "space": "weights"})
-    name = cache.acquire(decision, engine_name)
-    assert name in engine.adapters and cache.acquire(decision, engine_name) == name and cache.builds == 1
+    cache = AdapterCache(engine, capacity=2, merge_capacity=1)
+    decision = router.route("auto", "", {"mix": {"biomedical": 0.7, "finance": 0.3}, "space": "weights"}).weighted()
+    name = cache.merge(decision, engine_name)
+    assert name in engine.adapters and cache.merge(decision, engine_name) == name and cache.merge_builds == 1
     bio, fin = lora_deltas(registry.get("bio").path), lora_deltas(registry.get("fin").path)
     merged = live_delta(engine.model, name)
     assert set(merged) == set(bio) and len(merged) > 0
@@ -237,6 +238,6 @@ def test_weight_space_merge_is_exact_and_cached(router: Router, engine: Any, reg
     out = engine.generate([GenerationRequest.single("Gene expression of BRCA1", name, Sampling(max_new_tokens=4))])[0]
     assert out.token_ids
     # another weighting is another merge; capacity 1 evicts the first from the engine
-    other = cache.acquire(router.route("auto", "", {"mix": {"biomedical": 0.2, "finance": 0.8}}), engine_name)
-    assert other != name and other in engine.adapters and name not in engine.adapters and cache.evictions == 1
+    other = cache.merge(router.route("auto", "", {"mix": {"biomedical": 0.2, "finance": 0.8}}).weighted(), engine_name)
+    assert other != name and other in engine.adapters and name not in engine.adapters and cache.merge_evictions == 1
     engine.unload_adapter(other)

@@ -58,7 +58,7 @@ def registry(home: Path, tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
 
 @pytest.fixture(scope="module")
 def server(registry, tiny_model_dir: Path) -> Iterator[str]:
-    from carve.platform.serving.launcher import start_local_server, stop_local_server
+    from carve.platform.launcher import start_local_server, stop_local_server
 
     handle = start_local_server(
         str(tiny_model_dir), registry.root, free_port(), max_adapters=2, num_cpus=2,
@@ -79,20 +79,20 @@ def client(server: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
     """The engine run directly, with every adapter loaded: what the server must answer."""
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
 
     return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
 
 
 def direct(reference, prompt: str, adapter: str | None, max_tokens: int = MAX_TOKENS) -> str:
-    from carve.platform.engine import GenerationRequest, Sampling
+    from carve.engine.decoding import GenerationRequest, Sampling
 
     return reference.generate([GenerationRequest.single(prompt, adapter, Sampling(max_tokens))])[0].text
 
 
 def direct_mix(reference, prompt: str, mix: dict[str, float], max_tokens: int = MAX_TOKENS) -> str:
     """The engine's own output-space mixture (rule ``mixture``, one branch per adapter)."""
-    from carve.platform.engine import Branch, GenerationRequest, Sampling
+    from carve.engine.decoding import Branch, GenerationRequest, Sampling
 
     branches = tuple(Branch(prompt, adapter, weight) for adapter, weight in mix.items())
     return reference.generate([GenerationRequest(branches, "mixture", Sampling(max_tokens))])[0].text
@@ -131,7 +131,7 @@ def test_adapters_in_parallel_equal_the_engine_run_directly(client, reference):
 
 
 def test_chat_completion_applies_the_chat_template(client, reference):
-    from carve.platform.loading import format_user_prompt
+    from carve.engine.text import format_user_prompt
 
     response = client.post("/v1/chat/completions", json={"model": "bio", "messages": [{"role": "user", "content": "What is DNA?"}], "max_tokens": MAX_TOKENS, "temperature": 0})
     assert response.status_code == 200, response.text
@@ -189,15 +189,15 @@ def test_mixture_equals_the_engine_mixture_rule(client, reference):
 
 
 def test_weight_space_mixture_equals_the_merged_adapter(client, reference):
-    from carve.platform.engine import GenerationRequest, Sampling
-    from carve.platform.serving.targets import AdapterRef
-    from carve.router.mixture import MergeCache
+    from carve.artifact import AdapterRef
+    from carve.engine.adapter_cache import AdapterCache
+    from carve.engine.decoding import GenerationRequest, Sampling
 
     response = complete(client, "auto", "Revenue rose", carve={"mix": {"alpha": 1, "beta": 1}, "space": "weights"})
     assert response.status_code == 200, response.text
     assert response.json()["carve"]["space"] == "weights"
     pairs = [(AdapterRef("alpha", 1, ""), 0.5), (AdapterRef("beta", 1, ""), 0.5)]
-    merged = MergeCache(reference, 1).acquire(pairs, lambda ref: ref.name)  # the reference engine holds them as alpha, beta
+    merged = AdapterCache(reference, 2, merge_capacity=1).merge(pairs, lambda ref: ref.name)  # the reference engine holds them as alpha, beta
     want = reference.generate([GenerationRequest.single("Revenue rose", merged, Sampling(MAX_TOKENS))])[0].text
     reference.unload_adapter(merged)
     assert response.json()["choices"][0]["text"] == want

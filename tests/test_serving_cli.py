@@ -57,7 +57,7 @@ def test_carve_serve_two_replicas_keyed_locality_and_sigterm(tmp_path: Path, tin
     port = free_port()
     env = {**os.environ, "CARVE_HOME": str(tmp_path), "CARVE_REGISTRY": str(registry.root), "CARVE_API_KEY": KEY, "CARVE_ADMIN_TOKEN": "admin-token-cli"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "carve.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        [sys.executable, "-m", "carve.cli.app", "serve", "--model", str(tiny_model_dir), "--port", str(port),
          "--replicas", "2", "--max-adapters", "1", "--engine-cpus", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from carve.platform.serving.affinity import ReplicaView, rank_for_adapter
-from carve.platform.serving.api import ChatCompletionRequest, CompletionRequest
-from carve.platform.serving.archive import ArchiveError, extract_adapter_archive
-from carve.platform.serving.config import ServeConfig
-from carve.platform.serving.requests import ApiError, build_job, context_length, count_prompt_tokens, parse_body
-from carve.platform.serving.targets import AdapterRef
+from carve.artifact import AdapterRef
+from carve.engine.text import context_length, count_prompt_tokens
+from carve.platform.affinity import ReplicaView, rank_for_adapter
+from carve.platform.api import ChatCompletionRequest, CompletionRequest
+from carve.platform.archive import ArchiveError, extract_adapter_archive
+from carve.platform.config import ServeConfig
+from carve.platform.requests import ApiError, build_job, parse_body
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_job_from_completion_keeps_prompt_and_sampling(tokenizer):
 
 
 def test_chat_job_uses_the_chat_template(tokenizer):
-    from carve.platform.loading import format_user_prompt
+    from carve.engine.text import format_user_prompt
 
     one = ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "What is DNA?"}])
     assert build_job(one, None, tokenizer, 512, config()).prompt == format_user_prompt(tokenizer, "What is DNA?")

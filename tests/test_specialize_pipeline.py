@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from specialize_tiny import FRESH_ITEMS, SEEDS, write_corpus, write_generations, write_seed_set
 
 from carve.specialize.config import build_config
@@ -124,7 +123,7 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
 
 
 def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
-    from carve.specialize.specialize_cli import print_summary
+    from carve.cli.specialize import print_summary
 
     out, result = finished_run
     print_summary(result, out)
@@ -136,14 +135,14 @@ def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict
 
 
 def test_packaged_adapter_and_card(finished_run: tuple[Path, dict], tiny_model_dir: Path) -> None:
-    from carve.platform.engine import GenerationRequest, Sampling
-    from carve.platform.loading import open_engine
-    from carve.specialize.package import CARD, AdapterCard
+    from carve.engine.decoding import GenerationRequest, Sampling
+    from carve.engine.loading import open_engine
+    from carve.artifact import CARD_FILE, AdapterCard
     from carve.specialize.seeds import load_seed_set
 
     out, result = finished_run
     adapter = out / "adapter"
-    card = AdapterCard.model_validate_json((adapter / CARD).read_text())
+    card = AdapterCard.model_validate_json((adapter / CARD_FILE).read_text())
     manifest = json.loads((out / "run.json").read_text())
     assert card.base_fingerprint == manifest["identity"]["base"]["fingerprint"]
     assert card.seeds_hash == load_seed_set(Path(manifest["seeds_path"])).content_hash
@@ -179,7 +178,7 @@ def test_resume_refuses_other_settings_and_needs_flag(finished_run: tuple[Path, 
 
 def test_seed_adapter_writes_the_responses(finished_run: tuple[Path, dict], tiny_model_dir: Path, domain_files: tuple[Path, Path]) -> None:
     """The stored responses are what the stage-0 adapter decodes for the same requests, not what the base would."""
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
     from carve.specialize.responses import build_request
     from carve.specialize.retrieval import load_corpus
     from carve.specialize.seeds import load_seed_set
@@ -201,7 +200,7 @@ def test_seed_adapter_writes_the_responses(finished_run: tuple[Path, dict], tiny
 
 
 def test_retrieval_none_and_top1_ablations(tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path) -> None:
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
     from carve.specialize.responses import build_request
     from carve.specialize.retrieval import load_corpus
     from carve.specialize.seeds import load_seed_set
@@ -259,7 +258,7 @@ def test_sigkill_mid_responses_then_resume(tiny_model_dir: Path, domain_files: t
 
 
 def test_evaluation_of_the_adapter_goes_into_the_card_summary(finished_run: tuple[Path, dict], tiny_model_dir: Path, domain_files: tuple[Path, Path]) -> None:
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
     from carve.specialize.run import _evaluate
 
     out, _ = finished_run

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from carve.engine.templates import Demonstration, alpaca_prompt, kshot_prompt
 from carve.specialize.config import TrainingConfig
-from carve.specialize.templates import Demonstration, alpaca_prompt, kshot_prompt
 from carve.specialize.training import IGNORE, _collate, encode_example, response_loss, train_lora
 
 EXAMPLES = [
@@ -118,7 +118,7 @@ def test_continuing_an_adapter_trains_at_the_continue_rate(tiny_model_dir: Path,
 
 def test_qlora_plan_and_step_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    from carve.platform.models import plan_load
+    from carve.engine.models import plan_load
 
     cuda_plan = plan_load(True)
     assert cuda_plan.quantize_4bit and cuda_plan.compute_dtype == "bf16"

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from specialize_tiny import write_corpus, write_seed_set
 
 from carve.specialize.config import build_config
@@ -303,7 +302,7 @@ def test_bad_seeds_or_corpus_create_no_run_folder(tmp_path: Path, tiny_model_dir
         prepare(config, seeds, bad_corpus, tmp_path / "run2", resume=False)
     with pytest.raises(RunError, match="corpus is needed"):
         prepare(config, seeds, None, tmp_path / "run3", resume=False)
-    from carve.specialize.eval_suite import SuiteError
+    from carve.evaluation.suite import SuiteError
 
     with pytest.raises(SuiteError, match="no such folder or file"):
         prepare(config, seeds, corpus, tmp_path / "run4", resume=False, eval_tasks=tmp_path / "missing-tasks")
@@ -313,7 +312,7 @@ def test_bad_seeds_or_corpus_create_no_run_folder(tmp_path: Path, tiny_model_dir
 def test_cli_reports_bad_corpus_and_creates_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from carve.cli import app
+    from carve.cli.app import app
 
     seeds = write_seed_set(tmp_path / "seeds")
     bad_corpus = tmp_path / "bad.jsonl"
@@ -328,7 +327,7 @@ def test_cli_reports_bad_corpus_and_creates_nothing(tmp_path: Path, tiny_model_d
 def test_mean_nll_is_the_per_token_loss_and_independent_of_company(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
     import torch
 
-    from carve.platform.loading import open_engine
+    from carve.engine.loading import open_engine
 
     engine, _, _ = open_engine(str(tiny_model_dir), [("alpha", tiny_adapters["alpha"])])
     texts = ["Name the gene in the sentence.", "Which drug was given to the patient today?"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from carve.platform.models import resolve_model
+from carve.engine.models import resolve_model
 from carve.specialize.config import build_config
 from carve.specialize.run import seed_examples
 from carve.specialize.seeds import load_seed_set

@@ -16,42 +16,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from carve.adapters.validation import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    AdapterFiles,
-    AdapterValidationError,
-    base_shapes_from_folder,
-    check_adapter_files,
-    check_adapter_fits,
-)
-from carve.platform.models import ModelError, ResolvedModel, resolve_model
+from carve.artifact import ADAPTER_FILES, CARD_FILE, CONFIG_FILE, AdapterCard, AdapterValidationError
+from carve.common.errors import error_field
+from carve.engine.adapter_checks import AdapterFiles, base_shapes_from_folder, check_adapter_files, check_adapter_fits
+from carve.engine.models import ModelError, ResolvedModel, resolve_model
 
-CARD_FILE = "carve-card.json"
 MAX_CARD_BYTES = 1 << 20
-PROFILE_FILE = "carve-profile.jsonl"  # the texts the router's profile of the adapter is built from
-STAGED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, "README.md", PROFILE_FILE)  # everything else stays behind
-
-
-class CardDomain(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: Optional[str] = None
-    tag: Optional[str] = None
-    description: Optional[str] = None
-
-
-class CardView(BaseModel):
-    """The fields of a carve-card.json the registry relies on; the rest is kept as written."""
-
-    model_config = ConfigDict(extra="allow")
-    base_model: Optional[str] = None
-    base_model_id: Optional[str] = None
-    base_fingerprint: Optional[str] = None
-    domain: Optional[CardDomain] = None
 
 
 @dataclass(frozen=True)
@@ -83,10 +57,10 @@ def read_card_file(path: Path) -> dict[str, Any]:
     return card
 
 
-def parse_card(card: dict[str, Any], where: str) -> CardView:
+def parse_card(card: dict[str, Any], where: str) -> AdapterCard:
     try:
         json.dumps(card)
-        return CardView.model_validate(card)
+        return AdapterCard.model_validate(card)
     except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
         raise AdapterValidationError(f"{where}: {detail}") from exc
@@ -94,8 +68,7 @@ def parse_card(card: dict[str, Any], where: str) -> CardView:
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    field = ".".join(str(p) for p in error["loc"])
-    return f"field {field}: {error['msg']}"
+    return f"field {error_field(error)}: {error['msg']}"
 
 
 def inspect_adapter(source: Path, base: ResolvedModel, card: dict[str, Any] | None = None) -> Intake:
@@ -155,7 +128,7 @@ def stage_copy(intake: Intake, staging_root: Path, card: dict[str, Any] | None) 
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=staging_root))
     try:
-        for name in STAGED_FILES:
+        for name in ADAPTER_FILES:
             src = intake.source / name
             if name == CARD_FILE and card is not None:
                 (staging / name).write_text(json.dumps(card, indent=2, sort_keys=True))

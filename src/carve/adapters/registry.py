@@ -31,12 +31,12 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel
 
-from carve.adapters.intake import CARD_FILE, fsync_dir, inspect_adapter, stage_copy
+from carve.adapters.intake import fsync_dir, inspect_adapter, stage_copy
 from carve.adapters.sqlite import connect, immediate, migrate
-from carve.adapters.validation import AdapterValidationError, check_name
-from carve.hashing import sha256_file
-from carve.paths import registry_dir
-from carve.platform.models import (
+from carve.artifact import RESERVED_NAMES, AdapterValidationError, check_name
+from carve.common.hashing import sha256_file
+from carve.common.paths import registry_dir
+from carve.engine.models import (
     DEFAULT_MODEL,
     ModelError,
     ResolvedModel,
@@ -45,7 +45,6 @@ from carve.platform.models import (
 
 DB_FILE = "registry.sqlite3"
 STORE_DIR = "store"
-RESERVED_NAMES = frozenset({"base", "auto"})  # HTTP `model` values with their own meaning
 STALE_STAGING_S = 24 * 3600
 
 MIGRATIONS: list[list[str]] = [
@@ -457,7 +456,6 @@ __all__ = [
     "AdapterNotFound",
     "AdapterRecord",
     "AdapterRefused",
-    "CARD_FILE",
     "Registry",
     "RegistryError",
     "parse_ref",

@@ -1,7 +1,7 @@
 """Running one specialization job: claim it, run the pipeline (resuming), register the adapter, report.
 
 :func:`execute_job` is what a Ray task (or a local process) runs. It reports
-the pipeline's stages (carve.progress) into the job store, keeps a heartbeat,
+the pipeline's stages (carve.common.progress) into the job store, keeps a heartbeat,
 and stops at its next report once the job is cancelled or taken over. The
 pipeline always runs with resume semantics: a job restarted after its server
 died continues from the files its run folder already holds.
@@ -57,7 +57,7 @@ def stage_progress(stage: str, fraction: float, iteration: int, iterations: int,
 
 
 class Reporter:
-    """Turns carve.progress events of this thread into job store updates, and raises JobCancelled when the job is lost."""
+    """Turns carve.common.progress events of this thread into job store updates, and raises JobCancelled when the job is lost."""
 
     def __init__(self, store: JobStore, job_id: str, token: str, iterations: int):
         self.store, self.job_id, self.token, self.iterations = store, job_id, token, iterations
@@ -129,7 +129,7 @@ def execute_job(root: Path, job_id: str, heartbeat_s: float = HEARTBEAT_S, stale
     job = store.claim(job_id, token, stale_after_s)
     if job is None:
         return store.get(job_id).status  # finished, cancelled, or another live runner has it
-    from carve.progress import listening
+    from carve.common.progress import listening
 
     reporter = Reporter(store, job_id, token, int(job.request.get("settings", {}).get("iterations") or 1))
     try:

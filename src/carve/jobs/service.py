@@ -22,6 +22,7 @@ from typing import Any, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from carve.common.errors import error_field, error_lines
 from carve.jobs.api import SpecializationRequest
 from carve.jobs.runner import HEARTBEAT_S, STALE_AFTER_S, execute_job
 from carve.jobs.store import ACTIVE, JobRecord, JobStore, new_job_id
@@ -182,7 +183,7 @@ class JobService:
     def _validate(self, request: SpecializationRequest, staging: Path) -> tuple[dict[str, Any], Optional[Path]]:
         """Every check of a submission, writing only into ``staging``; returns (settings, corpus path)."""
         from carve.adapters.registry import RegistryError, check_label
-        from carve.platform.models import ModelError
+        from carve.engine.models import ModelError
         from carve.specialize.config import build_config
         from carve.specialize.retrieval import CorpusError
         from carve.specialize.run import RunError, prepare
@@ -210,7 +211,7 @@ class JobService:
         try:
             config = build_config(request.profile, base=self.base, **request.settings)
         except (ValidationError, TypeError) as exc:
-            details = [f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()] if isinstance(exc, ValidationError) else [f"settings: {exc}"]
+            details = error_lines(exc, prefix=("settings",)) if isinstance(exc, ValidationError) else [f"settings: {exc}"]
             raise JobRejected(details, "settings") from None
         corpus: Optional[Path] = None
         if request.corpus is not None:
@@ -283,9 +284,7 @@ def parse_request(data: Any) -> SpecializationRequest:
     try:
         return SpecializationRequest.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
-        first = ".".join(map(str, exc.errors()[0]["loc"])) or "body"
-        raise JobRejected(problems, first) from None
+        raise JobRejected(error_lines(exc), error_field(exc.errors()[0], empty="body")) from None
 
 
 def parse_request_bytes(raw: bytes) -> SpecializationRequest:

@@ -1,12 +1,10 @@
-"""carve.router: turn a request into a list of (adapter, weight) branches.
+"""carve.router: turn a request into a list of (adapter reference, weight) branches.
 
-- :class:`Router` / :func:`route`: explicit names and tags, ``auto`` (content
-  against each adapter's profile, base below a confidence threshold), mixtures
-  given in the request or chosen as the auto top-k (carve.router.decision);
+- :class:`Router`: explicit names and tags, ``auto`` (content against each
+  adapter's profile, base below a confidence threshold), mixtures given in the
+  request or chosen as the auto top-k (carve.router.decision);
 - profiles built from each adapter's seeds and synthetic instructions
   (carve.router.profiles);
-- decoding a decision in output space (engine ``mixture`` rule) or weight space
-  (cached peft ``cat`` merges) (carve.router.mixture);
 - counting decisions for /metrics (carve.router.metrics).
 
 In a server: keep one ``Router(registry, RouterConfig(), base_fingerprint=...)``
@@ -15,8 +13,9 @@ In a server: keep one ``Router(registry, RouterConfig(), base_fingerprint=...)``
 the event loop, answer a RoutingError with ``exc.status`` / ``exc.param`` /
 ``exc.code``, report ``decision.uses()`` in the response and count
 ``RoutingMetrics.count(decision)``. ``decision.weighted()`` is the
-[(adapter, weight)] list that ``mixture.engine_request`` (output space) or
-``mixture.MergeCache.acquire`` (weight space) turns into engine work.
+[(AdapterRef or None, weight)] list an engine decodes: in output space as one
+branch per adapter (carve.engine.batching), in weight space as one merged
+adapter (carve.engine.adapter_cache).
 """
 
 from carve.router.decision import (
@@ -27,7 +26,6 @@ from carve.router.decision import (
     RouterConfig,
     RoutingDecision,
     RoutingError,
-    route,
     routing_text,
 )
 
@@ -39,6 +37,5 @@ __all__ = [
     "RouterConfig",
     "RoutingDecision",
     "RoutingError",
-    "route",
     "routing_text",
 ]

@@ -14,7 +14,7 @@ body field ``carve``:
 
 ``carve.space`` picks how a mixture is decoded: ``"output"`` (default; the
 engine's ``mixture`` rule over one branch per adapter) or ``"weights"`` (one
-adapter merged in weight space, see carve.router.mixture). The decision is
+adapter merged in weight space, see carve.engine.adapter_cache). The decision is
 plain data, so the server can name it in the response and count it.
 """
 
@@ -26,11 +26,11 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from carve.adapters.intake import PROFILE_FILE
+from carve.adapters.registry import AdapterRecord, Registry, RegistryError
+from carve.artifact import AUTO_MODEL, BASE_MODEL, PROFILE_FILE, AdapterRef
+from carve.common.errors import error_field
 from carve.router.profiles import Backend, Scorer, make_scorer, profile_key
 
-BASE = "base"
-AUTO = "auto"
 MAX_BRANCHES = 8
 Mode = Literal["explicit", "auto", "mixture", "base"]
 Space = Literal["output", "weights"]
@@ -85,7 +85,7 @@ class CarveOptions(BaseModel):
             options = cls.model_validate(value)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(["carve", *(str(p) for p in err["loc"])])
+            where = error_field(err, prefix=("carve",))
             raise RoutingError(f"{where}: {err['msg']}", param=where, status=422, code="invalid_field") from None
         if options.mix is not None and options.auto is not None:
             raise RoutingError("carve: give either mix (fixed weights) or auto (chosen by content), not both", param="carve")
@@ -114,7 +114,7 @@ class RouterConfig(BaseModel):
 class RoutedBranch(BaseModel):
     """One adapter (None: the base model) and its normalised weight."""
 
-    adapter: Optional[Any] = None  # carve.adapters.registry.AdapterRecord
+    adapter: Optional[AdapterRecord] = None
     weight: float = 1.0
 
     @property
@@ -144,20 +144,20 @@ class RoutingDecision(BaseModel):
         """[{name, version, weight}] of the adapters used: what a response reports (empty for the base)."""
         return [{"name": b.adapter.name, "version": b.adapter.version, "weight": b.weight} for b in self.branches if b.adapter is not None]
 
-    def weighted(self) -> list[tuple[Any, float]]:
-        """[(adapter record or None, weight)]: the list a server turns into engine branches."""
-        return [(b.adapter, b.weight) for b in self.branches]
+    def weighted(self) -> list[tuple[Optional[AdapterRef], float]]:
+        """[(adapter reference or None for the base, weight)]: what an engine decodes (carve.engine.batching)."""
+        return [(AdapterRef.of(b.adapter) if b.adapter is not None else None, b.weight) for b in self.branches]
 
     def target_label(self) -> str:
         """A metrics label: 'base', an adapter name, or 'a+b' for a mixture."""
         names = sorted(b.adapter.name for b in self.branches if b.adapter is not None)
-        return "+".join(names) if names else BASE
+        return "+".join(names) if names else BASE_MODEL
 
 
 class Router:
     """Routes requests against one registry (restricted to one base's adapters when ``base_fingerprint`` is set)."""
 
-    def __init__(self, registry: Any, config: RouterConfig | None = None, base_fingerprint: str | None = None, scorer: Scorer | None = None):
+    def __init__(self, registry: Registry, config: RouterConfig | None = None, base_fingerprint: str | None = None, scorer: Scorer | None = None):
         self.registry = registry
         self.config = config or RouterConfig()
         self.base_fingerprint = base_fingerprint
@@ -169,16 +169,16 @@ class Router:
         """The decision for one request; RoutingError (unknown name, bad weights, contradictions) changes nothing."""
         options = CarveOptions.parse(carve)
         if options.mix is not None or options.auto is not None:
-            if model != AUTO:
+            if model != AUTO_MODEL:
                 field = "mix" if options.mix is not None else "auto"
                 raise RoutingError(f"carve.{field} needs model 'auto', got model {model!r}", param="model")
             if options.mix is not None:
                 return self._mix(options.mix, options.space)
             assert options.auto is not None
             return self._auto(text, options.auto.top_k, options.auto.threshold, options.space)
-        if model == BASE:
+        if model == BASE_MODEL:
             return RoutingDecision(branches=[RoutedBranch()], mode="base", reason="model 'base' asked for")
-        if model == AUTO:
+        if model == AUTO_MODEL:
             return self._auto(text, 1, None, "output")
         record = self._resolve(model, "model")
         how = "adapter" if record.name == model.split(":")[0] else f"domain tag {model!r} ->"
@@ -192,10 +192,10 @@ class Router:
 
     # -- candidates and names ---------------------------------------------------
 
-    def candidates(self) -> list[Any]:
+    def candidates(self) -> list[AdapterRecord]:
         """The adapters auto routing chooses from: what each domain tag points to, and each untagged adapter's latest version."""
         fp = self.base_fingerprint
-        chosen: dict[str, Any] = {}
+        chosen: dict[str, AdapterRecord] = {}
         for _tag, (record, _pinned) in sorted(self.registry.tags(base_fingerprint=fp).items()):
             chosen.setdefault(profile_key(record), record)
         for record in self.registry.list(base_fingerprint=fp):
@@ -203,10 +203,8 @@ class Router:
                 chosen.setdefault(profile_key(record), record)
         return list(chosen.values())
 
-    def _resolve(self, name: str, param: str) -> Any:
-        from carve.adapters.registry import RegistryError
-
-        if name in (BASE, AUTO):
+    def _resolve(self, name: str, param: str) -> AdapterRecord:
+        if name in (BASE_MODEL, AUTO_MODEL):
             raise RoutingError(f"{param}: {name!r} is not an adapter; name adapters or domain tags", param=param)
         try:
             return self.registry.resolve(name, base_fingerprint=self.base_fingerprint)
@@ -274,12 +272,6 @@ class Router:
             branches=branches, mode="mixture", space=space, confidence=best, scores=scores,
             reason=f"auto top-{top_k} ({self.scorer.backend}): " + ", ".join(f"{k} w={e / total:.3f}" for (k, _), e in zip(kept, exps)) + note,
         )
-
-
-def route(model: str, text: str, carve: Any, registry: Any, config: RouterConfig | None = None, scorer: Scorer | None = None,
-          base_fingerprint: str | None = None) -> RoutingDecision:
-    """One-shot form of :meth:`Router.route` (a server keeps a Router, so profiles stay in memory)."""
-    return Router(registry, config, base_fingerprint, scorer).route(model, text, carve)
 
 
 def routing_text(messages_or_prompt: str | Sequence[dict[str, Any]]) -> str:

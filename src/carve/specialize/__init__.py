@@ -1,1 +1,1 @@
-"""carve.specialize: the self-specialization run (seeds to a LoRA adapter) and its evaluation."""
+"""carve.specialize: the self-specialization run, seeds to a LoRA adapter, one resumable folder per run."""

@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from carve.engine.models import DEFAULT_MODEL
+
 Profile = Literal["quick", "paper"]
 RetrievalMode = Literal["marginal", "top1", "none"]
 ResponseFilter = Literal["empty", "repetitive", "echo", "copied", "markup"]
@@ -82,7 +84,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     profile: Profile = "paper"
-    base: str = "smollm2-135m-instruct"
+    base: str = DEFAULT_MODEL
     seed: int = 0
     num_instructions: int = Field(5000, ge=1)
     iterations: Literal[1, 2] = 1

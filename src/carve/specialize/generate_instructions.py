@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carve.progress import stage
+from carve.common.progress import stage
 from carve.specialize.config import RunConfig
 from carve.specialize.filters import DuplicateIndex, FilterSettings, check_pair, empty_counts, seed_index
 from carve.specialize.fluency import Scorer, engine_scorer, fluency_limit, pair_text
@@ -88,7 +88,7 @@ class FilterState:
 
 
 def _request(config: RunConfig, seed_set: SeedSet, tokenizer: Any, index: int, iteration: int, adapter: str | None) -> tuple[Any, list[int]]:
-    from carve.platform.engine import Branch, GenerationRequest, Sampling
+    from carve.engine.decoding import Branch, GenerationRequest, Sampling
 
     rng = random.Random(derive_seed(config.seed, "seeds", iteration, index))
     chosen = sorted(rng.sample(range(len(seed_set.seeds)), min(config.seeds_per_prompt, len(seed_set.seeds))))

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from carve.engine.text import format_user_prompt, has_chat_template
 from carve.specialize.seeds import Domain, Seed
 
 PromptStyle = Literal["raw", "chat"]
@@ -61,9 +62,8 @@ def format_item(number: int, instruction: str, input: str, max_input_chars: int 
 
 def _wrap(tokenizer: Any, user: str, assistant_prefix: str, style: PromptStyle) -> str:
     """Raw text, or the user turn in the chat template with the assistant's reply pre-filled."""
-    if style == "chat" and getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        return head + assistant_prefix
+    if style == "chat" and has_chat_template(tokenizer):
+        return format_user_prompt(tokenizer, user) + assistant_prefix
     return user + "\n" + assistant_prefix
 
 
@@ -86,7 +86,7 @@ def response_prompt(domain: Domain, instruction: str, input: str, document: str 
     if input.strip():
         parts.append(f"Input: {input.strip()}")
     user = "\n\n".join(parts)
-    if style == "chat" and getattr(tokenizer, "chat_template", None):
+    if style == "chat" and has_chat_template(tokenizer):
         return _wrap(tokenizer, user, "", style)
     return user + "\n\nResponse:"
 

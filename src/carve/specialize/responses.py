@@ -22,13 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from carve.progress import stage
+from carve.common.progress import stage
+from carve.engine.templates import STOP_STRINGS
 from carve.specialize.config import RunConfig
 from carve.specialize.prompts import response_prompt
 from carve.specialize.retrieval import BM25Index, Corpus, softmax
 from carve.specialize.seeds import Domain
 from carve.specialize.store import JsonlStore
-from carve.specialize.templates import STOP_STRINGS
 
 RETRIEVAL = "retrieval.jsonl"
 RESPONSES = "responses.jsonl"
@@ -77,7 +77,7 @@ def build_request(
     ``adapter`` writes the response instead of the base (``respond_with
     seed_adapter``); contrast decoding always pits ``contrast_adapter`` against the base.
     """
-    from carve.platform.engine import Branch, GenerationRequest, Sampling
+    from carve.engine.decoding import Branch, GenerationRequest, Sampling
 
     sampling = Sampling(max_new_tokens=config.response_max_new_tokens, temperature=0.0, stop=RESPONSE_STOPS, alpha=config.contrast_alpha)
 

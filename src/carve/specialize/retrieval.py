@@ -20,8 +20,9 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from carve.hashing import sha256_file
-from carve.jsonl import json_object_lines
+from carve.common.errors import error_field
+from carve.common.hashing import sha256_file
+from carve.common.jsonl import json_object_lines
 
 INDEX_DONE = "carve-index.json"
 
@@ -85,7 +86,7 @@ def load_corpus(path: Path) -> Corpus:
             document = Document.model_validate(record)
         except ValidationError as exc:
             for error in exc.errors():
-                field = ".".join(str(p) for p in error["loc"]) or "(object)"
+                field = error_field(error)
                 why = "is required" if error["type"] == "missing" else error["msg"]
                 problems.append(f"{where}: field '{field}': {why}")
             continue

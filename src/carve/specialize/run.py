@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from carve.artifact import AdapterCard, CardDomain
 from carve.specialize.config import RunConfig
 from carve.specialize.retrieval import Corpus, load_corpus
 from carve.specialize.seeds import SeedSet, load_seed_set
@@ -74,11 +75,11 @@ class Inputs:
 
 def prepare(config: RunConfig, seeds: Path, corpus: Path | None, out: Path, resume: bool, eval_tasks: Path | None = None) -> Inputs:
     """Validate everything; raises SeedSetError, CorpusError, ModelError, SuiteError or RunError, writing nothing."""
-    from carve.platform.models import resolve_model
+    from carve.engine.models import resolve_model
 
     seed_set = load_seed_set(seeds)
     if eval_tasks is not None:
-        from carve.specialize.eval_suite import load_suite
+        from carve.evaluation.suite import load_suite
 
         load_suite(Path(eval_tasks))  # a bad task file fails now, not after an hour of training
     if corpus is None and config.retrieval != "none":
@@ -151,7 +152,7 @@ def seed_examples(seed_set: SeedSet, demonstrations: int = 0) -> list[dict[str, 
     stops reading the demonstrations in front of it: in issue 4's measurement
     the seed-trained adapters' gain over the base fell from +9 to +1 (k=0 to k=5).
     """
-    from carve.specialize.eval_prompts import pick_demos
+    from carve.evaluation.prompts import pick_demos
 
     examples: list[dict[str, Any]] = []
     for n, s in enumerate(seed_set.seeds):
@@ -300,8 +301,8 @@ def _iteration(
 
 def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage; returns the manifest data. Call :func:`prepare` first."""
-    from carve.platform.loading import open_engine
-    from carve.specialize.package import AdapterCard, CardDomain, carve_version, now_iso, package_adapter
+    from carve.engine.loading import open_engine
+    from carve.specialize.package import carve_version, now_iso, package_adapter
 
     inputs.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(inputs)
@@ -356,8 +357,8 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
 
 
 def _evaluate(engine: Any, adapter: Path, inputs: Inputs, tasks: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Base against the new adapter on the given tasks (carve.specialize.evaluate)."""
-    from carve.specialize.evaluate import evaluate_models  # type: ignore[import-not-found]
+    """Base against the new adapter on the given tasks (carve.evaluation.run)."""
+    from carve.evaluation.run import evaluate_models  # type: ignore[import-not-found]
 
     name = f"{inputs.seed_set.domain.tag}-eval"
     if name not in engine.adapters:

@@ -25,8 +25,9 @@ from pydantic import (
     field_validator,
 )
 
-from carve.adapters.validation import AdapterValidationError, check_name
-from carve.jsonl import count_records, json_object_lines
+from carve.artifact import AdapterValidationError, check_name
+from carve.common.errors import error_field
+from carve.common.jsonl import count_records, json_object_lines
 
 DOMAIN_FILE = "domain.json"
 SEEDS_FILE = "seeds.jsonl"
@@ -127,7 +128,7 @@ def _describe(where: str, error: ValidationError) -> list[str]:
     """One readable line per pydantic error: '<file> line <n>: field 'x': why'."""
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(object)"
+        field = error_field(item)
         kind = item["type"]
         if kind == "missing":
             why = "is required"

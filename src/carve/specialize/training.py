@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from carve.progress import stage
+from carve.common.progress import stage
+from carve.engine.templates import Demonstration, kshot_prompt
 from carve.specialize.config import TrainingConfig
 from carve.specialize.generate_instructions import derive_seed
-from carve.specialize.templates import Demonstration, kshot_prompt
 
 IGNORE = -100
 STATE = "trainer_state.json"
@@ -135,7 +135,7 @@ def load_for_training(base_path: Path, quantize: bool | None = None) -> tuple[An
     """The base model ready for LoRA training (4-bit + kbit preparation on CUDA) and its plan."""
     import torch
 
-    from carve.platform.models import load_base, plan_load, resolve_model
+    from carve.engine.models import load_base, plan_load, resolve_model
 
     plan = plan_load(torch.cuda.is_available(), quantize=quantize)
     model, tokenizer = load_base(resolve_model(str(base_path)), plan)

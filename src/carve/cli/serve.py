@@ -1,0 +1,69 @@
+"""`carve serve`: the OpenAI-compatible server over one base model and the registry's adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from carve.cli.errors import fail
+from carve.platform.config import ServeConfig
+
+
+def _option(field: str, *flags: str, **extra: Any) -> Any:
+    """A typer option whose default and help are ServeConfig's own for ``field``."""
+    info = ServeConfig.model_fields[field]
+    return typer.Option(info.default, *flags, help=info.description, **extra)
+
+
+def serve_command(
+    model: str = _option("model", "--model", "-m"),
+    address: Optional[str] = typer.Option(None, "--address", help="Deploy onto this existing Ray cluster (e.g. ray://head:10001); default: start a local Ray."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP server binds."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    replicas: int = _option("replicas", "--replicas", min=1),
+    max_adapters: int = _option("max_adapters", "--max-adapters", min=1),
+    registry: Optional[Path] = typer.Option(None, "--registry", envvar="CARVE_REGISTRY", help="Adapter registry folder."),
+    max_tokens_cap: int = _option("max_tokens_cap", "--max-tokens-cap", min=1),
+    max_batch_size: int = _option("max_batch_size", "--max-batch-size", min=1),
+    engine_cpus: float = _option("engine_num_cpus", "--engine-cpus", min=0.0),
+    engine_gpus: float = _option("engine_num_gpus", "--engine-gpus", min=0.0),
+) -> None:
+    """Serve the base model and its adapters over HTTP (OpenAI-compatible) on Ray Serve."""
+    from pydantic import ValidationError
+
+    from carve.platform.launcher import deploy_to_cluster, serve_forever, start_local_server
+
+    try:
+        config = ServeConfig.from_env(
+            model=model, registry_root=registry, replicas=replicas, max_adapters=max_adapters, max_tokens_cap=max_tokens_cap,
+            max_batch_size=max_batch_size, engine_num_cpus=engine_cpus, engine_num_gpus=engine_gpus,
+            default_max_tokens=min(128, max_tokens_cap),
+        )
+    except ValidationError as exc:
+        raise fail(str(exc))
+    generated = not config.admin_token
+    config = config.with_generated_admin_token()
+    if address:
+        handle = deploy_to_cluster(address, config, host="0.0.0.0" if host == "127.0.0.1" else host, port=port)
+        typer.echo(
+            f"deployed Carve onto {address}: OpenAI-compatible API at http://<node>:{port}/v1 on the cluster's nodes "
+            f"({handle.url}/v1 from the head); it keeps running, remove it with `serve delete carve`"
+        )
+        _print_tokens(config, generated)
+        return
+    typer.echo(f"starting a local Ray and Carve ({model}, {replicas} replica(s), {max_adapters} adapters each)...")
+    handle = start_local_server(config=config, host=host, port=port)
+    typer.echo(f"serving on {handle.url}/v1 (OpenAI-compatible); Ctrl-C stops")
+    _print_tokens(config, generated)
+    serve_forever(handle)
+    typer.echo("stopped")
+
+
+def _print_tokens(config: "object", generated: bool) -> None:
+    token = getattr(config, "admin_token")
+    if generated:
+        typer.echo(f"operator token (CARVE_ADMIN_TOKEN not set, generated for this run): {token}")
+    if getattr(config, "api_key"):
+        typer.echo("inference needs the API key from CARVE_API_KEY")

@@ -1,0 +1,196 @@
+"""Run many requests for many adapters as one engine call: the heart of an engine replica.
+
+A *job* is one generation request already tokenized by the gateway. A batch of
+jobs is decoded by ONE ``engine.stream`` call (per-row adapters in one forward
+pass), split only when it names more distinct adapters than the cache holds.
+Every job receives its events through ``emit(job_index, event)``: text deltas,
+then one final event with a finish reason or an error. An adapter that fails to
+load fails its own jobs only; the rest of the batch decodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from carve.artifact import AdapterRef
+from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull, Weighted
+from carve.engine.decoding import Branch, GenerationRequest, Sampling
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request as an engine replica sees it (plain data, pickled across Ray).
+
+    The prompt travels as text and is tokenized by the engine itself, exactly as a
+    direct ``engine.generate`` call would; the gateway counted its tokens already.
+    """
+
+    prompt: str
+    prompt_tokens: int
+    adapter: Optional[AdapterRef]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = ()  # a mixture: (adapter or base, weight) per branch
+    space: str = "output"  # a mixture's: "output" (engine rule mixture) or "weights" (one merged adapter, AdapterCache.merge)
+
+    def refs(self) -> list[AdapterRef]:
+        """Every adapter this job decodes with (a mixture's, else its single adapter)."""
+        if self.mixture:
+            return [ref for ref, _ in self.mixture if ref is not None]
+        return [self.adapter] if self.adapter is not None else []
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            stop=self.stop, ignore_eos=self.ignore_eos,
+        )
+
+
+@dataclass
+class JobEvent:
+    """New text of one job; the last event has ``finish_reason`` or ``error`` set."""
+
+    delta: str = ""
+    tokens: int = 0
+    finish_reason: Optional[str] = None  # OpenAI's: "stop" | "length"
+    error: Optional[str] = None
+    error_kind: Optional[str] = None  # "adapter_load" | "internal"
+    prompt_tokens: int = 0
+    loaded: list[str] = field(default_factory=list)  # adapters loaded for this job (metrics)
+    evicted: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
+class JobResult:
+    """A whole job's outcome, for non-streaming requests."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    error_kind: Optional[str] = None
+    loaded: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+
+    def add(self, event: JobEvent) -> None:
+        self.text += event.delta
+        self.completion_tokens += event.tokens
+        self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
+        self.loaded += event.loaded
+        self.evicted += event.evicted
+        if event.finish_reason:
+            self.finish_reason = event.finish_reason
+        if event.error:
+            self.error, self.error_kind = event.error, event.error_kind
+
+
+Emit = Callable[[int, JobEvent], None]
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def engine_request(weighted: Weighted, prompt: str, sampling: Sampling, engine_name: Callable[[AdapterRef], str]) -> GenerationRequest:
+    """The engine request of an output-space decision: rule ``single`` for one branch, ``mixture`` over one branch per adapter.
+
+    ``engine_name(ref)`` names the adapter in the engine (None: the base).
+    """
+    branches = tuple(Branch(prompt, engine_name(ref) if ref is not None else None, w) for ref, w in weighted)
+    return GenerationRequest(branches, "mixture" if len(branches) > 1 else "single", sampling)
+
+
+def split_by_capacity(jobs: Sequence[Job], capacity: int) -> list[list[int]]:
+    """Consecutive groups of job indices, each naming at most ``capacity`` distinct adapters (a mixture counts all of its own)."""
+    groups: list[list[int]] = []
+    seen: set[str] = set()
+    for i, job in enumerate(jobs):
+        keys = {ref.key for ref in job.refs()}
+        if not groups or (seen and len(seen | keys) > max(capacity, len(seen))):
+            groups.append([])
+            seen = set()
+        groups[-1].append(i)
+        seen |= keys
+    return groups
+
+
+class BatchRunner:
+    """Decodes batches of jobs on one engine, loading their adapters through the cache."""
+
+    def __init__(self, engine: Any, cache: AdapterCache):
+        self.engine = engine
+        self.cache = cache
+
+    def run(self, jobs: Sequence[Job], emit: Emit) -> None:
+        """Decode ``jobs``; every job gets exactly one final event."""
+        for group in split_by_capacity(jobs, self.cache.capacity):
+            self._run_group(jobs, group, emit)
+
+    def _request(self, job: Job, names: dict[str, str]) -> GenerationRequest:
+        """The engine request of a job: one branch (rule single), one per mixture branch (rule mixture), or a merged adapter."""
+
+        def engine_name(ref: AdapterRef) -> str:
+            return names[ref.key]
+
+        if job.mixture and job.space == "weights":
+            return GenerationRequest.single(job.prompt, self.cache.merge(job.mixture, engine_name), job.sampling())
+        if job.mixture:
+            return engine_request(job.mixture, job.prompt, job.sampling(), engine_name)
+        return GenerationRequest.single(job.prompt, names[job.adapter.key] if job.adapter else None, job.sampling())
+
+    def _run_group(self, jobs: Sequence[Job], group: list[int], emit: Emit) -> None:
+        names: dict[str, str] = {}  # adapter key -> engine name
+        failed: dict[str, str] = {}  # adapter key -> why it did not load
+        first_event: dict[int, JobEvent] = {}  # a load is reported on the first job that caused it
+        for i in group:
+            for ref in jobs[i].refs():
+                if ref.key in names or ref.key in failed:
+                    continue
+                try:
+                    got = self.cache.acquire(ref, pinned=names.keys())
+                except (AdapterLoadError, CacheFull) as exc:
+                    failed[ref.key] = str(exc)
+                    continue
+                names[ref.key] = got.engine_name
+                if got.loaded:
+                    event = first_event.setdefault(i, JobEvent())
+                    event.loaded.append(ref.key)
+                    event.evicted += got.evicted
+        ready: list[int] = []
+        requests: list[GenerationRequest] = []
+        for i in group:
+            why = next((failed[ref.key] for ref in jobs[i].refs() if ref.key in failed), None)
+            if why is not None:
+                emit(i, JobEvent(error=why, error_kind="adapter_load", prompt_tokens=jobs[i].prompt_tokens))
+                continue
+            try:
+                requests.append(self._request(jobs[i], names))
+            except Exception as exc:  # a weight-space merge that failed: this job only
+                emit(i, JobEvent(error=f"mixture could not be built: {type(exc).__name__}: {exc}", error_kind="internal"))
+                continue
+            ready.append(i)
+        if not ready:
+            return
+        done: set[int] = set()
+        try:
+            for event in self.engine.stream(requests):
+                job = ready[event.index]
+                out = first_event.pop(job, None) or JobEvent()
+                out.delta = event.delta
+                out.tokens = 1 if event.token_id is not None else 0
+                out.prompt_tokens = jobs[job].prompt_tokens
+                if event.finish_reason:
+                    out.finish_reason = _FINISH[event.finish_reason]
+                    done.add(job)
+                emit(job, out)
+        except Exception as exc:  # the engine failed mid-batch: every unfinished job learns why
+            for job in ready:
+                if job not in done:
+                    emit(job, JobEvent(error=f"{type(exc).__name__}: {exc}", error_kind="internal"))

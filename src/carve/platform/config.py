@@ -1,0 +1,68 @@
+"""The settings of one Carve server, validated once and shipped to every replica."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from carve.engine.models import DEFAULT_MODEL
+
+ADMIN_TOKEN_ENV = "CARVE_ADMIN_TOKEN"
+API_KEY_ENV = "CARVE_API_KEY"
+
+
+class ServeConfig(BaseModel):
+    """Everything a gateway or engine replica needs; plain data so Ray can pickle it.
+
+    Tokens default to the environment (CARVE_ADMIN_TOKEN, CARVE_API_KEY) of the
+    process that builds the config, so replicas on other nodes get the same values.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_MODEL, description="Base model name or Hugging Face folder.")
+    registry_root: Optional[Path] = Field(None, description="Adapter registry folder (default: CARVE_REGISTRY or ~/.carve/registry).")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    replicas: int = Field(1, ge=1, le=64, description="Engine replicas, each holding the base model once.")
+    max_adapters: int = Field(8, ge=1, le=1024, description="Adapters held per replica (LRU).")
+    max_batch_size: int = Field(32, ge=1, le=512, description="Requests decoded together in one engine call.")
+    batch_wait_s: float = Field(0.02, ge=0.0, le=5.0, description="How long a batch waits to fill after its first request.")
+    default_max_tokens: int = Field(128, ge=1)
+    max_tokens_cap: int = Field(1024, ge=1, description="Requests asking for more new tokens get 400.")
+    engine_num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves for each engine replica.")
+    engine_threads: Optional[int] = Field(None, ge=1, description="torch threads per engine replica (default: Ray's, from num_cpus).")
+    engine_num_gpus: float = Field(0.0, ge=0.0, description="GPUs Ray reserves for each engine replica.")
+    gateway_num_cpus: float = Field(0.0, ge=0.0, description="CPUs Ray reserves for the HTTP gateway.")
+    admin_token: Optional[str] = Field(None, min_length=8, description="Bearer token of the operator API (/v1/adapters).")
+    api_key: Optional[str] = Field(None, min_length=1, description="When set, inference needs this bearer token.")
+    max_upload_mb: int = Field(512, ge=1, description="Largest adapter archive accepted by POST /v1/adapters.")
+    route_prefix: str = "/"
+
+    @model_validator(mode="after")
+    def _caps_agree(self) -> "ServeConfig":
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_cap ({self.max_tokens_cap})")
+        return self
+
+    @classmethod
+    def from_env(cls, **values: Any) -> "ServeConfig":
+        """Build a config, taking unset tokens from the environment."""
+        values = {k: v for k, v in values.items() if v is not None}
+        values.setdefault("admin_token", os.environ.get(ADMIN_TOKEN_ENV) or None)
+        values.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)
+        return cls(**values)
+
+    def with_generated_admin_token(self) -> "ServeConfig":
+        """A copy with a fresh random operator token when none was configured (printed by `carve serve`)."""
+        if self.admin_token:
+            return self
+        return self.model_copy(update={"admin_token": secrets.token_urlsafe(24)})
+
+    def registry_path(self) -> Path:
+        from carve.common.paths import registry_dir
+
+        return Path(self.registry_root).expanduser() if self.registry_root else registry_dir()

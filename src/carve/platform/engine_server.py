@@ -1,0 +1,96 @@
+"""The engine replica: the base model loaded once, up to N adapters, mixed-adapter batches.
+
+Requests for any adapter enter ONE ``@serve.batch`` queue; each batch is one
+engine call in a worker thread (engine calls are synchronous). The adapter is
+part of the job, never Serve's multiplexed model id: Serve splits batches by
+that id, which would forbid mixing adapters in a forward pass. Each job's
+events reach its caller through a queue, so streaming and non-streaming
+requests share the same batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from carve.engine.adapter_cache import AdapterCache
+from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
+from carve.platform.config import ServeConfig
+
+ENGINE_DEPLOYMENT = "CarveEngine"
+
+
+@dataclass
+class _Pending:
+    job: Job
+    queue: "asyncio.Queue[JobEvent | None]" = field(default_factory=asyncio.Queue)
+
+
+def _close_when_done(pending: _Pending) -> Any:
+    """A done-callback ending the job's stream even if its batch failed before running."""
+
+    def callback(task: "asyncio.Future[Any]") -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here; the consumer reports a missing final event
+        pending.queue.put_nowait(None)
+
+    return callback
+
+
+@serve.deployment(name=ENGINE_DEPLOYMENT, max_ongoing_requests=128, health_check_period_s=10)
+class EngineServer:
+    """One base model, an LRU of adapters, and a batch queue shared by every adapter."""
+
+    def __init__(self, config: dict[str, Any]):
+        from carve.engine.loading import open_engine
+
+        self.config = ServeConfig.model_validate(config)
+        if self.config.engine_threads:
+            import torch
+
+            torch.set_num_threads(self.config.engine_threads)
+        self.engine, self.resolved, self.plan = open_engine(self.config.model, precision=self.config.precision)
+        self.cache = AdapterCache(self.engine, self.config.max_adapters)
+        self.runner = BatchRunner(self.engine, self.cache)
+        self._run_batch.set_max_batch_size(self.config.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    async def _run_batch(self, pending: list[_Pending]) -> list[None]:
+        loop = asyncio.get_running_loop()
+
+        def emit(index: int, event: JobEvent) -> None:  # called from the worker thread
+            loop.call_soon_threadsafe(pending[index].queue.put_nowait, event)
+
+        try:
+            await asyncio.to_thread(self.runner.run, [p.job for p in pending], emit)
+        finally:  # events emitted above are queued before this runs (FIFO callbacks)
+            for p in pending:
+                p.queue.put_nowait(None)
+        return [None] * len(pending)
+
+    async def stream(self, job: Job) -> AsyncIterator[JobEvent]:
+        """The job's events as they are decoded; the last one is final."""
+        pending = _Pending(job)
+        task = asyncio.ensure_future(self._run_batch(pending))
+        task.add_done_callback(_close_when_done(pending))
+        final = False
+        while (event := await pending.queue.get()) is not None:
+            final = final or event.final
+            yield event
+        if not final:  # the batch died without a word for this job
+            yield JobEvent(error="the engine stopped before finishing this request", error_kind="internal")
+
+    async def generate(self, job: Job) -> JobResult:
+        """The whole job at once (non-streaming requests)."""
+        result = JobResult()
+        async for event in self.stream(job):
+            result.add(event)
+        return result
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve for the request router: which adapters this replica holds."""
+        return {"adapters": self.cache.keys(), "capacity": self.cache.capacity}

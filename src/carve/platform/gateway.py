@@ -1,0 +1,416 @@
+"""The HTTP gateway: OpenAI-compatible inference, the operator API, health and metrics.
+
+The gateway holds the tokenizer (chat template, token counts, context checks)
+and the adapter registry; it turns each request into an engine job and hands
+it to the engine deployment. It never holds model weights.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads these handlers' annotations
+# at runtime through Serve's class-based ingress, where string annotations do not resolve.
+import asyncio
+import hmac
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from carve.artifact import BASE_MODEL
+from carve.engine.batching import Job, JobEvent, JobResult
+from carve.engine.text import context_length
+from carve.platform import api as oa
+from carve.platform.archive import ArchiveError, extract_adapter_archive
+from carve.platform.config import ServeConfig
+from carve.platform.metrics import ServerMetrics
+from carve.platform.requests import ApiError, build_job, parse_body
+from carve.platform.targets import UnknownModel, served_model_names, served_models
+
+GATEWAY_DEPLOYMENT = "CarveGateway"
+ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/zip", "application/octet-stream")
+T = TypeVar("T")
+
+api = FastAPI(title="Carve", description="One base model, many domain adapters; OpenAI-compatible.", docs_url="/docs")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _bearer(request: Request) -> Optional[str]:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _token_matches(given: Optional[str], expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, kind="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _adapter_info(record: Any) -> oa.AdapterInfo:
+    return oa.AdapterInfo(
+        name=record.name,
+        version=record.version,
+        tags=list(record.tags),
+        base_model_id=record.base_model_id,
+        rank=record.rank,
+        alpha=record.alpha,
+        target_modules=list(record.target_modules),
+        path=str(record.path),
+        created_at=str(record.created_at) if record.created_at is not None else None,
+        card=record.card,
+    )
+
+
+def _engine_error(event: JobEvent | JobResult) -> ApiError:
+    if event.error_kind == "adapter_load":
+        return ApiError(500, event.error or "adapter failed to load", kind="server_error", code="adapter_load_failed")
+    return ApiError(500, event.error or "internal error", kind="server_error", code="engine_error")
+
+
+def _sse(payload: Any) -> str:
+    data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=1024)
+@serve.ingress(api)
+class Gateway:
+    """FastAPI ingress in front of the engine deployment."""
+
+    def __init__(self, engine: Any, config: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from carve.engine.models import resolve_model
+
+        self.config = ServeConfig.model_validate(config)
+        self.engine = engine
+        self.base = resolve_model(self.config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        self.context = context_length(self.base.path)
+        self.metrics = ServerMetrics()
+        from carve.adapters.registry import Registry
+
+        self.registry = Registry(self.config.registry_path())  # one SQLite connection per call: thread-safe
+        from carve.jobs.http import JobsHttp
+        from carve.jobs.service import JobService, JobSettings, RayLauncher
+        from carve.router import Router, RouterConfig
+        from carve.router.metrics import RoutingMetrics
+
+        self.router = Router(self.registry, RouterConfig(), base_fingerprint=self.base.fingerprint)
+        self.routing_metrics = RoutingMetrics(self.metrics.registry)
+        self.jobs = JobsHttp(JobService(self.config.registry_path(), self.config.model, RayLauncher(), JobSettings(num_cpus=1)))
+        self._warm_lock = threading.Lock()  # one warm-up at a time (start, then after each registration)
+        # Auto routing embeds every adapter's profile once (10-25 s with the embedding model): start now, not on the first request.
+        threading.Thread(target=self._warm_router, name="carve-router-warm", daemon=True).start()
+
+    def _warm_router(self) -> None:
+        try:
+            with self._warm_lock:
+                self.router.warm()
+        except Exception as exc:  # a profile that fails now fails again, with its error, on the auto request that needs it
+            logging.getLogger(__name__).warning("router warm-up failed: %s: %s", type(exc).__name__, exc)
+
+    # -- helpers ------------------------------------------------------------
+
+    async def _with_registry(self, fn: Callable[[Any], T]) -> T:
+        """Run a (blocking, SQLite) registry call off the event loop."""
+        return await asyncio.to_thread(fn, self.registry)
+
+    def _check_inference_auth(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        token = _bearer(request)
+        if not (_token_matches(token, self.config.api_key) or (self.config.admin_token and _token_matches(token, self.config.admin_token))):
+            raise _unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'" if token is None else "wrong API key")
+
+    def _check_admin(self, request: Request) -> None:
+        if not self.config.admin_token:
+            raise _unauthorized("the operator API is disabled: start the server with CARVE_ADMIN_TOKEN set")
+        token = _bearer(request)
+        if token is None:
+            raise _unauthorized("missing operator token: send 'Authorization: Bearer <CARVE_ADMIN_TOKEN>'")
+        if not _token_matches(token, self.config.admin_token):
+            raise _unauthorized("wrong operator token")
+
+    async def _counted(self, endpoint: str, handler: Callable[[], Any]) -> Response:
+        try:
+            response = await handler()
+        except ApiError as exc:
+            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        self.metrics.request(endpoint, response.status_code)
+        return response
+
+    async def _route(self, body: oa._Request) -> Any:
+        """The router's decision for a request (off the event loop); RoutingError -> the HTTP error it names."""
+        from carve.router import RoutingError, routing_text
+
+        if isinstance(body, oa.CompletionRequest):
+            text = routing_text(body.prompt_text())
+        else:
+            text = routing_text([{"role": m.role, "content": m.text()} for m in body.messages])
+        try:
+            decision = await asyncio.to_thread(self.router.route, body.model, text, body.carve)
+        except RoutingError as exc:
+            if exc.code == "model_not_found" and exc.param == "model":  # list what is served, as /v1/models does
+                served = await self._with_registry(served_model_names)
+                raise ApiError(404, str(UnknownModel(body.model, served)), param="model", code="model_not_found") from None
+            raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
+        if len(decision.uses()) > self.config.max_adapters:
+            raise ApiError(
+                400, f"the mixture uses {len(decision.uses())} adapters; this server holds at most {self.config.max_adapters} per replica",
+                param="carve", code="mixture_too_large",
+            )
+        self.routing_metrics.count(decision)
+        return decision
+
+    # -- inference ----------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.base.name, "model_id": self.base.model_id}
+
+    @api.get("/metrics")
+    async def prometheus(self) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._check_inference_auth(request)
+            records, tags = await self._with_registry(served_models)
+            created = oa.now()
+            cards = [oa.ModelCard(id=BASE_MODEL, created=created, carve={"kind": "base", "model": self.base.name, "model_id": self.base.model_id})]
+            for record in records:
+                cards.append(oa.ModelCard(id=record.name, created=created, carve={"kind": "adapter", "version": record.version, "tags": list(record.tags)}))
+            for tag in sorted(tags):
+                pointer = tags[tag]
+                cards.append(oa.ModelCard(id=tag, created=created, carve={"kind": "tag", "adapter": pointer.name, "version": pointer.version}))
+            return JSONResponse(oa.ModelList(data=cards).model_dump())
+
+        return await self._counted("models", handler)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._counted("completions", lambda: self._generate(request, oa.CompletionRequest, "completions"))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._counted("chat_completions", lambda: self._generate(request, oa.ChatCompletionRequest, "chat_completions"))
+
+    async def _generate(self, request: Request, model: type[oa._Request], endpoint: str) -> Response:
+        started = time.perf_counter()
+        self._check_inference_auth(request)
+        body = parse_body(await request.body(), model)
+        decision = await self._route(body)
+        branches = tuple(decision.weighted())
+        target = branches[0][0] if len(branches) == 1 else None
+        job = build_job(body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else (), space=decision.space)
+        carve = oa.CarveInfo(
+            adapters=[oa.AdapterUse(**u) for u in decision.uses()], mode=decision.mode, space=decision.space if decision.is_mixture else None,
+            confidence=decision.confidence, reason=decision.reason,
+        )
+        chat = isinstance(body, oa.ChatCompletionRequest)
+        if body.stream:
+            events = self.engine.options(stream=True).stream.remote(job)
+            first = await events.__anext__()  # adapter load errors arrive before any token: answer them as HTTP errors
+            self._observe_cache(first, job)
+            if first.error:
+                raise _engine_error(first)
+            self.metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = self._sse_stream(first, events, body.model, job, carve, chat, include_usage, endpoint, started)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        result: JobResult = await self.engine.generate.remote(job)
+        self._observe_cache(result, job)
+        if result.error:
+            raise _engine_error(result)
+        elapsed = time.perf_counter() - started
+        self.metrics.latency.labels(endpoint).observe(elapsed)
+        self.metrics.usage(result.prompt_tokens, result.completion_tokens)
+        usage = oa.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, total_tokens=result.prompt_tokens + result.completion_tokens)
+        finish = result.finish_reason or "length"
+        if chat:
+            reply: Any = oa.ChatCompletionResponse(
+                id=oa.new_id("chatcmpl"), created=oa.now(), model=body.model, usage=usage, carve=carve,
+                choices=[oa.ChatChoice(message=oa.AssistantMessage(content=result.text), finish_reason=finish)],  # type: ignore[arg-type]
+            )
+        else:
+            reply = oa.CompletionResponse(
+                id=oa.new_id("cmpl"), created=oa.now(), model=body.model, usage=usage, carve=carve,
+                choices=[oa.CompletionChoice(text=result.text, finish_reason=finish)],  # type: ignore[arg-type]
+            )
+        return JSONResponse(reply.model_dump())
+
+    def _observe_cache(self, event: JobEvent | JobResult, job: Job) -> None:
+        self.metrics.cache_events(event.loaded, event.evicted)
+        if event.error_kind == "adapter_load":
+            for ref in job.refs():
+                if ref.key in (event.error or ""):  # the error names the adapter that failed
+                    self.metrics.adapter_load_failures.labels(ref.key).inc()
+
+    async def _sse_stream(
+        self, first: JobEvent, events: Any, model: str, job: Job, carve: oa.CarveInfo, chat: bool,
+        include_usage: bool, endpoint: str, started: float,
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        chunk_id, created = oa.new_id("chatcmpl" if chat else "cmpl"), oa.now()
+        completion_tokens, prompt_tokens = 0, job.prompt_tokens
+
+        def chunk(delta: Optional[str], finish: Optional[str], role: bool = False) -> Any:
+            if chat:
+                return oa.ChatCompletionChunk(
+                    id=chunk_id, created=created, model=model, carve=carve,
+                    choices=[oa.ChatChunkChoice(delta=oa.ChatDelta(role="assistant" if role else None, content=delta), finish_reason=finish)],  # type: ignore[arg-type]
+                )
+            return {
+                "id": chunk_id, "object": "text_completion", "created": created, "model": model, "carve": carve.model_dump(),
+                "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}],
+            }
+
+        if chat:
+            yield _sse(chunk("", None, role=True))
+        event: Optional[JobEvent] = first
+        try:
+            while event is not None:
+                if event is not first:
+                    self._observe_cache(event, job)
+                if event.error:
+                    yield _sse(_engine_error(event).body())
+                    break
+                completion_tokens += event.tokens
+                if event.delta or event.finish_reason:
+                    yield _sse(chunk(event.delta, event.finish_reason))
+                if event.final:
+                    break
+                event = await events.__anext__()
+        except StopAsyncIteration:
+            pass
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.metrics.usage(prompt_tokens, completion_tokens)
+        if include_usage:
+            usage = oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+            if chat:
+                yield _sse(oa.ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage, carve=carve))
+            else:
+                yield _sse({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage.model_dump()})
+        yield "data: [DONE]\n\n"
+
+    # -- specialization jobs (carve.jobs; each call blocks on SQLite and files: run off the event loop) --
+
+    async def _jobs_call(self, request: Request, call: Callable[[], tuple[int, dict[str, Any]]]) -> Response:
+        async def handler() -> Response:
+            self._check_inference_auth(request)
+            status, body = await asyncio.to_thread(call)
+            return JSONResponse(body, status_code=status)
+
+        return await self._counted("specializations", handler)
+
+    @api.post("/v1/specializations")
+    async def submit_specialization(self, request: Request) -> Response:
+        raw = await request.body()
+        return await self._jobs_call(request, lambda: self.jobs.submit(raw))
+
+    @api.get("/v1/specializations")
+    async def list_specializations(self, request: Request, status: Optional[str] = None) -> Response:
+        return await self._jobs_call(request, lambda: self.jobs.list(status))
+
+    @api.get("/v1/specializations/{job_id}")
+    async def get_specialization(self, request: Request, job_id: str) -> Response:
+        return await self._jobs_call(request, lambda: self.jobs.get(job_id))
+
+    @api.delete("/v1/specializations/{job_id}")
+    async def cancel_specialization(self, request: Request, job_id: str) -> Response:
+        return await self._jobs_call(request, lambda: self.jobs.cancel(job_id))
+
+    # -- operator API -------------------------------------------------------
+
+    @api.get("/v1/adapters")
+    async def list_adapters(self, request: Request, tag: Optional[str] = None) -> Response:
+        async def handler() -> Response:
+            self._check_admin(request)
+            records = await self._with_registry(lambda registry: registry.list(tag=tag))
+            return JSONResponse(oa.AdapterList(data=[_adapter_info(r) for r in records]).model_dump())
+
+        return await self._counted("adapters", handler)
+
+    @api.post("/v1/adapters")
+    async def add_adapter(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._check_admin(request)
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type in ("", "application/json"):
+                body = parse_body(await request.body(), oa.RegisterAdapter)
+                source = Path(body.path).expanduser()
+                if not source.exists():
+                    raise ApiError(400, f"path {body.path!r} does not exist on the server", param="path", code="path_not_found")
+                record = await self._register(source, body.name, body.tags, body.card)
+            elif content_type in ARCHIVE_TYPES:
+                record = await self._register_archive(request)
+            else:
+                raise ApiError(415, f"unsupported content type {content_type!r}: send JSON {{name, path, tags}} or a .tar.gz/.zip archive")
+            return JSONResponse(_adapter_info(record).model_dump(), status_code=201)
+
+        return await self._counted("adapters", handler)
+
+    async def _register_archive(self, request: Request) -> Any:
+        name = request.query_params.get("name")
+        if not name:
+            raise ApiError(422, "an uploaded archive needs the adapter name as the query parameter ?name=", param="name")
+        tags = [t.strip() for value in request.query_params.getlist("tags") for t in value.split(",") if t.strip()]
+        limit = self.config.max_upload_mb * 1024 * 1024
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the archive is larger than {self.config.max_upload_mb} MB")
+        data = await request.body()
+        if len(data) > limit:
+            raise ApiError(413, f"the archive is larger than {self.config.max_upload_mb} MB")
+        scratch = Path(tempfile.mkdtemp(prefix="carve-upload-"))
+        try:
+            try:
+                folder = await asyncio.to_thread(extract_adapter_archive, data, scratch, 4 * limit)
+            except ArchiveError as exc:
+                raise ApiError(400, str(exc), param="body", code="bad_archive") from None
+            return await self._register(folder, name, tags, None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _register(self, source: Path, name: str, tags: list[str], card: Optional[dict[str, Any]]) -> Any:
+        from carve.adapters.registry import RegistryError
+        from carve.artifact import AdapterValidationError
+
+        try:
+            record = await self._with_registry(lambda registry: registry.add(source, name, tags=tuple(tags), base=self.base, card=card))
+        except (RegistryError, AdapterValidationError) as exc:
+            raise ApiError(400, str(exc), code="adapter_rejected") from None
+        threading.Thread(target=self._warm_router, name="carve-router-warm", daemon=True).start()  # profile it before auto needs it
+        return record
+
+    @api.delete("/v1/adapters/{name}")
+    async def remove_adapter(self, request: Request, name: str, version: Optional[int] = None) -> Response:
+        async def handler() -> Response:
+            from carve.adapters.registry import AdapterNotFound, RegistryError
+
+            self._check_admin(request)
+            try:
+                await self._with_registry(lambda registry: registry.remove(name, version))
+            except AdapterNotFound as exc:
+                raise ApiError(404, str(exc), param="name", code="adapter_not_found") from None
+            except RegistryError as exc:
+                raise ApiError(400, str(exc)) from None
+            return JSONResponse({"deleted": name, "version": version})
+
+        return await self._counted("adapters", handler)

@@ -1,0 +1,114 @@
+"""Start the Carve server: on a local Ray started here (the embedded default) or on an existing cluster.
+
+``start_local_server`` / ``stop_local_server`` are what `carve serve`, the
+demo and the tests call; ``serve_forever`` adds clean shutdown on Ctrl-C and
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from carve.engine.models import DEFAULT_MODEL
+from carve.platform.config import ServeConfig
+
+_started_ray = False
+
+
+@dataclass(frozen=True)
+class ServerHandle:
+    """A running server: where to reach it and with which settings."""
+
+    url: str
+    config: ServeConfig
+    local_ray: bool
+
+
+def make_config(
+    model: str,
+    registry_root: Optional[Path] = None,
+    max_adapters: int = 8,
+    replicas: int = 1,
+    **settings: Any,
+) -> ServeConfig:
+    return ServeConfig.from_env(model=model, registry_root=registry_root, max_adapters=max_adapters, replicas=replicas, **settings)
+
+
+def start_local_server(
+    model: str = DEFAULT_MODEL,
+    registry_root: Optional[Path] = None,
+    port: int = 8000,
+    max_adapters: int = 8,
+    *,
+    host: str = "127.0.0.1",
+    replicas: int = 1,
+    num_cpus: Optional[int] = None,
+    config: Optional[ServeConfig] = None,
+    **settings: Any,
+) -> ServerHandle:
+    """Start a local Ray, deploy Carve on ``host:port``, and return once it answers."""
+    global _started_ray
+    import ray
+
+    config = config or make_config(model, registry_root, max_adapters, replicas, **settings)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        _started_ray = True
+    return _deploy(config, host, port, local_ray=True)
+
+
+def deploy_to_cluster(address: str, config: ServeConfig, host: str = "0.0.0.0", port: int = 8000) -> ServerHandle:
+    """Connect to an existing Ray cluster and deploy (or update) the Carve application there."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    return _deploy(config, host, port, local_ray=False)
+
+
+def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool) -> ServerHandle:
+    from ray import serve
+
+    from carve.platform.app import APP_NAME, build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return ServerHandle(f"http://{shown_host}:{port}", config, local_ray)
+
+
+def stop_local_server() -> None:
+    """Shut Serve down and stop the Ray this module started (a cluster we joined keeps running)."""
+    global _started_ray
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            if _started_ray:
+                ray.shutdown()
+                _started_ray = False
+
+
+def serve_forever(handle: ServerHandle, poll_s: float = 0.5) -> None:
+    """Block until SIGINT or SIGTERM, then stop the server cleanly."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.is_set():
+            time.sleep(poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_local_server()
