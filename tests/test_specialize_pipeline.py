@@ -135,9 +135,9 @@ def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict
 
 
 def test_packaged_adapter_and_card(finished_run: tuple[Path, dict], tiny_model_dir: Path) -> None:
+    from carve.artifact import CARD_FILE, AdapterCard
     from carve.engine.decoding import GenerationRequest, Sampling
     from carve.engine.loading import open_engine
-    from carve.artifact import CARD_FILE, AdapterCard
     from carve.specialize.seeds import load_seed_set
 
     out, result = finished_run

@@ -109,9 +109,6 @@ class AdapterCache:
         # peft adapter names become module-dict keys: no dots; a counter keeps them unique.
         return f"{re.sub(r'[^A-Za-z0-9_]', '_', ref.name)}_v{ref.version}_{next(self._ids)}"
 
-    def has_merge(self, weighted: Weighted) -> bool:
-        return merge_key(weighted) in self._merges
-
     def merge(self, weighted: Weighted, engine_name: Callable[[AdapterRef], str]) -> str:
         """The engine name of the merge of ``weighted``'s adapters, built now if not held.
 
