@@ -1,12 +1,21 @@
-"""Engine throughput on the real SmolLM2 against Hugging Face generate and the naive multi-LoRA loop.
+"""Engine throughput on the real SmolLM2 against the machine's limits and Hugging Face generate.
 
-16 prompts x 64 new tokens, greedy, exactly 64 tokens each (EOS ignored on every side):
-  (a) engine, one adapter for all rows      (c) HF generate batched, same peft model, same adapter active
-  (b) engine, 4 adapters mixed in one batch (d) naive: set_adapter + generate per request
-  (e) engine on the base alone
-Targets: a >= 0.9 c, b >= 0.8 a, b >= 3 d.
+Measured in one run, greedy, EOS ignored on every side:
+  limits   the hardware (a large fp32 matrix product's GFLOP/s, a large copy's GB/s) and
+           the model-shape ceiling: the model's own matrix products for one step (every
+           linear layer's shape plus the output projection, torch, no Python around them)
+           at batch B, in fp32 and on int8 weights, as tokens/s; the same for prefill
+  decode   engine decode tokens/s at B = 1, 8, 16, 32, 64 (from each batch's first streamed
+           token to its last: prefill excluded), fp32 and int8 weights, one adapter for all rows
+  peers    HF generate (same peft model, same adapter) at B = 1 and 16, decode steps only
+           (timed by a logits processor called after every step's forward pass)
+  mixing   at B = 16: 4 adapters mixed vs 1 adapter; the naive set_adapter+generate loop
+  prefill  16 prompts, engine prefill tokens/s vs the prefill ceiling
 
-Run: ../shared/tools/offline .venv/bin/python benchmarks/engine.py [--rounds 2]
+Targets (issue 17): decode >= 70% of ceiling at B = 16, 32 and >= 50% at B = 1; prefill
+>= 70%; >= 2x HF generate at B = 16 and >= 3x at B = 1; 4 adapters mixed >= 0.9x one.
+
+Run: ../shared/tools/offline .venv/bin/python benchmarks/engine.py [--quick]
 """
 
 from __future__ import annotations
@@ -14,11 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import OUT_DIR, bar_chart, make_random_adapters, timer  # noqa: E402
+from common import OUT_DIR, make_random_adapters  # noqa: E402
 
 QUESTIONS = [
     "What does the BRCA1 gene do?", "Name three symptoms of measles.", "Explain what an enzyme inhibitor is.",
@@ -28,13 +39,67 @@ QUESTIONS = [
     "Explain the term metastasis.", "What is an antibody?", "Why is folic acid important in pregnancy?",
     "What does an MRI scan show?", "How does aspirin reduce pain?",
 ]
-NEW_TOKENS = 64
+BATCHES = (1, 8, 16, 32, 64)
+
+
+def best_time(run: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` runs after one warm-up (the least disturbed by other load)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def hardware_limits(repeats: int) -> tuple[float, float]:
+    """(fp32 GFLOP/s of a 2048^3 product, GB/s of a 256 MB copy: bytes read + written)."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    gflops = 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
+    src = torch.empty(64 * 2**20)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats) / 1e9
+    return gflops, bandwidth
+
+
+def model_shapes(engine: Any) -> list[tuple[int, int]]:
+    """(out, in) of every linear product of one token: the base's linear layers and the output projection."""
+    shapes = list(engine.base_linear_shapes().values())
+    return shapes if any(out == engine.model.config.vocab_size for out, _ in shapes) else shapes + [(engine.model.config.vocab_size, engine.model.config.hidden_size)]
+
+
+def products(shapes: list[tuple[int, int]], weight_format: str) -> list[Callable[[Any], Any]]:
+    """One callable x -> x @ W^T per shape, on random weights in the given format (the engine's own product code)."""
+    import torch
+
+    from carve.engine.runner import _Product
+
+    return [_Product(torch.randn(out, inp) * 0.02, weight_format) for out, inp in shapes]  # type: ignore[arg-type]
+
+
+def ceiling_seconds(prods: list[Callable[[Any], Any]], shapes: list[tuple[int, int]], rows: int, repeats: int) -> float:
+    """Seconds for every product of one step over ``rows`` token rows, and nothing else."""
+    import torch
+
+    inputs = {inp: torch.randn(rows, inp) for _, inp in shapes}
+
+    def step() -> None:
+        for product, (_, inp) in zip(prods, shapes):
+            product(inputs[inp])
+
+    return best_time(step, repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=2, help="best of N timed rounds per configuration")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per decode measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per measurement")
+    parser.add_argument("--quick", action="store_true", help="B = 1, 16, 32 only, no naive loop")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
 
@@ -43,71 +108,169 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from carve.engine.decoding import GenerationRequest, Sampling
-    from carve.engine.loading import open_engine
-    from carve.engine.models import resolve_model
+    from carve.engine.decoding import Engine, GenerationRequest, Sampling
+    from carve.engine.models import load_base, plan_load, resolve_model
     from carve.engine.text import format_user_prompt
 
     torch.manual_seed(0)
+    batches = (1, 16, 32) if args.quick else BATCHES
     resolved = resolve_model(args.model)
     names = [f"a{i}" for i in range(4)]
+    engines: dict[str, Engine] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_random_adapters(resolved.path, names, Path(tmp))
-        engine, _, plan = open_engine(args.model, list(adapters.items()))
-    tokenizer, model = engine.tokenizer, engine.model
+        for weights in ("native", "int8"):
+            model, tokenizer = load_base(resolved, plan_load(False))
+            engine = Engine(model, tokenizer, weight_format=weights)  # type: ignore[arg-type]
+            for name, path in adapters.items():
+                engine.load_adapter(name, path)
+            engines[weights] = engine
+    fp32 = engines["native"]
+    tokenizer, peft_model = fp32.tokenizer, fp32.model
     prompts = [format_user_prompt(tokenizer, q) for q in QUESTIONS]
-    sampling = Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    total_tokens = len(prompts) * NEW_TOKENS
-    print(f"model {resolved.name} ({plan.describe()}), {len(prompts)} prompts x {NEW_TOKENS} new tokens, greedy, best of {args.rounds}")
+    load = _load_average()
+    print(f"model {resolved.name}, cpu, {torch.get_num_threads()} torch threads, load average at start {load}")
 
-    def engine_run(assign: list[str | None]) -> None:
-        results = engine.generate([GenerationRequest.single(p, a, sampling) for p, a in zip(prompts, assign)])
-        assert all(len(r.token_ids) == NEW_TOKENS for r in results)
+    # -- the machine and the model-shape ceiling ------------------------------------------
+    gflops, bandwidth = hardware_limits(args.repeats)
+    shapes = model_shapes(fp32)
+    weights = sum(o * i for o, i in shapes)
+    print(f"hardware: fp32 matrix product {gflops:.0f} GFLOP/s, copy {bandwidth:.1f} GB/s")
+    print(f"model: {len(shapes)} products, {weights / 1e6:.1f}M weights per token: {weights * 4 / 1e6:.0f} MB in fp32, {weights / 1e6:.0f} MB in int8")
+    print(f"  implied bounds: B=1 (bytes/bandwidth) fp32 {bandwidth * 1e9 / (weights * 4):.0f} tokens/s, int8 {bandwidth * 1e9 / weights:.0f}; "
+          f"large B (FLOPs/peak) {gflops * 1e9 / (2 * weights):.0f} tokens/s in fp32")
+    prods = {fmt: products(shapes, fmt) for fmt in ("native", "int8")}
+    ceiling = {(fmt, b): b / ceiling_seconds(prods[fmt], shapes, b, args.repeats) for fmt in prods for b in batches}
+    prefill_rows = sum(len(fp32.encode(p)) for p in prompts)
+    prefill_ceiling = {fmt: prefill_rows / ceiling_seconds(prods[fmt], shapes, prefill_rows, args.repeats) for fmt in prods}
 
-    def hf_batched() -> None:
-        model.set_adapter("a0")
+    # -- engine decode: the time between each row's first and last token (prefill excluded) ----
+    def engine_rates(engine: Engine, b: int, rows: list[str | None]) -> tuple[float, float]:
+        """(decode tokens/s, prefill tokens/s) of one batch, best of the repeats."""
+        requests = [GenerationRequest.single(prompts[i % len(prompts)], rows[i], Sampling(max_new_tokens=args.tokens, ignore_eos=True)) for i in range(b)]
+        prompt_tokens = sum(len(engine.encode(r.branches[0].prompt)) for r in requests)
+        best_decode = best_prefill = 0.0
+        for _ in range(args.repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            first = last = 0.0
+            for event in engine.stream(requests):
+                last = time.perf_counter()
+                first = first or last
+            best_decode = max(best_decode, b * (args.tokens - 1) / (last - first))
+            best_prefill = max(best_prefill, prompt_tokens / (first - start))
+        return best_decode, best_prefill
+
+    decode = {(fmt, b): engine_rates(engines[fmt], b, ["a0"] * b)[0] for fmt in engines for b in batches}
+    prefill = {fmt: engine_rates(engines[fmt], len(prompts), ["a0"] * len(prompts))[1] for fmt in engines}
+    mixed = {fmt: engine_rates(engines[fmt], 16, [names[i % 4] for i in range(16)])[0] for fmt in engines}
+
+    # -- Hugging Face generate on the same peft model: steps timed by a logits processor -------
+    class StepClock:
+        """Called once per generated token, after that step's forward pass: the decode steps' times."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.times.append(time.perf_counter())
+            return scores
+
+    def hf_rate(b: int) -> float:
+        from transformers import LogitsProcessorList
+
+        peft_model.set_adapter("a0")
         tokenizer.padding_side = "left"
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert out.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS
-
-    def naive_loop() -> None:
-        for i, prompt in enumerate(prompts):
-            model.set_adapter(names[i % 4])
-            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        inputs = tokenizer((prompts * 4)[:b], return_tensors="pt", padding=True, add_special_tokens=False)
+        best = 0.0
+        for _ in range(args.repeats + 1):
+            clock = StepClock()
             with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                peft_model.generate(
+                    **inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([clock]),
+                )
+            best = max(best, b * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+        return best
 
-    configs = {
-        "a engine, 1 adapter": lambda: engine_run(["a0"] * len(prompts)),
-        "b engine, 4 adapters mixed": lambda: engine_run([names[i % 4] for i in range(len(prompts))]),
-        "c HF generate, 1 adapter": hf_batched,
-        "d naive set_adapter+generate": naive_loop,
-        "e engine, base only": lambda: engine_run([None] * len(prompts)),
-    }
-    engine_run(["a0", "a1", None, "a2"] * 4)  # warm-up: allocator, kernels
-    best: dict[str, float] = {}
-    for round_ in range(args.rounds):
-        for label, run in configs.items():
-            if label.startswith("d") and round_ > 0:
-                continue  # the naive loop is slow and steady: one round is enough
-            with timer() as elapsed:
-                run()
-            rate = total_tokens / elapsed[0]
-            best[label] = max(best.get(label, 0.0), rate)
-            print(f"  round {round_ + 1}: {label:32s} {rate:7.1f} tokens/s", flush=True)
+    hf = {b: hf_rate(b) for b in (1, 16)}
+    naive = None
+    if not args.quick:
+        def naive_loop() -> None:
+            for i, prompt in enumerate(prompts):
+                peft_model.set_adapter(names[i % 4])
+                inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+                with torch.inference_mode():
+                    peft_model.generate(**inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
-    a, b, c, d, e = (best[k] for k in configs)
+        naive = len(prompts) * args.tokens / best_time(naive_loop, 1)
+
+    # -- report ----------------------------------------------------------------------------
     print()
-    print(f"{'configuration':34s} {'tokens/s':>9s}")
-    for label, rate in best.items():
-        print(f"{label:34s} {rate:9.1f}")
-    print(f"adapter cost: engine 1 adapter / base only = {a / e:.2f}")
-    print(f"targets: a/c >= 0.9 -> {a / c:.2f}; b/a >= 0.8 -> {b / a:.2f}; b/d >= 3 -> {b / d:.2f}")
-    chart = bar_chart(OUT_DIR / "engine.png", f"Decoding throughput, {resolved.name}, 16x64 tokens", list(best), list(best.values()), "tokens/s")
+    print(f"decode tokens/s ({args.tokens} new tokens, one adapter on every row)")
+    print(f"{'B':>3s} {'engine fp32':>12s} {'ceiling fp32':>13s} {'ratio':>6s} {'engine int8':>12s} {'ceiling int8':>13s} {'ratio':>6s} {'HF generate':>12s}")
+    for b in batches:
+        print(f"{b:3d} {decode['native', b]:12.1f} {ceiling['native', b]:13.1f} {decode['native', b] / ceiling['native', b]:6.2f}"
+              f" {decode['int8', b]:12.1f} {ceiling['int8', b]:13.1f} {decode['int8', b] / ceiling['int8', b]:6.2f} {hf.get(b, float('nan')):12.1f}")
+    print(f"prefill tokens/s ({len(prompts)} prompts, {prefill_rows} tokens): fp32 {prefill['native']:.0f} of {prefill_ceiling['native']:.0f}, "
+          f"int8 {prefill['int8']:.0f} of {prefill_ceiling['int8']:.0f}")
+    print(f"B=16, 4 adapters mixed: fp32 {mixed['native']:.1f} tokens/s, int8 {mixed['int8']:.1f}" + (f"; naive set_adapter+generate {naive:.1f}" if naive else ""))
+    fmt = "int8" if fp32.runner is None else _default_format()
+    print(f"ratios below: the engine's default weights on this machine ({fmt}) against the ceiling of the same weights")
+    chart = _chart(batches, decode, ceiling, hf, resolved.name)
     print(f"chart: {chart}")
-    print(f"RESULT engine_vs_hf={a / c:.3f} mixed_vs_single={b / a:.3f} mixed_vs_naive={b / d:.3f}")
+    result = {
+        "engine_vs_hf": decode[fmt, 16] / hf[16],
+        "b1_vs_hf": decode[fmt, 1] / hf[1],
+        "mixed_vs_single": mixed[fmt] / decode[fmt, 16],
+        "mixed_vs_naive": mixed[fmt] / naive if naive else float("nan"),
+        "b1_vs_ceiling": decode[fmt, 1] / ceiling[fmt, 1],
+        "b16_vs_ceiling": decode[fmt, 16] / ceiling[fmt, 16],
+        "b32_vs_ceiling": decode[fmt, 32] / ceiling[fmt, 32],
+        "prefill_vs_ceiling": prefill[fmt] / prefill_ceiling[fmt],
+        "int8_vs_fp32_b16": decode["int8", 16] / decode["native", 16],
+    }
+    print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+
+
+def _default_format() -> str:
+    import torch
+
+    from carve.engine.models import plan_load
+
+    return plan_load(torch.cuda.is_available()).engine_weights
+
+
+def _load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "unknown"
+
+
+def _chart(batches: tuple[int, ...], decode: dict, ceiling: dict, hf: dict, model: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = OUT_DIR / "engine.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for fmt, colour in (("native", "#4C72B0"), ("int8", "#DD8452")):
+        label = "fp32" if fmt == "native" else "int8"
+        ax.plot(batches, [decode[fmt, b] for b in batches], "o-", color=colour, label=f"engine, {label} weights")
+        ax.plot(batches, [ceiling[fmt, b] for b in batches], "--", color=colour, label=f"ceiling, {label} products only")
+    ax.plot(sorted(hf), [hf[b] for b in sorted(hf)], "s:", color="#55A868", label="HF generate (peft, fp32)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (rows decoded together)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"Decode throughput vs batch size, {model}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

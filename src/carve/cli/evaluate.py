@@ -78,7 +78,7 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per batch (each decoded by every model)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Upper bound of new tokens per answer."),
     max_context: int = typer.Option(DEFAULT_MAX_CONTEXT, "--max-context", help="Cap on prompt + answer tokens."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or int8 (CPU: decoding on int8 copies of the base weights)."),
 ) -> None:
     """Evaluate a base model and its adapters with the paper's protocol (token F1, ROUGE-L, k-shot)."""
     from rich.console import Console

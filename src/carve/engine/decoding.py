@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
+from carve.engine.runner import LlamaRunner, WeightFormat, unsupported_reason
 from carve.engine.text import encode_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Rule = Literal["single", "mixture", "contrast"]
 FinishReason = Literal["stop", "length", "eos"]
+# How a call's forward passes run: the engine's own runner (carve.engine.runner), Hugging Face's
+# forward with the concatenated-factor LoRA hooks, or Hugging Face's forward with peft's mixed batches.
+Path_ = Literal["runner", "multi", "peft"]
 
 
 class EngineError(ValueError):
@@ -226,9 +230,14 @@ class Engine:
 
     ``model`` is a causal LM (or a peft model wrapping one); adapters are loaded
     with :meth:`load_adapter`. Calls are serialised by a lock: one batch at a time.
+    ``weight_format`` int8 runs the frozen base's products on int8 weights (CPU;
+    needs the runner); ``runner`` False keeps Hugging Face's forward everywhere.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, base_label: str = "base model", multi_lora: bool = True):
+    def __init__(
+        self, model: Any, tokenizer: Any, base_label: str = "base model", multi_lora: bool = True,
+        weight_format: WeightFormat = "native", runner: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.base_label = base_label
@@ -241,6 +250,18 @@ class Engine:
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
+        self.runner = self._build_runner(weight_format) if runner else None
+        if weight_format != "native" and self.runner is None:
+            raise EngineError(f"weight format {weight_format!r} needs the engine's runner, which is off")
+
+    def _build_runner(self, weight_format: WeightFormat) -> LlamaRunner | None:
+        """The engine's own forward when the model allows it; None keeps Hugging Face's."""
+        reason = unsupported_reason(self.model)
+        if reason is None:
+            return LlamaRunner(self.model, weight_format)
+        if weight_format != "native":
+            raise EngineError(f"weight format {weight_format!r} needs the engine's runner, which cannot run this model: {reason}")
+        return None
 
     # -- adapters ---------------------------------------------------------
 
@@ -368,9 +389,19 @@ class Engine:
                 prompt_tokens[i] = sum(len(r.ids) for r in rows if r.request == i)
             shared = self._shared_prefix(rows)
             batch = _Batch.left_padded(rows, int(self.tokenizer.pad_token_id), _model_device(self.model), shared)
+            path = self._path()
+            capacity = shared + batch.input_ids.shape[1] + max(r.sampling.max_new_tokens for r in requests)
+            cache = self.runner.new_cache(capacity) if path == "runner" else _new_cache(self.model)  # type: ignore[union-attr]
             multi = self._multi
             with multi.batch(batch.adapters) if multi is not None else contextlib.nullcontext():
-                yield from self._steps(requests, batch, peft_rows=multi is None)
+                yield from self._steps(requests, batch, cache, path)
+
+    def _path(self) -> Path_:
+        """The runner where it applies (every adapter served by MultiLora, or none loaded), else Hugging Face's forward."""
+        has_adapters = hasattr(self.model, "peft_config")
+        if self.runner is not None and (self._multi is not None or not has_adapters):
+            return "runner"
+        return "multi" if self._multi is not None else "peft"
 
     def _shared_prefix(self, rows: list[_Row]) -> int:
         """Tokens every row starts with that are worth prefilling once per adapter (0: none).
@@ -393,7 +424,7 @@ class Engine:
             length = n
         return length if length >= self.min_shared_prefix else 0
 
-    def _prefill(self, batch: "_Batch", cache: Any, peft_rows: bool) -> "torch.Tensor":
+    def _prefill(self, batch: "_Batch", cache: Any, path: Path_) -> "torch.Tensor":
         """The prompt forward pass: the shared prefix once per adapter, copied to every row, then each row's rest."""
         import torch
 
@@ -403,18 +434,18 @@ class Engine:
             ids = torch.tensor([shared_ids] * len(distinct), device=batch.input_ids.device)
             ones = torch.ones_like(ids)
             positions = torch.arange(len(shared_ids), device=ids.device).expand_as(ids)
-            self._set_rows(distinct, peft_rows)
-            self._forward(ids, ones, positions, distinct, cache, peft_rows)
+            self._set_rows(distinct, path)
+            self._forward(ids, ones, positions, distinct, cache, path)
             cache.batch_select_indices(torch.tensor([distinct.index(a) for a in batch.adapters], device=ids.device))
-            self._set_rows(batch.adapters, peft_rows)
+            self._set_rows(batch.adapters, path)
             self.shared_prefix_tokens += len(shared_ids) * (len(batch.adapters) - len(distinct))
-        return self._forward(batch.input_ids, batch.attention, batch.positions, batch.adapters, cache, peft_rows)
+        return self._forward(batch.input_ids, batch.attention, batch.positions, batch.adapters, cache, path)
 
-    def _set_rows(self, adapters: list[str], peft_rows: bool) -> None:
-        if self._multi is not None and not peft_rows:
+    def _set_rows(self, adapters: list[str], path: Path_) -> None:
+        if self._multi is not None and path != "peft":
             self._multi.set_rows(adapters)
 
-    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", peft_rows: bool) -> Iterator[StreamEvent]:
+    def _steps(self, requests: Sequence[GenerationRequest], batch: "_Batch", cache: Any, path: Path_) -> Iterator[StreamEvent]:
         """Prefill, then per step: combine each request's branches, pick, stream, drop finished rows."""
         import torch
 
@@ -422,8 +453,7 @@ class Engine:
         trackers = [_TextTracker(self.tokenizer, r.sampling.stop) for r in requests]
         steps = [0] * len(requests)
         active = list(range(len(requests)))  # requests still decoding
-        cache = _new_cache(self.model)
-        logits = self._prefill(batch, cache, peft_rows)
+        logits = self._prefill(batch, cache, path)
         while True:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             next_token: dict[int, int] = {}
@@ -452,14 +482,17 @@ class Engine:
             if finished:  # drop the finished requests' rows from the batch and the cache
                 index = batch.keep(active)
                 cache.batch_select_indices(index)
-                self._set_rows(batch.adapters, peft_rows)
+                self._set_rows(batch.adapters, path)
             step_ids = torch.tensor([[next_token[req]] for req in batch.row_request], device=batch.input_ids.device)
             batch.advance()
-            logits = self._forward(step_ids, batch.attention, batch.positions, batch.adapters, cache, peft_rows)
+            logits = self._forward(step_ids, batch.attention, batch.positions, batch.adapters, cache, path)
 
     def _forward(
-        self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, peft_rows: bool
+        self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: Path_
     ) -> "torch.Tensor":
+        if path == "runner":
+            assert self.runner is not None
+            return self.runner.forward(input_ids, attention, positions, cache, self._multi)
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
             attention_mask=attention,
@@ -468,7 +501,7 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        if peft_rows:
+        if path == "peft":
             if hasattr(self.model, "peft_config"):
                 kwargs["adapter_names"] = adapters
             elif any(name != PEFT_BASE for name in adapters):

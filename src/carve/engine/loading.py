@@ -20,7 +20,7 @@ def open_engine(model: str, adapters: Sequence[tuple[str, Path]] = (), precision
     resolved: ResolvedModel = resolve_model(model)
     plan: LoadPlan = plan_load(torch.cuda.is_available(), precision=precision, quantize=quantize)  # type: ignore[arg-type]
     hf_model, tokenizer = load_base(resolved, plan)
-    engine = Engine(hf_model, tokenizer, base_label=f"{resolved.name} ({resolved.model_id})")
+    engine = Engine(hf_model, tokenizer, base_label=f"{resolved.name} ({resolved.model_id})", weight_format=plan.engine_weights)
     for name, path in adapters:
         engine.load_adapter(name, path)
     return engine, resolved, plan

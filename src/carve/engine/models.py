@@ -244,25 +244,39 @@ class LoadPlan:
     dtype: str
     quantize_4bit: bool
     compute_dtype: str
+    engine_weights: Literal["native", "int8"] = "native"  # int8: the engine's decoding products on int8 copies (CPU)
 
     def describe(self) -> str:
         if self.quantize_4bit:
             return f"{self.device}, 4-bit nf4 weights, {self.compute_dtype} compute"
+        if self.engine_weights == "int8":
+            return f"{self.device}, {self.dtype} model, int8 decoding weights"
         return f"{self.device}, {self.dtype}"
 
 
-def plan_load(cuda_available: bool, precision: Literal["auto", "fp32", "bf16"] = "auto", quantize: bool | None = None) -> LoadPlan:
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
+
+
+def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: bool | None = None) -> LoadPlan:
     """The one device/precision policy.
 
     CUDA: a 4-bit nf4 base (QLoRA) computing in bf16, unless quantize=False.
-    CPU: fp32 (bf16 on request); 4-bit only when asked for explicitly.
+    CPU: fp32 (bf16 on request); 4-bit only when asked for explicitly; int8:
+    an fp32 model whose decoding runs on int8 copies of the frozen weights.
     """
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if cuda_available:
+        if precision == "int8":
+            raise ModelError("precision int8 is a CPU format; on CUDA the base is 4-bit nf4 (QLoRA) or bf16")
         quant = True if quantize is None else quantize
         dtype = "fp32" if precision == "fp32" else "bf16"
         return LoadPlan("cuda", dtype, quant, "bf16" if quant else dtype)
+    if precision == "int8" and quantize:
+        raise ModelError("precision int8 and a 4-bit base exclude each other")
     dtype = "bf16" if precision == "bf16" else "fp32"
-    return LoadPlan("cpu", dtype, bool(quantize), dtype)
+    return LoadPlan("cpu", dtype, bool(quantize), dtype, "int8" if precision == "int8" else "native")
 
 
 def _torch_dtype(name: str) -> "torch.dtype":

@@ -59,6 +59,7 @@ class MultiLora:
     def __init__(self, peft_model: Any):
         self.model = peft_model
         self.layers = [m for _, m in peft_model.named_modules() if _is_lora_linear(m)]
+        self._index = {id(m): i for i, m in enumerate(self.layers)}
         self._factors: dict[tuple[str, ...], list[_LayerFactors]] = {}
         self._state: tuple[list[_LayerFactors], dict[tuple[int, ...], "torch.Tensor"]] | None = None
         self._adapters: tuple[str, ...] = ()
@@ -123,18 +124,25 @@ class MultiLora:
             masks[layout] = mask
         return masks[layout]
 
+    def delta(self, module: Any, x: "torch.Tensor") -> "torch.Tensor | None":
+        """What LoRA module ``module`` adds to its base output for input ``x`` (None: nothing, e.g. base rows only)."""
+        index = self._index.get(id(module))
+        if index is None or self._state is None or not self._adapters:
+            return None
+        factors = self._state[0][index]
+        if factors.a_cat.shape[0] == 0:
+            return None
+        low = x.to(factors.a_cat.dtype) @ factors.a_cat.T
+        if len(self._adapters) > 1 or PEFT_BASE in self._rows:
+            low = low * self._mask(factors.layout, low)
+        return low @ factors.b_cat.T
+
     def _make_hook(self, index: int) -> Any:
+        module = self.layers[index]
+
         def hook(_module: Any, inputs: tuple[Any, ...], output: "torch.Tensor") -> "torch.Tensor | None":
-            if self._state is None or not self._adapters:
-                return None
-            factors = self._state[0][index]
-            if factors.a_cat.shape[0] == 0:
-                return None
-            x = inputs[0].to(factors.a_cat.dtype)
-            low = x @ factors.a_cat.T
-            if len(self._adapters) > 1 or PEFT_BASE in self._rows:
-                low = low * self._mask(factors.layout, low)
-            return output + (low @ factors.b_cat.T).to(output.dtype)
+            delta = self.delta(module, inputs[0])
+            return None if delta is None else output + delta.to(output.dtype)
 
         return hook
 

@@ -26,7 +26,7 @@ class ServeConfig(BaseModel):
 
     model: str = Field(DEFAULT_MODEL, description="Base model name or Hugging Face folder.")
     registry_root: Optional[Path] = Field(None, description="Adapter registry folder (default: CARVE_REGISTRY or ~/.carve/registry).")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     replicas: int = Field(1, ge=1, le=64, description="Engine replicas, each holding the base model once.")
     max_adapters: int = Field(8, ge=1, le=1024, description="Adapters held per replica (LRU).")
     max_batch_size: int = Field(32, ge=1, le=512, description="Requests decoded together in one engine call.")

@@ -1,0 +1,226 @@
+"""The engine's own forward pass for Llama-architecture models (SmolLM2, the test models).
+
+Hugging Face's forward is general, and at 135M parameters its generality is
+the cost: per layer and step a dozen module calls, three separate q/k/v
+products and two gate/up products, a cache that grows by concatenation, and
+LoRA applied through module hooks. This runner does the same arithmetic with
+the model's own weights and fewer, larger steps:
+
+- q/k/v and gate/up are one product each (the weights concatenated once; in
+  full precision the model's own parameters become views of the fused tensor,
+  so nothing is held twice and training the base would still be seen);
+- keys and values go into a preallocated cache written in place (carve.engine.kv_cache);
+- LoRA deltas come from the engine's concatenated-factor MultiLora, asked
+  directly instead of through forward hooks;
+- optionally the frozen base's products run on int8 weights (per output
+  channel, activations quantized per tensor at run time: PyTorch's dynamic
+  quantized linear), a quarter of the bytes per step; LoRA stays in fp32.
+
+Anything else (another architecture, 4-bit bitsandbytes layers, biases) is
+refused by :func:`unsupported_reason` and the engine keeps Hugging Face's forward.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from carve.engine.kv_cache import KVCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+WeightFormat = Literal["native", "int8"]
+WEIGHT_FORMATS: tuple[str, ...] = ("native", "int8")
+
+
+class LoraDeltas(Protocol):
+    """What the runner needs of MultiLora: the delta a LoRA module adds for the batch's rows."""
+
+    def delta(self, module: Any, x: "torch.Tensor") -> "torch.Tensor | None": ...
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the runner cannot run this model (None: it can)."""
+    import torch
+
+    base = _causal_lm(model)
+    config = base.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"architecture {getattr(config, 'model_type', None)!r} (the runner knows llama)"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "linear layers with biases"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    for layer in base.model.layers:
+        for module in _layer_linears(layer).values():
+            if type(module) is not torch.nn.Linear or not module.weight.is_floating_point():
+                return f"{type(module).__name__} base layers (quantized or custom)"
+    return None
+
+
+def _causal_lm(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _base_linear(module: Any) -> Any:
+    """The frozen nn.Linear under a peft LoRA wrapper (or the module itself)."""
+    return getattr(module, "base_layer", module)
+
+
+def _layer_linears(layer: Any) -> dict[str, Any]:
+    attn, mlp = layer.self_attn, layer.mlp
+    names = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    return {key: _base_linear(module) for key, module in names.items()}
+
+
+class _Product:
+    """x @ W^T for one (possibly fused) weight, in full precision or on int8 weights."""
+
+    def __init__(self, weight: "torch.Tensor", weight_format: WeightFormat):
+        import torch
+
+        self.out_features = int(weight.shape[0])
+        self.weight: "torch.Tensor | None" = None
+        self.packed: Any = None
+        if weight_format == "int8":
+            w = weight.detach().float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+            zero = torch.zeros(w.shape[0], dtype=torch.long)
+            self.packed = torch.ops.quantized.linear_prepack(torch.quantize_per_channel(w, scale, zero, 0, torch.qint8), None)
+        else:
+            self.weight = weight
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        if self.packed is not None:
+            # reduce_range: 7-bit activations, so AVX2 machines without VNNI cannot saturate their int16 sums
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def _fused(modules: list[Any], weight_format: WeightFormat) -> _Product:
+    """One product for several linears of the same input; in full precision their weights become views of it."""
+    import torch
+
+    with torch.no_grad():
+        fused = torch.cat([m.weight.detach() for m in modules], dim=0).contiguous()
+        if weight_format == "native":
+            start = 0
+            for m in modules:
+                rows = m.weight.shape[0]
+                m.weight.data = fused[start : start + rows]
+                start += rows
+    return _Product(fused, weight_format)
+
+
+class _Layer:
+    def __init__(self, layer: Any, weight_format: WeightFormat):
+        linears = _layer_linears(layer)
+        self.module = layer  # peft may wrap its linears later: LoRA modules are looked up at each call
+        self.qkv = _fused([linears["q"], linears["k"], linears["v"]], weight_format)
+        self.o = _Product(linears["o"].weight.detach(), weight_format)
+        self.gate_up = _fused([linears["gate"], linears["up"]], weight_format)
+        self.down = _Product(linears["down"].weight.detach(), weight_format)
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+
+
+class LlamaRunner:
+    """Prefill and decode steps of a Llama-architecture causal LM, LoRA rows included."""
+
+    def __init__(self, model: Any, weight_format: WeightFormat = "native"):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the engine's runner cannot run this model: {reason}")
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {weight_format!r}: use {', '.join(WEIGHT_FORMATS)}")
+        lm = _causal_lm(model)
+        config = lm.config
+        self.weight_format = weight_format
+        self.hidden = int(config.hidden_size)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.embed = lm.model.embed_tokens.weight
+        self.rotary = lm.model.rotary_emb
+        self.final_norm = lm.model.norm.weight
+        self.layers = [_Layer(layer, weight_format) for layer in lm.model.layers]
+        self.qkv_split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.lm_head = _Product(lm.lm_head.weight.detach(), weight_format)
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def forward(self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", cache: KVCache, lora: LoraDeltas | None) -> "torch.Tensor":
+        """Run ``input_ids`` [rows, q] after the cached columns; the last position's logits [rows, vocab].
+
+        ``attention`` [rows, cached + q] marks real tokens (0 = left padding),
+        ``positions`` [rows, q] their position ids.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        rows, q_len = input_ids.shape
+        if attention.shape[1] != cache.length + q_len:
+            raise RuntimeError(f"attention mask covers {attention.shape[1]} columns, the cache and input {cache.length + q_len}")
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = _attention_mask(attention, cache.length, q_len)
+        for index, layer in enumerate(self.layers):
+            attn, mlp = layer.module.self_attn, layer.module.mlp
+            h = F.rms_norm(x, (self.hidden,), layer.input_norm, self.eps)
+            q, k, v = layer.qkv(h).split(self.qkv_split, dim=-1)
+            if lora is not None:
+                q, k, v = (_plus(t, lora.delta(m, h)) for t, m in ((q, attn.q_proj), (k, attn.k_proj), (v, attn.v_proj)))
+            q = q.view(rows, q_len, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = cache.write(index, k, v)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+            a = a.transpose(1, 2).reshape(rows, q_len, self.heads * self.head_dim)
+            x = x + _plus(layer.o(a), lora.delta(attn.o_proj, a) if lora is not None else None)
+            h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            if lora is not None:
+                gate, up = _plus(gate, lora.delta(mlp.gate_proj, h)), _plus(up, lora.delta(mlp.up_proj, h))
+            inner = F.silu(gate) * up
+            x = x + _plus(layer.down(inner), lora.delta(mlp.down_proj, inner) if lora is not None else None)
+        cache.advance(q_len)
+        last = F.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
+        return self.lm_head(last)
+
+
+def _plus(out: "torch.Tensor", delta: "torch.Tensor | None") -> "torch.Tensor":
+    return out if delta is None else out + delta.to(out.dtype)
+
+
+def _rotate_half(x: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attention_mask(attention: "torch.Tensor", cached: int, q_len: int) -> "torch.Tensor":
+    """[rows, 1, q, cached + q] booleans: real keys at or before each query (and each query itself).
+
+    A padding query sees only itself, so its (unused) output stays finite and
+    no NaN reaches the cache.
+    """
+    import torch
+
+    valid = attention.bool()[:, None, None, :]
+    if q_len == 1:
+        return valid
+    keys = torch.arange(cached + q_len, device=attention.device)
+    queries = cached + torch.arange(q_len, device=attention.device)
+    causal = keys[None, :] <= queries[:, None]
+    itself = keys[None, :] == queries[:, None]
+    return (valid & causal) | itself
