@@ -33,11 +33,13 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
+
+from carve.common.mounts import filesystem_type, is_network_filesystem
 
 DATABASE_URL_ENV = "CARVE_DATABASE_URL"
 SQLITE_FILE = "registry.sqlite3"
@@ -211,6 +213,11 @@ class Database:
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(component))))
                 yield conn
 
+    def ping(self) -> None:
+        """Connect once: DatabaseError naming the database when it cannot be reached."""
+        with self.read() as conn:
+            conn.execute(sa.select(1))
+
     def migrate(self, component: str, migrations: Sequence[Migration]) -> int:
         """Bring ``component``'s tables up to version ``len(migrations)``; returns that version.
 
@@ -255,6 +262,52 @@ class Database:
             raise DatabaseError(f"database {self.name}: {_first_line(exc)}") from exc
 
 
+# -- which database a cluster may use --------------------------------------------
+
+
+class ClusterAdvice(NamedTuple):
+    """What to do about a database for a server on several nodes: refuse to start, or start and warn."""
+
+    refuse: bool
+    reason: str
+
+
+def cluster_advice(url: str, nodes: int, fstype: Optional[str]) -> Optional[ClusterAdvice]:
+    """Whether a server spread over ``nodes`` Ray nodes may use the database at ``url``; ``fstype`` is the type of
+    the filesystem holding its SQLite file (None: unknown). None when nothing is wrong."""
+    path = sqlite_path(url)
+    if path is None or nodes <= 1:
+        return None
+    use = f"use PostgreSQL on a cluster (--database postgresql://... or {DATABASE_URL_ENV})"
+    if fstype is not None and is_network_filesystem(fstype):
+        return ClusterAdvice(
+            True,
+            f"the SQLite database {path} is on a network filesystem ({fstype}) and the Ray cluster has {nodes} nodes: "
+            f"SQLite's locking does not work over a network filesystem (SQLite's documentation says so), "
+            f"so concurrent writers could corrupt it; {use}",
+        )
+    return ClusterAdvice(
+        False,
+        f"the SQLite database {path} is on a local filesystem ({fstype or 'type unknown'}) and the Ray cluster has {nodes} nodes: "
+        f"a replica or job on another node opens its own file, not this one; {use}",
+    )
+
+
+def check_for_cluster(url: str, nodes: int) -> Optional[ClusterAdvice]:
+    """Run where the server runs: reach the database at ``url`` and judge it for ``nodes`` nodes.
+
+    Refuses (``refuse=True``, with the reason) a database that cannot be
+    reached and a SQLite file on a network filesystem when ``nodes`` > 1;
+    warns about a SQLite file on local disk with ``nodes`` > 1.
+    """
+    try:
+        Database(url).ping()
+    except DatabaseError as exc:
+        return ClusterAdvice(True, str(exc))
+    path = sqlite_path(url)
+    return cluster_advice(url, nodes, filesystem_type(path) if path else None)
+
+
 def _applied(conn: Connection, component: str) -> int:
     if not sa.inspect(conn).has_table(schema_migrations.name):
         return 0
@@ -275,12 +328,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = [
+    "ClusterAdvice",
     "DATABASE_URL_ENV",
     "Database",
     "DatabaseError",
     "Migration",
     "SQLITE_FILE",
     "SchemaError",
+    "check_for_cluster",
+    "cluster_advice",
     "database_url",
     "dispose_engines",
     "parse_url",
