@@ -2,9 +2,9 @@
 
 ``start_local_server`` / ``stop_local_server`` are what `carve serve`, the
 demo and the tests call; ``serve_forever`` adds clean shutdown on Ctrl-C and
-SIGTERM. Before deploying, the database is opened once on a cluster node (an
-unreachable one fails here, not in every replica), and a SQLite file on a
-network filesystem is refused when the cluster has several nodes.
+SIGTERM. Before deploying, the database is reached once where the server will
+run (an unreachable one fails here, not in every replica), and a SQLite file
+on a network filesystem is refused when the cluster has several nodes.
 """
 
 from __future__ import annotations
@@ -63,10 +63,11 @@ def start_local_server(
     import ray
 
     config = config or make_config(model, registry_root, max_adapters, replicas, **settings)
+    warnings = _judged(database_check(config, alive_nodes() if ray.is_initialized() else 1))  # before starting anything
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
         _started_ray = True
-    return _deploy(config, host, port, local_ray=True)
+    return _deploy(config, host, port, local_ray=True, warnings=warnings)
 
 
 def deploy_to_cluster(address: str, config: ServeConfig, host: str = "0.0.0.0", port: int = 8000) -> ServerHandle:
@@ -74,27 +75,20 @@ def deploy_to_cluster(address: str, config: ServeConfig, host: str = "0.0.0.0", 
     import ray
 
     ray.init(address=address, log_to_driver=False)
-    return _deploy(config, host, port, local_ray=False)
+    # judged where the replicas run: the cluster's network and mounts, not this client's
+    advice = ray.get(ray.remote(num_cpus=0)(database_check).remote(config, alive_nodes()))
+    return _deploy(config, host, port, local_ray=False, warnings=_judged(advice))
 
 
-def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool) -> ServerHandle:
-    import ray
+def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool, warnings: tuple[str, ...]) -> ServerHandle:
     from ray import serve
 
-    from carve.common.database import DatabaseError
     from carve.platform.app import APP_NAME, build_app
 
-    nodes = alive_nodes()
-    if local_ray:
-        advice = database_check(config, nodes)
-    else:  # judged where the replicas run: the cluster's network and mounts, not this client's
-        advice = ray.get(ray.remote(num_cpus=0)(database_check).remote(config, nodes))
-    if advice is not None and advice.refuse:
-        raise DatabaseError(advice.reason)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return ServerHandle(f"http://{shown_host}:{port}", config, local_ray, (advice.reason,) if advice else ())
+    return ServerHandle(f"http://{shown_host}:{port}", config, local_ray, warnings)
 
 
 def alive_nodes() -> int:
@@ -109,6 +103,15 @@ def database_check(config: ServeConfig, nodes: int) -> "Optional[ClusterAdvice]"
     from carve.common.database import check_for_cluster
 
     return check_for_cluster(config.database(), nodes)
+
+
+def _judged(advice: "Optional[ClusterAdvice]") -> tuple[str, ...]:
+    """DatabaseError for a refusal; else the warnings to show the operator."""
+    from carve.common.database import DatabaseError
+
+    if advice is not None and advice.refuse:
+        raise DatabaseError(advice.reason)
+    return (advice.reason,) if advice is not None else ()
 
 
 def stop_local_server() -> None:
