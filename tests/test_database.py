@@ -64,13 +64,16 @@ def test_a_bad_url_is_refused_naming_it_without_its_password(url: str, message: 
 
 
 def test_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
+    from carve.adapters.registry import Registry
     from carve.jobs.store import JobStore
 
-    with pytest.raises(DatabaseError) as err:
-        JobStore(tmp_path / "r", UNREACHABLE)
-    text = str(err.value)
-    assert text.startswith("cannot open database postgresql+psycopg://carve:***@127.0.0.1:1/carve: ") and "\n" not in text
-    assert "s3cret" not in text and err.value.__cause__ is None
+    for open_it in (Registry, JobStore):
+        with pytest.raises(DatabaseError) as err:
+            open_it(tmp_path / "r", UNREACHABLE)
+        text = str(err.value)
+        assert text.startswith("cannot open database postgresql+psycopg://carve:***@127.0.0.1:1/carve: ") and "\n" not in text
+        assert "s3cret" not in text and err.value.__cause__ is None
+    assert not (tmp_path / "r").exists()  # nothing created
 
 
 def test_cli_database_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -140,6 +143,9 @@ def test_the_write_lock_is_taken_when_the_transaction_begins(tmp_path: Path, dat
 
                 assert taken(_lock_key("registry")) and not taken(_lock_key("jobs"))  # per component
                 other_conn.rollback()
+                # like SQLite's busy timeout: a write waits for the lock, and may idle holding it, 60 s at most
+                assert other_conn.execute(sa.select(sa.func.current_setting("lock_timeout"))).scalar() == "0"
+            assert [conn.execute(sa.select(sa.func.current_setting(name))).scalar() for name in ("lock_timeout", "idle_in_transaction_session_timeout")] == ["1min", "1min"]
     if db.backend == "sqlite":
         other.execute("BEGIN IMMEDIATE")
         other.execute("ROLLBACK")

@@ -165,9 +165,9 @@ class Registry:
     def __init__(self, root: Path | None = None, database: Optional[str] = None):
         self.root = Path(root).expanduser() if root is not None else registry_dir()
         self.database = Database(database_url(database, self.root))
+        self.database.migrate(COMPONENT, MIGRATIONS)
         self.store = self.root / STORE_DIR
         self.store.mkdir(parents=True, exist_ok=True)
-        self.database.migrate(COMPONENT, MIGRATIONS)
 
     # -- writing --------------------------------------------------------------
 

@@ -15,7 +15,9 @@ processes (the CLI, a server, a job):
   writers of one component queue exactly as on SQLite, at READ COMMITTED: each
   statement after the lock sees every write committed before it. The lock goes
   with the transaction, also when its process dies (the server aborts the
-  transaction of a closed connection).
+  transaction of a closed connection). As SQLite's busy timeout bounds the
+  wait, ``lock_timeout`` does here, and ``idle_in_transaction_session_timeout``
+  ends a writer that holds the lock but has stopped (the same 60 s).
 
 Schema changes are numbered per component in ``schema_migrations`` (the same
 numbers on both backends, written as SQLAlchemy Core DDL), applied once each,
@@ -58,6 +60,7 @@ schema_migrations = sa.Table(
 )
 _MIGRATIONS_LOCK = "schema_migrations"
 _WRITE = "carve_write"  # execution option: this connection's next transaction writes
+_PG_TIMEOUTS = ("lock_timeout", "idle_in_transaction_session_timeout")  # a write waits, and idles, at most BUSY_TIMEOUT_S
 
 
 class DatabaseError(RuntimeError):
@@ -75,7 +78,7 @@ def database_url(database: Optional[str], root: Path) -> str:
     """The database setting in force: ``database`` when given, else CARVE_DATABASE_URL, else the SQLite file in ``root``."""
     chosen = database or os.environ.get(DATABASE_URL_ENV) or None
     if chosen is None:
-        return URL.create("sqlite", database=str(Path(root).expanduser() / SQLITE_FILE)).render_as_string()
+        return URL.create("sqlite", database=str(Path(root).expanduser().absolute() / SQLITE_FILE)).render_as_string()
     return chosen
 
 
@@ -210,6 +213,8 @@ class Database:
             conn.execution_options(**{_WRITE: True})
             with conn.begin():
                 if self.backend == "postgresql":
+                    timeout = f"{int(BUSY_TIMEOUT_S * 1000)}ms"
+                    conn.execute(sa.select(*(sa.func.set_config(name, timeout, True) for name in _PG_TIMEOUTS)))  # this transaction only
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(component))))
                 yield conn
 
