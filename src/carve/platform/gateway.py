@@ -325,7 +325,7 @@ class Gateway:
                 yield _sse({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage.model_dump()})
         yield "data: [DONE]\n\n"
 
-    # -- specialization jobs (carve.jobs; each call blocks on SQLite and files: run off the event loop) --
+    # -- specialization jobs (carve.jobs; each call blocks on the database and files: run off the event loop) --
 
     async def _jobs_call(self, request: Request, call: Callable[[], tuple[int, dict[str, Any]]]) -> Response:
         async def handler() -> Response:
