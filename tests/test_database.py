@@ -71,7 +71,7 @@ def test_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
         with pytest.raises(DatabaseError) as err:
             open_it(tmp_path / "r", UNREACHABLE)
         text = str(err.value)
-        assert text.startswith("cannot open database postgresql+psycopg://carve:***@127.0.0.1:1/carve: ") and "\n" not in text
+        assert text.startswith("cannot open database postgresql://carve:***@127.0.0.1:1/carve: ") and "\n" not in text
         assert "s3cret" not in text and err.value.__cause__ is None
     assert not (tmp_path / "r").exists()  # nothing created
 
@@ -79,9 +79,9 @@ def test_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
 def test_cli_database_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     runner = CliRunner()
     cases = [
-        (["adapters", "list", "--database", UNREACHABLE], "error: cannot open database postgresql+psycopg://carve:***@127.0.0.1:1/carve: "),
+        (["adapters", "list", "--database", UNREACHABLE], "error: cannot open database postgresql://carve:***@127.0.0.1:1/carve: "),
         (["adapters", "list", "--database", "mysql://carve:s3cret@db/x"], "error: unsupported database URL 'mysql://carve:***@db/x'"),
-        (["serve", "--database", UNREACHABLE], "error: cannot open database postgresql+psycopg://carve:***@127.0.0.1:1/carve: "),  # before any Ray
+        (["serve", "--database", UNREACHABLE], "error: cannot open database postgresql://carve:***@127.0.0.1:1/carve: "),  # before any Ray
         (["serve", "--database", "mysql://carve:s3cret@db/x"], "unsupported database URL 'mysql://carve:***@db/x'"),
         (["submit", str(tmp_path / "seeds.jsonl"), "--tag", "t", "--database", UNREACHABLE], "error: cannot open database"),
     ]
@@ -91,7 +91,7 @@ def test_cli_database_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "s3cret" not in result.output and "Traceback" not in result.output, result.output
     result = runner.invoke(app, ["adapters", "list", "--registry", str(tmp_path / "r")], env={DATABASE_URL_ENV: UNREACHABLE})
-    assert result.exit_code == 2 and "cannot open database postgresql+psycopg://carve:***@127.0.0.1" in result.output
+    assert result.exit_code == 2 and "cannot open database postgresql://carve:***@127.0.0.1" in result.output
 
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
@@ -299,7 +299,7 @@ def test_which_database_a_cluster_may_use(url: str, nodes: int, fstype: Optional
 
 def test_check_for_cluster_reaches_the_database_first(tmp_path: Path) -> None:
     advice = check_for_cluster(UNREACHABLE, 1)
-    assert advice is not None and advice.refuse and advice.reason.startswith("cannot open database postgresql+psycopg://carve:***@")
+    assert advice is not None and advice.refuse and advice.reason.startswith("cannot open database postgresql://carve:***@")
     assert check_for_cluster(f"sqlite:///{tmp_path}/registry.sqlite3", 1) is None
     local = check_for_cluster(f"sqlite:///{tmp_path}/registry.sqlite3", 2)
     assert isinstance(local, ClusterAdvice) and not local.refuse  # this machine's tmp is a local filesystem

@@ -31,6 +31,7 @@ import hashlib
 import os
 import random
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -48,7 +49,7 @@ SQLITE_FILE = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
 SUPPORTED = "sqlite:///PATH or postgresql://USER:PASSWORD@HOST[:PORT]/DATABASE"
 
-Migration = Sequence[sa.Executable]  # one schema version: DDL elements applied in one transaction
+Migration = Sequence[sa.Executable]  # one schema version: Core DDL (and data) statements applied in one transaction
 
 _metadata = sa.MetaData()
 schema_migrations = sa.Table(
@@ -124,16 +125,18 @@ def sqlite_path(url: str) -> Optional[Path]:
 # -- engines ------------------------------------------------------------------------
 
 _engines: dict[tuple[int, str], Engine] = {}
+_engines_lock = threading.Lock()
 
 
 def _engine(url: URL) -> Engine:
     """One engine (and, for PostgreSQL, one connection pool) per database per process; a forked child makes its own."""
     key = (os.getpid(), url.render_as_string(hide_password=False))
-    engine = _engines.get(key)
-    if engine is None:
-        engine = _sqlite_engine(url) if url.get_backend_name() == "sqlite" else sa.create_engine(url, pool_pre_ping=True)
-        _engines[key] = engine
-    return engine
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _sqlite_engine(url) if url.get_backend_name() == "sqlite" else sa.create_engine(url, pool_pre_ping=True)
+            _engines[key] = engine
+        return engine
 
 
 def _sqlite_engine(url: URL) -> Engine:
@@ -179,8 +182,10 @@ def _ensure_wal(conn: sqlite3.Connection, url: URL) -> None:
 def dispose_engines(url: Optional[str] = None) -> None:
     """Close this process's pooled connections (to the database at ``url``, or to all)."""
     wanted = None if url is None else parse_url(url).render_as_string(hide_password=False)
-    for key in [k for k in _engines if k[0] == os.getpid() and wanted in (None, k[1])]:
-        _engines.pop(key).dispose()
+    with _engines_lock:
+        gone = [_engines.pop(k) for k in list(_engines) if k[0] == os.getpid() and wanted in (None, k[1])]
+    for engine in gone:
+        engine.dispose()
 
 
 # -- the database -------------------------------------------------------------------
@@ -191,7 +196,7 @@ class Database:
 
     def __init__(self, url: str):
         self.url = parse_url(url)
-        self.name = safe_url(self.url)
+        self.name = safe_url(url)  # as given (postgresql://...), password hidden
         self.backend = self.url.get_backend_name()
         if self.backend == "sqlite":
             Path(self.url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
