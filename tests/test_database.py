@@ -303,3 +303,17 @@ def test_check_for_cluster_reaches_the_database_first(tmp_path: Path) -> None:
     assert check_for_cluster(f"sqlite:///{tmp_path}/registry.sqlite3", 1) is None
     local = check_for_cluster(f"sqlite:///{tmp_path}/registry.sqlite3", 2)
     assert isinstance(local, ClusterAdvice) and not local.refuse  # this machine's tmp is a local filesystem
+
+
+def test_the_launcher_refuses_or_warns_before_deploying(tmp_path: Path) -> None:
+    from carve.platform.config import ServeConfig
+    from carve.platform.launcher import _judged, database_check
+
+    local = ServeConfig(registry_root=tmp_path, database_url=f"sqlite:///{tmp_path}/registry.sqlite3")
+    assert _judged(database_check(local, 1)) == ()
+    (warning,) = _judged(database_check(local, 3))
+    assert "the Ray cluster has 3 nodes" in warning and "use PostgreSQL" in warning
+    with pytest.raises(DatabaseError, match="cannot open database postgresql://carve:\\*\\*\\*@127.0.0.1:1/carve"):
+        _judged(database_check(ServeConfig(database_url=UNREACHABLE), 1))
+    with pytest.raises(DatabaseError, match="on a network filesystem \\(nfs4\\)"):
+        _judged(cluster_advice(SQLITE, 2, "nfs4"))
