@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 SEED_RECORDS = [
     {"instruction": "Name the disease in the sentence.", "input": "The child had measles.", "output": "measles", "task": "ner"},
@@ -64,13 +64,13 @@ class PreseededLauncher:
         self.inner = inner
         self.background = inner.background
 
-    def launch(self, root: Path, job_id: str, settings: Any) -> None:
+    def launch(self, root: Path, job_id: str, settings: Any, database: str) -> None:
         from carve.jobs.store import JobStore
 
-        job = JobStore(root).get(job_id)
+        job = JobStore(root, database).get(job_id)
         if not (job.run_dir / "generations.jsonl").exists():
             preseed_generations(job)
-        self.inner.launch(root, job_id, settings)
+        self.inner.launch(root, job_id, settings, database)
 
     def cancel(self, job_id: str) -> None:
         self.inner.cancel(job_id)
@@ -134,13 +134,13 @@ def test_bad_submission_is_refused_with_every_problem(tiny_model_dir: Path, tmp_
     assert nothing_stored(root)
 
 
-def test_http_errors_for_unknown_and_finished_jobs(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_http_errors_for_unknown_and_finished_jobs(tiny_model_dir: Path, tmp_path: Path, database: Optional[str]) -> None:
     root = tmp_path / "registry"
-    http = JobsHttp(JobService(root, str(tiny_model_dir), InlineLauncher(), FAST))
+    http = JobsHttp(JobService(root, str(tiny_model_dir), InlineLauncher(), FAST, database=database))
     assert http.get("job-nope")[0] == 404 and http.cancel("job-nope")[0] == 404
     assert http.submit(b"{not json")[0] == 422
     assert http.list() == (200, {"object": "list", "data": []})
-    store = JobStore(root)
+    store = JobStore(root, database)
     store.create("job-x", "t", {"profile": "quick", "settings": {}}, "base", root / "jobs" / "job-x", None)
     assert store.cancel("job-x").status == "cancelled"
     status, body = http.cancel("job-x")
@@ -175,6 +175,104 @@ def test_progress_is_monotonic_over_the_stages() -> None:
     ]
     assert seeded == sorted(seeded) and seeded[-1] == pytest.approx(1.0)
     assert stage_progress("training (iteration 2)", 1.0, 2, 2, True) == pytest.approx(stage_progress("register", 0.0, 1, 2, True))
+
+
+# -- the store: claims, heartbeats, conditional writes, on SQLite and PostgreSQL ----------------------
+
+
+def new_job(store: JobStore, job_id: str = "job-a") -> Any:
+    return store.create(job_id, "tinybio", {"profile": "quick", "settings": {}}, "base", store.jobs_dir / job_id, None)
+
+
+def test_claims_heartbeats_and_conditional_writes(tmp_path: Path, database: Optional[str]) -> None:
+    store = JobStore(tmp_path / "registry", database)
+    job = new_job(store)
+    assert (job.status, job.stage, job.attempt, job.runner) == ("queued", "queued", 0, None)
+    claimed = store.claim(job.id, "runner-1", stale_after_s=60)
+    assert claimed is not None and (claimed.status, claimed.stage, claimed.attempt, claimed.runner) == ("running", "starting", 1, "runner-1")
+    assert store.claim(job.id, "runner-2", stale_after_s=60) is None  # runner-1 is alive
+    assert store.report(job.id, "runner-1", "training (iteration 1)", 0.123456, "step 1/4")
+    assert store.heartbeat(job.id, "runner-1") and not store.heartbeat(job.id, "runner-2")
+    assert not store.report(job.id, "runner-2", "training", 0.9, None)  # not its claim: nothing written
+    seen = store.get(job.id)
+    assert (seen.stage, seen.progress, seen.detail) == ("training (iteration 1)", 0.1235, "step 1/4")
+
+    # runner-1 goes silent: a resumed runner takes over, and the old one's writes change nothing
+    resumed = store.claim(job.id, "runner-2", stale_after_s=0)
+    assert resumed is not None and (resumed.attempt, resumed.runner, resumed.detail) == (2, "runner-2", "resuming from the run folder")
+    assert not store.succeed(job.id, "runner-1", "tinybio", 1) and not store.fail(job.id, "runner-1", "late")
+    assert store.succeed(job.id, "runner-2", "tinybio", 1)
+    done = store.get(job.id)
+    assert (done.status, done.progress, done.adapter_name, done.adapter_version) == ("succeeded", 1.0, "tinybio", 1)
+    assert done.finished_at is not None and store.claim(job.id, "runner-3", stale_after_s=0) is None
+    with pytest.raises(JobConflict, match="already succeeded"):
+        store.cancel(job.id)
+
+    # a cancelled job: its runner's next write fails, so it stops; the service's fail(None) does not overwrite it
+    other = new_job(store, "job-b")
+    assert store.claim(other.id, "runner-9", stale_after_s=60) is not None
+    assert store.cancel(other.id).status == "cancelled"
+    assert not store.report(other.id, "runner-9", "x", 0.5, None) and not store.heartbeat(other.id, "runner-9")
+    assert not store.fail(other.id, None, "worker died") and store.get(other.id).status == "cancelled"
+
+    queued = new_job(store, "job-c")
+    assert [j.id for j in store.orphaned(stale_after_s=0)] == [queued.id]  # never started; finished jobs are not orphans
+    assert store.fail(queued.id, None, "gave up") and store.get(queued.id).error == "gave up"
+    assert [j.id for j in store.list()] == ["job-c", "job-b", "job-a"] and [j.id for j in store.list("cancelled")] == ["job-b"]
+
+
+def _claim(root: str, database: str, job_id: str, token: str, barrier: Any, won: Any) -> None:
+    store = JobStore(Path(root), database)
+    barrier.wait()
+    if store.claim(job_id, token, stale_after_s=600) is not None:
+        won.put(token)
+
+
+def test_concurrent_claims_in_real_processes_have_one_winner(tmp_path: Path, database: Optional[str]) -> None:
+    import multiprocessing
+
+    from carve.common.database import database_url
+
+    root = tmp_path / "registry"
+    url = database_url(database, root)
+    store = JobStore(root, url)
+    job = new_job(store)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, won = ctx.Barrier(4, timeout=60), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(root), url, job.id, f"runner-{i}", barrier, won)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    winner = won.get(timeout=5)
+    assert won.empty()
+    claimed = store.get(job.id)
+    assert (claimed.runner, claimed.attempt, claimed.status) == (winner, 1, "running")
+
+
+def test_job_tables_of_a_newer_carve_are_refused(tmp_path: Path, database: Optional[str]) -> None:
+    from carve.common.database import SchemaError, schema_migrations
+
+    store = JobStore(tmp_path / "registry", database)
+    with store.database.engine.begin() as conn:
+        conn.execute(schema_migrations.insert().values(component="jobs", version=2, applied_at="later"))
+    with pytest.raises(SchemaError, match="jobs tables in .* are at schema version 2, newer than this Carve supports \\(1\\)"):
+        JobStore(tmp_path / "registry", database)
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)  # SQLite: the Ray lifecycle test below
+def test_a_job_runs_and_registers_in_the_configured_database(tiny_model_dir: Path, tmp_path: Path, database: Optional[str]) -> None:
+    """The service hands its database to the runner: the job's record and its adapter land in PostgreSQL, no SQLite file appears."""
+    from carve.adapters.registry import Registry
+
+    root = tmp_path / "registry"
+    service = JobService(root, str(tiny_model_dir), PreseededLauncher(InlineLauncher()), FAST, recover=False, database=database)
+    done = service.submit(request("tinybio"))  # runs to its end here
+    assert done.status == "succeeded", done.error
+    record = Registry(root, database).resolve("tinybio")
+    assert (done.adapter_name, done.adapter_version) == (record.name, record.version) == ("tinybio", 1)
+    assert (record.path / "adapter_model.safetensors").is_file() and not (root / "registry.sqlite3").exists()
 
 
 # -- the lifecycle on Ray --------------------------------------------------------------------
@@ -253,11 +351,11 @@ def test_job_outlives_the_replica_that_launched_it(tiny_model_dir: Path, tmp_pat
 
     @ray.remote(num_cpus=0)
     class Replica:  # stands for the HTTP replica: the launcher lives (and dies) in it
-        def launch(self, root: str, job_id: str, settings: Any) -> None:
+        def launch(self, root: str, job_id: str, settings: Any, database: str) -> None:
             from carve.jobs.service import RayLauncher
 
             self.launcher = RayLauncher()
-            self.launcher.launch(Path(root), job_id, settings)
+            self.launcher.launch(Path(root), job_id, settings, database)
 
     class ThroughReplica:
         background = True
@@ -265,12 +363,12 @@ def test_job_outlives_the_replica_that_launched_it(tiny_model_dir: Path, tmp_pat
         def __init__(self) -> None:
             self.replica = Replica.remote()
 
-        def launch(self, root: Path, job_id: str, settings: Any) -> None:
+        def launch(self, root: Path, job_id: str, settings: Any, database: str) -> None:
             if self.replica is None:  # the replica is gone: its successor launches (a no-op while the job's actor lives)
-                RayLauncher().launch(root, job_id, settings)
+                RayLauncher().launch(root, job_id, settings, database)
                 return
-            preseed_generations(JobStore(root).get(job_id))
-            ray.get(self.replica.launch.remote(str(root), job_id, settings))
+            preseed_generations(JobStore(root, database).get(job_id))
+            ray.get(self.replica.launch.remote(str(root), job_id, settings, database))
 
         def kill_replica(self) -> None:
             ray.kill(self.replica)

@@ -28,7 +28,7 @@ class RecordingLauncher:
     def __init__(self) -> None:
         self.launched: list[str] = []
 
-    def launch(self, root: Path, job_id: str, settings: Any) -> None:
+    def launch(self, root: Path, job_id: str, settings: Any, database: str) -> None:
         self.launched.append(job_id)
 
     def cancel(self, job_id: str) -> None:

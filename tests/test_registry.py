@@ -1,5 +1,6 @@
 """The adapter registry: add/list/show/remove, versions, tags, refusals that change nothing,
-recovery from a failed or crashed add, concurrent writers in real processes, and the CLI."""
+recovery from a failed, crashed or killed add, concurrent writers in real processes, schema
+versions, and the CLI. Registry tests run on SQLite and on a real PostgreSQL (the ``database`` fixture)."""
 
 from __future__ import annotations
 
@@ -9,42 +10,66 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
-from contextlib import closing as closing_connection
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
+import sqlalchemy as sa
 
 from carve.adapters.registry import (
+    MIGRATIONS,
     AdapterNotFound,
     AdapterRefused,
     Registry,
     RegistryError,
+    adapter_names,
+    adapters,
     parse_ref,
 )
+from carve.common.database import Database, SchemaError, database_url, schema_migrations
 from carve.engine.models import resolve_model
 
 # ---------------------------------------------------------------------------
 # helpers
 
 
-def snapshot(root: Path) -> tuple[list[str], dict[str, str]]:
-    """Everything a registry holds: the database's logical content and every stored file's hash."""
-    conn = sqlite3.connect(root / "registry.sqlite3")
-    try:
-        dump = list(conn.iterdump())
-    finally:
-        conn.close()
+def dump(db: Database) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]]:
+    """Every table of the database: its columns and its rows, in a stable order."""
+    tables = sa.MetaData()
+    with db.engine.connect() as conn:
+        tables.reflect(conn)
+        return {
+            name: (list(table.columns.keys()), [tuple(r) for r in conn.execute(sa.select(table).order_by(*table.columns)).all()])
+            for name, table in sorted(tables.tables.items())
+        }
+
+
+def snapshot(reg: Registry) -> tuple[dict[str, Any], dict[str, str]]:
+    """Everything a registry holds: the database's content and every stored file's hash."""
+    root = reg.root
     files = {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted((root / "store").rglob("*"))
         if p.is_file()
     }
     dirs = {str(p.relative_to(root)) + "/": "" for p in (root / "store").rglob("*") if p.is_dir()}
-    return dump, {**files, **dirs}
+    return dump(reg.database), {**files, **dirs}
+
+
+def url_of(reg: Registry) -> str:
+    """The registry's database URL, to open it again (another process would do the same)."""
+    return reg.database.url.render_as_string(hide_password=False)
+
+
+def scalar(reg: Registry, query: Any) -> Any:
+    with reg.database.engine.connect() as conn:
+        return conn.execute(query).scalar()
 
 
 def variant(source: Path, dest: Path, config: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
@@ -65,7 +90,13 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture()
-def reg(tmp_path: Path) -> Registry:
+def reg(tmp_path: Path, database: Optional[str]) -> Registry:
+    return Registry(tmp_path / "registry", database)
+
+
+@pytest.fixture()
+def sqlite_reg(tmp_path: Path) -> Registry:
+    """For the tests that are about the files, not the database."""
     return Registry(tmp_path / "registry")
 
 
@@ -112,7 +143,7 @@ def test_add_list_get_versions(reg: Registry, tiny_adapters: dict[str, Path], ba
     assert [r.ref for r in reg.list("news")] == ["fin:1"] and [r.ref for r in reg.list("finance")] == ["fin:2"]
 
     # another Registry object (another process would do the same) sees the same records
-    assert Registry(reg.root).get("fin", 1) == other
+    assert Registry(reg.root, url_of(reg)).get("fin", 1) == other
 
 
 def test_remove_versions_and_never_reuse(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
@@ -288,12 +319,12 @@ REFUSALS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals_change_nothing(case: str, reg: Registry, tiny_adapters: dict[str, Path], base, other_model_dir: Path, tmp_path: Path) -> None:
     reg.add(tiny_adapters["beta"], "existing", tags=["biomed"], base=base)
-    before = snapshot(reg.root)
+    before = snapshot(reg)
     build, message = REFUSALS[case]
     kwargs = {"source": tiny_adapters["alpha"], "name": "new", "base": base} | build(tiny_adapters["alpha"], tmp_path, base, other_model_dir)
     with pytest.raises(RegistryError, match=message):
         reg.add(**kwargs)
-    assert snapshot(reg.root) == before
+    assert snapshot(reg) == before
     assert not (tmp_path / "unpickled").exists()
 
 
@@ -310,19 +341,37 @@ def test_validation_refusals_are_also_adapter_validation_errors(reg: Registry, t
 # failures mid-add
 
 
+TRIGGERS = {  # a real failure inside the database, after the folder was renamed into place: (create, drop)
+    "sqlite": (
+        ["CREATE TRIGGER refuse BEFORE INSERT ON adapters BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"],
+        ["DROP TRIGGER refuse"],
+    ),
+    "postgresql": (
+        [
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$",
+            "CREATE TRIGGER refuse BEFORE INSERT ON adapters FOR EACH ROW EXECUTE FUNCTION refuse()",
+        ],
+        ["DROP TRIGGER refuse ON adapters", "DROP FUNCTION refuse()"],
+    ),
+}
+
+
+def run_sql(reg: Registry, statements: list[str]) -> None:
+    with reg.database.engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+
 def test_failed_insert_leaves_no_folder_and_no_version(reg: Registry, tiny_adapters: dict[str, Path], base) -> None:
     reg.add(tiny_adapters["alpha"], "med", base=base)
-    before = snapshot(reg.root)
-    with sqlite3.connect(reg.db_path) as conn:  # a real failure inside SQLite, after the folder was renamed into place
-        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON adapters BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
-    with_trigger = snapshot(reg.root)
-    with pytest.raises(sqlite3.IntegrityError, match="disk on fire"):
+    before = snapshot(reg)
+    create, drop = TRIGGERS[reg.database.backend]
+    run_sql(reg, create)
+    with pytest.raises(sa.exc.DBAPIError, match="disk on fire"):
         reg.add(tiny_adapters["beta"], "med", base=base)
-    assert snapshot(reg.root) == with_trigger
+    assert snapshot(reg) == before
     assert not (reg.store / "med" / "v2").exists()
-    with sqlite3.connect(reg.db_path) as conn:
-        conn.execute("DROP TRIGGER refuse")
-    assert snapshot(reg.root) == before
+    run_sql(reg, drop)
     assert reg.add(tiny_adapters["beta"], "med", base=base).version == 2
 
 
@@ -336,32 +385,150 @@ def test_debris_of_a_crashed_add_is_replaced(reg: Registry, tiny_adapters: dict[
     assert [p.name for p in reg.store.iterdir()] == ["med"]
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    from carve.adapters.sqlite import SchemaError
+class StallingRegistry(Registry):
+    """Stops inside add's write transaction, after its inserts and before its commit, until it is killed."""
 
-    reg = Registry(tmp_path / "r")
-    with sqlite3.connect(reg.db_path) as conn:
-        conn.execute("INSERT INTO schema_migrations VALUES ('registry', 99, 'later')")
-    with pytest.raises(SchemaError, match="schema version 99, newer than this Carve supports"):
-        Registry(tmp_path / "r")
+    def __init__(self, root: Path, database: str, stalled: Any):
+        super().__init__(root, database)
+        self.stalled = stalled
+
+    def _insert(self, conn: Any, row: dict[str, Any], tags: Any) -> None:
+        super()._insert(conn, row, tags)
+        self.stalled.set()
+        time.sleep(600)
+
+
+def _add_and_stall(root: str, database: str, source: str, base_dir: str, stalled: Any) -> None:
+    StallingRegistry(Path(root), database, stalled).add(Path(source), "med", tags=["killed"], base=resolve_model(base_dir))
+
+
+def test_writer_killed_mid_transaction_leaves_nothing_and_the_next_writer_proceeds(
+    reg: Registry, tiny_adapters: dict[str, Path], tiny_model_dir: Path, base
+) -> None:
+    """SIGKILL a writer holding the write transaction (version allocated, folder renamed into place, rows inserted):
+    its transaction is rolled back, its lock released, and a writer queued behind it gets the version it had."""
+    reg.add(tiny_adapters["alpha"], "med", tags=["biomed"], base=base)
+    ctx = multiprocessing.get_context("spawn")
+    stalled = ctx.Event()
+    writer = ctx.Process(target=_add_and_stall, args=(str(reg.root), url_of(reg), str(tiny_adapters["gamma"]), str(tiny_model_dir), stalled))
+    writer.start()
+    try:
+        assert stalled.wait(120), f"the writer never reached its insert (exit code {writer.exitcode})"
+        done: dict[str, Any] = {}
+
+        def queued_add() -> None:
+            done["record"] = reg.add(tiny_adapters["beta"], "med", base=base)
+            done["at"] = time.monotonic()
+
+        queued = threading.Thread(target=queued_add)
+        queued.start()
+        queued.join(1.5)
+        assert queued.is_alive(), "a second writer must wait for the lock"
+        killed_at = time.monotonic()
+        os.kill(writer.pid, signal.SIGKILL)
+        queued.join(90)
+        assert not queued.is_alive(), "the queued writer never got the lock after the kill"
+    finally:
+        writer.kill()
+        writer.join(10)
+    assert writer.exitcode == -signal.SIGKILL
+    record = done["record"]
+    assert done["at"] > killed_at and record.version == 2 and record.tags == ["biomed"]  # inherited from v1: the killed v2 never existed
+    assert scalar(reg, sa.select(adapter_names.c.last_version).where(adapter_names.c.name == "med")) == 2
+    assert [(r.version, r.weights_sha256) for r in reg.versions("med")] == [
+        (1, sha(tiny_adapters["alpha"] / "adapter_model.safetensors")),
+        (2, sha(tiny_adapters["beta"] / "adapter_model.safetensors")),
+    ]
+    assert sha(record.path / "adapter_model.safetensors") == record.weights_sha256  # the killed writer's folder was replaced
+    assert sorted(str(p.relative_to(reg.store)) for p in reg.store.rglob("*") if p.is_dir()) == ["med", "med/v1", "med/v2"]
+    assert "killed" not in reg.tags()
+    assert scalar(reg, sa.select(sa.func.count()).select_from(adapters)) == 2
+
+
+# ---------------------------------------------------------------------------
+# schema versions
+
+
+def test_newer_schema_is_refused(tmp_path: Path, database: Optional[str]) -> None:
+    reg = Registry(tmp_path / "r", database)
+    with reg.database.engine.begin() as conn:
+        conn.execute(schema_migrations.insert().values(component="registry", version=99, applied_at="later"))
+    before = dump(reg.database)
+    with pytest.raises(SchemaError, match="registry tables in .* are at schema version 99, newer than this Carve supports"):
+        Registry(tmp_path / "r", database)
+    assert dump(reg.database) == before
+
+
+def test_registry_of_the_previous_schema_version_migrates_on_open(tmp_path: Path, database: Optional[str], tiny_adapters: dict[str, Path], base) -> None:
+    root = tmp_path / "r"
+    old = Database(database_url(database, root))
+    assert old.migrate("registry", MIGRATIONS[:-1]) == len(MIGRATIONS) - 1
+    reg = Registry(root, database)
+    with reg.database.engine.connect() as conn:
+        versions = conn.execute(sa.select(schema_migrations.c.version).where(schema_migrations.c.component == "registry")).scalars()
+        assert sorted(versions) == list(range(1, len(MIGRATIONS) + 1))
+    assert reg.add(tiny_adapters["alpha"], "med", base=base).version == 1
+
+
+# The registry's schema as the hand-written SQLite code before the database layer created it (version 1).
+SQLITE_V1 = [
+    "CREATE TABLE schema_migrations ("
+    " component TEXT NOT NULL, version INTEGER NOT NULL, applied_at TEXT NOT NULL, PRIMARY KEY (component, version))",
+    "CREATE TABLE adapter_names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL)",
+    "CREATE TABLE adapters ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL REFERENCES adapter_names(name), version INTEGER NOT NULL,"
+    " base_model TEXT NOT NULL, base_model_id TEXT NOT NULL, base_fingerprint TEXT NOT NULL,"
+    " rank INTEGER NOT NULL, alpha REAL NOT NULL, target_modules TEXT NOT NULL,"
+    " card TEXT NOT NULL, weights_sha256 TEXT NOT NULL, path TEXT NOT NULL, created_at TEXT NOT NULL, UNIQUE (name, version))",
+    "CREATE TABLE adapter_tags (adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE, tag TEXT NOT NULL, PRIMARY KEY (adapter_id, tag))",
+    "CREATE INDEX adapter_tags_by_tag ON adapter_tags (tag)",
+    "CREATE TABLE tag_pins (tag TEXT PRIMARY KEY, adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE)",
+    "INSERT INTO schema_migrations VALUES ('registry', 1, '2025-01-01T00:00:00+00:00')",
+]
+
+
+def test_a_sqlite_registry_of_the_previous_carve_keeps_working(tmp_path: Path, tiny_adapters: dict[str, Path], base) -> None:
+    """The same table names and schema_migrations records: a registry.sqlite3 written before the database layer opens as is."""
+    root = tmp_path / "old"
+    folder = shutil.copytree(tiny_adapters["alpha"], root / "store" / "med" / "v1")
+    conn = sqlite3.connect(root / "registry.sqlite3", isolation_level=None)
+    for statement in SQLITE_V1:
+        conn.execute(statement)
+    conn.execute("INSERT INTO adapter_names VALUES ('med', 1)")
+    conn.execute(
+        "INSERT INTO adapters (name, version, base_model, base_model_id, base_fingerprint, rank, alpha, target_modules, card,"
+        " weights_sha256, path, created_at) VALUES ('med', 1, ?, ?, ?, 4, 8.0, '[\"q_proj\"]', '{}', ?, 'store/med/v1', ?)",
+        (base.name, base.model_id, base.fingerprint, sha(folder / "adapter_model.safetensors"), "2025-01-01T00:00:00+00:00"),
+    )
+    conn.execute("INSERT INTO adapter_tags VALUES (1, 'biomed')")
+    conn.close()
+
+    reg = Registry(root)
+    assert reg.resolve("biomed").ref == "med:1" and reg.get("med").path == folder
+    assert reg.add(tiny_adapters["beta"], "med", base=base).version == 2
+    assert reg.tag_pointer("biomed").ref == "med:2"
+    assert [r.version for r in reg.versions("med")] == [1, 2]
+    with sqlite3.connect(root / "registry.sqlite3") as conn:
+        assert conn.execute("SELECT component, version FROM schema_migrations").fetchall() == [("registry", 1)]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 # ---------------------------------------------------------------------------
 # concurrency with real processes
 
 
-def _add_many(root: str, source: str, base_dir: str, name: str, count: int, barrier: Any) -> None:
+def _add_many(root: str, database: str, source: str, base_dir: str, name: str, count: int, barrier: Any) -> None:
     base = resolve_model(base_dir)
     barrier.wait()  # everyone opens the (new) registry and adds at the same moment
-    registry = Registry(Path(root))
+    registry = Registry(Path(root), database)
     for _ in range(count):
         registry.add(Path(source), name, tags=["shared-tag"], base=base)
 
 
-def _add_and_remove(root: str, source: str, base_dir: str, name: str, count: int, barrier: Any) -> None:
+def _add_and_remove(root: str, database: str, source: str, base_dir: str, name: str, count: int, barrier: Any) -> None:
     base = resolve_model(base_dir)
     barrier.wait()
-    registry = Registry(Path(root))
+    registry = Registry(Path(root), database)
     for _ in range(count):
         record = registry.add(Path(source), name, tags=["shared-tag"], base=base)
         registry.remove(name, record.version)
@@ -369,8 +536,6 @@ def _add_and_remove(root: str, source: str, base_dir: str, name: str, count: int
 
 def run_processes(procs: list[Any], timeout: float = 150.0) -> list[int | None]:
     """Start processes, wait for all within one deadline, terminate stragglers; their exit codes."""
-    import time
-
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -386,11 +551,6 @@ def run_processes(procs: list[Any], timeout: float = 150.0) -> list[int | None]:
 def test_opening_a_new_registry_waits_for_another_writer(tmp_path: Path) -> None:
     """Switching a new database to WAL needs an exclusive lock that SQLite's busy timeout does not wait
     for: opening must retry while another connection (here: one holding a write transaction) is busy."""
-    import threading
-    import time
-
-    from carve.adapters.sqlite import connect
-
     db = tmp_path / "r" / "registry.sqlite3"
     db.parent.mkdir()
     holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
@@ -401,37 +561,39 @@ def test_opening_a_new_registry_waits_for_another_writer(tmp_path: Path) -> None
     started = time.monotonic()
     reg = Registry(db.parent)
     assert time.monotonic() - started >= 0.4 and reg.list() == []
-    with closing_connection(connect(db)) as conn:
+    with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     holder.close()
 
 
-def test_concurrent_adds_in_real_processes(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path) -> None:
+def test_concurrent_adds_in_real_processes(tmp_path: Path, tiny_adapters: dict[str, Path], tiny_model_dir: Path, database: Optional[str]) -> None:
     root = tmp_path / "registry"
+    url = database_url(database, root)
     ctx = multiprocessing.get_context("spawn")
     jobs = [("same", "alpha")] * 3 + [("own-1", "beta"), ("own-2", "gamma"), ("own-3", "alpha")]
     per_process = 3
     barrier = ctx.Barrier(len(jobs) + 1, timeout=60)
     procs = [
-        ctx.Process(target=_add_many, args=(str(root), str(tiny_adapters[src]), str(tiny_model_dir), name, per_process, barrier))
+        ctx.Process(target=_add_many, args=(str(root), url, str(tiny_adapters[src]), str(tiny_model_dir), name, per_process, barrier))
         for name, src in jobs
     ]
     # one more writer adds and removes versions of "same" meanwhile (its folders come and go)
-    procs.append(ctx.Process(target=_add_and_remove, args=(str(root), str(tiny_adapters["beta"]), str(tiny_model_dir), "same", per_process, barrier)))
+    procs.append(ctx.Process(target=_add_and_remove, args=(str(root), url, str(tiny_adapters["beta"]), str(tiny_model_dir), "same", per_process, barrier)))
     assert run_processes(procs) == [0] * len(procs)
 
-    reg = Registry(root)
-    with sqlite3.connect(reg.db_path) as conn:  # versions handed out to "same": distinct and consecutive
-        assert conn.execute("SELECT last_version FROM adapter_names WHERE name = 'same'").fetchone()[0] == 4 * per_process
+    reg = Registry(root, url)
+    # versions handed out to "same": distinct and consecutive
+    assert scalar(reg, sa.select(adapter_names.c.last_version).where(adapter_names.c.name == "same")) == 4 * per_process
     same = [r.version for r in reg.versions("same")]
     assert len(same) == 3 * per_process and set(same) <= set(range(1, 4 * per_process + 1))
     assert all(sha(r.path / "adapter_model.safetensors") == sha(tiny_adapters["alpha"] / "adapter_model.safetensors") for r in reg.versions("same"))
     for name in ("own-1", "own-2", "own-3"):
         assert [r.version for r in reg.versions(name)] == list(range(1, per_process + 1))
-    with sqlite3.connect(reg.db_path) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 6 * per_process
-        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+    if reg.database.backend == "sqlite":
+        with sqlite3.connect(root / "registry.sqlite3") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert scalar(reg, sa.select(sa.func.count()).select_from(adapters)) == 6 * per_process
+    assert scalar(reg, sa.select(sa.func.count()).select_from(schema_migrations)) == 1
     records = [v for r in reg.list() for v in reg.versions(r.name)]
     for record in records:
         assert sha(record.path / "adapter_model.safetensors") == record.weights_sha256
@@ -500,8 +662,9 @@ def test_cli_errors_exit_2_and_change_nothing(tmp_path: Path, tiny_adapters: dic
 
     runner = CliRunner()
     root = tmp_path / "registry"
-    Registry(root).add(tiny_adapters["alpha"], "med", base=str(tiny_model_dir))
-    before = snapshot(root)
+    reg = Registry(root)
+    reg.add(tiny_adapters["alpha"], "med", base=str(tiny_model_dir))
+    before = snapshot(reg)
     bad = variant(tiny_adapters["beta"], tmp_path / "r8", {"r": 8})
     cases = [
         (["add", str(bad), "--name", "med", "--base", str(tiny_model_dir)], "says r=8"),
@@ -515,7 +678,7 @@ def test_cli_errors_exit_2_and_change_nothing(tmp_path: Path, tiny_adapters: dic
         result = runner.invoke(app, ["adapters", *args], env={"CARVE_REGISTRY": str(root)})
         assert result.exit_code == 2, (args, result.output)
         assert "error: " in result.output and message in result.output, result.output
-        assert snapshot(root) == before
+        assert snapshot(reg) == before
 
 
 def test_cli_entry_point_in_a_subprocess(tmp_path: Path) -> None:
@@ -576,25 +739,25 @@ def test_reads_restricted_to_one_base(reg: Registry, tiny_adapters: dict[str, Pa
 
 
 @pytest.mark.integration
-def test_default_base_is_smollm2(reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_default_base_is_smollm2(sqlite_reg: Registry, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
     smol = resolve_model("smollm2-135m-instruct")
-    record = reg.add(numpy_lora(tmp_path / "smol-lora", smol.path, "HuggingFaceTB/SmolLM2-135M-Instruct"), "smol-med", tags=["biomed"])
+    record = sqlite_reg.add(numpy_lora(tmp_path / "smol-lora", smol.path, "HuggingFaceTB/SmolLM2-135M-Instruct"), "smol-med", tags=["biomed"])
     assert record.base_model == "smollm2-135m-instruct" and record.base_model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (record.rank, record.alpha, record.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
-    before = snapshot(reg.root)
+    before = snapshot(sqlite_reg)
     with pytest.raises(AdapterRefused, match=r"adapter made for .*tiny-llama.*, base is smollm2-135m-instruct"):
-        reg.add(tiny_adapters["alpha"], "tiny-on-smol")
-    assert snapshot(reg.root) == before
+        sqlite_reg.add(tiny_adapters["alpha"], "tiny-on-smol")
+    assert snapshot(sqlite_reg) == before
 
 
-def test_stored_adapter_loads_with_peft(reg: Registry, tiny_adapters: dict[str, Path], tiny_model_dir: Path, base) -> None:
+def test_stored_adapter_loads_with_peft(sqlite_reg: Registry, tiny_adapters: dict[str, Path], tiny_model_dir: Path, base) -> None:
     """What the store holds is a standard PEFT folder: peft loads it and gets the source's weights."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    record = reg.add(tiny_adapters["beta"], "med", base=base)
+    record = sqlite_reg.add(tiny_adapters["beta"], "med", base=base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), record.path, adapter_name="med")
     source = load_file(str(tiny_adapters["beta"] / "adapter_model.safetensors"))
     key = next(k for k in source if "q_proj.lora_A" in k)

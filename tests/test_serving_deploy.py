@@ -41,6 +41,13 @@ def test_rayservice_embeds_a_valid_serve_config_on_gpu_workers() -> None:
     worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert any(e["name"] == "CARVE_ADMIN_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in worker["env"])
+    # the database is PostgreSQL from a secret on every pod, never in the Serve args; the shared volume holds the registry's files only
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, worker):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["CARVE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "carve-db", "key": "url"}
+        assert env["CARVE_REGISTRY"]["value"].startswith("/data/carve/") and not env["CARVE_MODEL_CACHE"]["value"].startswith("/data/carve")
+    assert "database_url" not in config["applications"][0]["args"]
 
 
 def test_bad_args_are_refused_naming_the_field() -> None:

@@ -1,1 +1,1 @@
-"""carve.adapters: the adapter registry (SQLite plus a file store) and the intake checks that admit an adapter."""
+"""carve.adapters: the adapter registry (database records plus a file store) and the intake checks that admit an adapter."""

@@ -1,12 +1,14 @@
 """The adapter registry: which LoRA adapters exist, for which base, under which domain tags.
 
-One SQLite database (``registry.sqlite3``) records the adapters; their files
-live in ``store/<name>/v<version>/`` next to it. Adding is all-or-nothing:
-the adapter is validated first, copied into a hidden staging folder, fsynced,
-then, holding the database's write lock, given the next version number,
+The registry's tables live in the Carve database (carve.common.database: the
+SQLite file ``registry.sqlite3`` here by default, PostgreSQL on a cluster);
+the adapters' files live in ``store/<name>/v<version>/`` under the registry
+folder, on a filesystem every node sees. Adding is all-or-nothing: the
+adapter is validated first, copied into a hidden staging folder, fsynced,
+then, holding the registry's write lock, given the next version number,
 renamed into place and recorded in one transaction. A failure at any step
-leaves neither a row nor a folder, and concurrent writers (several processes)
-queue on the lock, so versions never collide.
+leaves neither a row nor a folder, and concurrent writers (several processes,
+several nodes) queue on the lock, so versions never collide.
 
 Versions of a name count up and are never reused, even after removal. A
 domain tag points to the most recently added adapter version carrying it,
@@ -21,19 +23,20 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import time
 import uuid
-from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import sqlalchemy as sa
 from pydantic import BaseModel
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from carve.adapters.intake import fsync_dir, inspect_adapter, stage_copy
-from carve.adapters.sqlite import connect, immediate, migrate
 from carve.artifact import RESERVED_NAMES, AdapterValidationError, check_name
+from carve.common.database import Database, Migration, database_url
 from carve.common.hashing import sha256_file
 from carve.common.paths import registry_dir
 from carve.engine.models import (
@@ -43,28 +46,55 @@ from carve.engine.models import (
     resolve_model,
 )
 
-DB_FILE = "registry.sqlite3"
 STORE_DIR = "store"
 STALE_STAGING_S = 24 * 3600
+COMPONENT = "registry"
 
-MIGRATIONS: list[list[str]] = [
-    [  # 1: adapters, their tags, tag pins; adapter_names keeps each name's version counter
-        "CREATE TABLE adapter_names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL)",
-        "CREATE TABLE adapters ("
-        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
-        " name TEXT NOT NULL REFERENCES adapter_names(name),"
-        " version INTEGER NOT NULL,"
-        " base_model TEXT NOT NULL, base_model_id TEXT NOT NULL, base_fingerprint TEXT NOT NULL,"
-        " rank INTEGER NOT NULL, alpha REAL NOT NULL, target_modules TEXT NOT NULL,"
-        " card TEXT NOT NULL, weights_sha256 TEXT NOT NULL, path TEXT NOT NULL, created_at TEXT NOT NULL,"
-        " UNIQUE (name, version))",
-        "CREATE TABLE adapter_tags ("
-        " adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,"
-        " tag TEXT NOT NULL, PRIMARY KEY (adapter_id, tag))",
-        "CREATE INDEX adapter_tags_by_tag ON adapter_tags (tag)",
-        "CREATE TABLE tag_pins ("
-        " tag TEXT PRIMARY KEY,"
-        " adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE)",
+# The tables as this Carve uses them. Migration 1 creates them as they are now; a later
+# migration that changes one must first give migration 1 a frozen copy of its definition.
+metadata = sa.MetaData()
+adapter_names = sa.Table(  # each name's version counter: versions are never reused
+    "adapter_names",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("last_version", sa.Integer, nullable=False),
+)
+adapters = sa.Table(
+    "adapters",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, sa.ForeignKey("adapter_names.name"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("base_model", sa.Text, nullable=False),
+    sa.Column("base_model_id", sa.Text, nullable=False),
+    sa.Column("base_fingerprint", sa.Text, nullable=False),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("alpha", sa.Float, nullable=False),
+    sa.Column("target_modules", sa.Text, nullable=False),  # JSON list
+    sa.Column("card", sa.Text, nullable=False),  # JSON object
+    sa.Column("weights_sha256", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),  # relative to the registry folder
+    sa.Column("created_at", sa.Text, nullable=False),  # ISO 8601, UTC
+    sa.UniqueConstraint("name", "version"),
+    sqlite_autoincrement=True,  # ids are never reused either: a tag's "latest" is the highest id
+)
+adapter_tags = sa.Table(
+    "adapter_tags",
+    metadata,
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+)
+tags_by_tag = sa.Index("adapter_tags_by_tag", adapter_tags.c.tag)
+tag_pins = sa.Table(
+    "tag_pins",
+    metadata,
+    sa.Column("tag", sa.Text, primary_key=True),
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False),
+)
+
+MIGRATIONS: list[Migration] = [
+    [  # 1: adapters, their tags, tag pins, the version counters
+        CreateTable(adapter_names), CreateTable(adapters), CreateTable(adapter_tags), CreateIndex(tags_by_tag), CreateTable(tag_pins),
     ],
 ]
 _REF = re.compile(r"^(?P<name>[^:]*)(?::v?(?P<version>\d+))?$")
@@ -126,18 +156,18 @@ def check_label(value: str, what: str) -> str:
 
 
 class Registry:
-    """Adapters on disk plus their records in SQLite; safe to share between processes."""
+    """Adapters on disk plus their records in the Carve database; safe to share between threads, processes and nodes.
 
-    def __init__(self, root: Path | None = None):
+    ``database`` is a database URL (carve.common.database); None means
+    CARVE_DATABASE_URL, else the SQLite file in ``root``.
+    """
+
+    def __init__(self, root: Path | None = None, database: Optional[str] = None):
         self.root = Path(root).expanduser() if root is not None else registry_dir()
-        self.db_path = self.root / DB_FILE
+        self.database = Database(database_url(database, self.root))
+        self.database.migrate(COMPONENT, MIGRATIONS)
         self.store = self.root / STORE_DIR
         self.store.mkdir(parents=True, exist_ok=True)
-        with closing(connect(self.db_path)) as conn:
-            migrate(conn, "registry", MIGRATIONS)
-
-    def _connect(self) -> sqlite3.Connection:
-        return connect(self.db_path)
 
     # -- writing --------------------------------------------------------------
 
@@ -172,37 +202,29 @@ class Registry:
         target: Path | None = None
         try:
             weights_sha256 = sha256_file(staging / "adapter_model.safetensors")
-            with closing(self._connect()) as conn:
-                try:
-                    with immediate(conn):
-                        self._check_case_clash(conn, name)
-                        if not tag_list:  # a new version keeps serving its predecessor's domains
-                            tag_list = self._latest_tags(conn, name)
-                        version = self._next_version(conn, name)
-                        target = self.store / name / f"v{version}"
-                        self._claim(target)
-                        os.rename(staging, target)
-                        fsync_dir(target.parent)
-                        created = datetime.now(timezone.utc)
-                        cursor = conn.execute(
-                            "INSERT INTO adapters (name, version, base_model, base_model_id, base_fingerprint, rank, alpha,"
-                            " target_modules, card, weights_sha256, path, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                            (
-                                name, version, resolved.name, resolved.model_id, resolved.fingerprint,
-                                intake.files.rank, intake.files.alpha, json.dumps(list(intake.files.target_modules)),
-                                json.dumps(intake.card, sort_keys=True), weights_sha256,
-                                target.relative_to(self.root).as_posix(), created.isoformat(),
-                            ),
-                        )
-                        conn.executemany(
-                            "INSERT INTO adapter_tags (adapter_id, tag) VALUES (?, ?)",
-                            [(cursor.lastrowid, t) for t in tag_list],
-                        )
-                except BaseException:
-                    if target is not None and target.exists() and not staging.exists():
-                        shutil.rmtree(target, ignore_errors=True)
-                    raise
-                return self._get(conn, name, version)
+            try:
+                with self.database.write(COMPONENT) as conn:
+                    self._check_case_clash(conn, name)
+                    if not tag_list:  # a new version keeps serving its predecessor's domains
+                        tag_list = self._latest_tags(conn, name)
+                    version = self._next_version(conn, name)
+                    target = self.store / name / f"v{version}"
+                    self._claim(target)
+                    os.rename(staging, target)
+                    fsync_dir(target.parent)
+                    row = {
+                        "name": name, "version": version, "base_model": resolved.name, "base_model_id": resolved.model_id,
+                        "base_fingerprint": resolved.fingerprint, "rank": intake.files.rank, "alpha": intake.files.alpha,
+                        "target_modules": json.dumps(list(intake.files.target_modules)), "card": json.dumps(intake.card, sort_keys=True),
+                        "weights_sha256": weights_sha256, "path": target.relative_to(self.root).as_posix(),
+                        "created_at": datetime.now(timezone.utc).isoformat(),
+                    }
+                    self._insert(conn, row, tag_list)
+            except BaseException:
+                if target is not None and target.exists() and not staging.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                raise
+            return self.get(name, version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -212,27 +234,26 @@ class Registry:
         Tags pointing at a removed version fall back to the previous version
         carrying them (pins on it are dropped).
         """
-        with closing(self._connect()) as conn:
-            moved: list[tuple[Path, Path]] = []
-            try:
-                with immediate(conn):
-                    records = [self._get(conn, name, version)] if version is not None else self._versions(conn, name)
-                    if not records:
-                        self._get(conn, name)  # raises AdapterNotFound listing names
-                    for record in records:
-                        trash = self.store / f".trash-{uuid.uuid4().hex}"
-                        if record.path.exists():
-                            os.rename(record.path, trash)
-                            moved.append((record.path, trash))
-                        conn.execute("DELETE FROM adapters WHERE name = ? AND version = ?", (record.name, record.version))
-                    folder = self.store / name
-                    if folder.is_dir() and not any(folder.iterdir()):
-                        folder.rmdir()
-            except BaseException:
-                for original, trash in moved:  # put the files back; the rows were rolled back
-                    original.parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(trash, original)
-                raise
+        moved: list[tuple[Path, Path]] = []
+        try:
+            with self.database.write(COMPONENT) as conn:
+                records = [self._get(conn, name, version)] if version is not None else self._versions(conn, name)
+                if not records:
+                    self._get(conn, name)  # raises AdapterNotFound listing names
+                for record in records:
+                    trash = self.store / f".trash-{uuid.uuid4().hex}"
+                    if record.path.exists():
+                        os.rename(record.path, trash)
+                        moved.append((record.path, trash))
+                    conn.execute(sa.delete(adapters).where(adapters.c.name == record.name, adapters.c.version == record.version))
+                folder = self.store / name
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        except BaseException:
+            for original, trash in moved:  # put the files back; the rows were rolled back
+                original.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(trash, original)
+            raise
         for _, trash in moved:
             shutil.rmtree(trash, ignore_errors=True)
         return records
@@ -240,19 +261,22 @@ class Registry:
     def pin(self, tag: str, name: str, version: int | None = None) -> AdapterRecord:
         """Point ``tag`` at ``name:version`` (latest version when None) until unpinned; tags that version."""
         check_label(tag, "domain tag")
-        with closing(self._connect()) as conn, immediate(conn):
+        with self.database.write(COMPONENT) as conn:
             record = self._get(conn, name, version)
             adapter_id = self._id(conn, record)
-            conn.execute("INSERT OR IGNORE INTO adapter_tags (adapter_id, tag) VALUES (?, ?)", (adapter_id, tag))
-            conn.execute("INSERT OR REPLACE INTO tag_pins (tag, adapter_id) VALUES (?, ?)", (tag, adapter_id))
+            carries = sa.select(adapter_tags.c.tag).where(adapter_tags.c.adapter_id == adapter_id, adapter_tags.c.tag == tag)
+            if conn.execute(carries).first() is None:
+                conn.execute(adapter_tags.insert().values(adapter_id=adapter_id, tag=tag))
+            if not conn.execute(sa.update(tag_pins).where(tag_pins.c.tag == tag).values(adapter_id=adapter_id)).rowcount:
+                conn.execute(tag_pins.insert().values(tag=tag, adapter_id=adapter_id))
             return self._get(conn, record.name, record.version)
 
     def unpin(self, tag: str) -> AdapterRecord:
         """Let ``tag`` follow the latest version carrying it again; returns where it now points."""
-        with closing(self._connect()) as conn:
-            with immediate(conn):
-                if conn.execute("DELETE FROM tag_pins WHERE tag = ?", (tag,)).rowcount == 0:
-                    raise RegistryError(f"tag {tag!r} is not pinned; pinned tags: {_listing(self._pinned(conn))}")
+        with self.database.write(COMPONENT) as conn:
+            if conn.execute(sa.delete(tag_pins).where(tag_pins.c.tag == tag)).rowcount == 0:
+                raise RegistryError(f"tag {tag!r} is not pinned; pinned tags: {_listing(self._pinned(conn))}")
+        with self.database.read() as conn:
             return self._tag_pointer(conn, tag)
 
     # -- reading --------------------------------------------------------------
@@ -261,18 +285,21 @@ class Registry:
 
     def list(self, tag: str | None = None, *, base_fingerprint: str | None = None) -> builtins.list[AdapterRecord]:
         """The latest version of each name (of those versions carrying ``tag``, when given), by name."""
-        tagged = "" if tag is None else " AND id IN (SELECT adapter_id FROM adapter_tags WHERE tag = :tag)"
-        sql = (
-            "SELECT a.* FROM adapters a JOIN"
-            f" (SELECT name, MAX(version) AS version FROM adapters WHERE {_FOR_BASE}{tagged} GROUP BY name) latest"
-            " USING (name, version) ORDER BY a.name"
+        latest = sa.select(adapters.c.name, sa.func.max(adapters.c.version).label("version")).where(_for_base(base_fingerprint))
+        if tag is not None:
+            latest = latest.where(adapters.c.id.in_(sa.select(adapter_tags.c.adapter_id).where(adapter_tags.c.tag == tag)))
+        newest = latest.group_by(adapters.c.name).subquery()
+        query = (
+            sa.select(adapters)
+            .join(newest, sa.and_(adapters.c.name == newest.c.name, adapters.c.version == newest.c.version))
+            .order_by(adapters.c.name)
         )
-        with closing(self._connect()) as conn:
-            return [self._record(conn, row) for row in conn.execute(sql, {"tag": tag, "fp": base_fingerprint})]
+        with self.database.read() as conn:
+            return [self._record(conn, row) for row in conn.execute(query).all()]
 
     def versions(self, name: str) -> builtins.list[AdapterRecord]:
         """Every version of ``name``, oldest first."""
-        with closing(self._connect()) as conn:
+        with self.database.read() as conn:
             records = self._versions(conn, name)
             if not records:
                 self._get(conn, name)
@@ -280,14 +307,14 @@ class Registry:
 
     def get(self, name: str, version: int | None = None, *, base_fingerprint: str | None = None) -> AdapterRecord:
         """One version of ``name`` (the latest when ``version`` is None)."""
-        with closing(self._connect()) as conn:
+        with self.database.read() as conn:
             return self._get(conn, name, version, base_fingerprint)
 
     def resolve(self, name_or_tag: str, *, base_fingerprint: str | None = None) -> AdapterRecord:
         """An adapter name (or ``name:version``) first, else the adapter the domain tag points to."""
         ref_name, version = parse_ref(name_or_tag)
         fp = base_fingerprint
-        with closing(self._connect()) as conn:
+        with self.database.read() as conn:
             if version is not None or self._versions(conn, ref_name, fp):
                 return self._get(conn, ref_name, version, fp)
             try:
@@ -295,122 +322,141 @@ class Registry:
             except AdapterNotFound:
                 pass
             raise AdapterNotFound(
-                f"no adapter or domain tag named {name_or_tag!r}{_for_base(fp)}; adapters: {_listing(self._names(conn, fp))}; "
+                f"no adapter or domain tag named {name_or_tag!r}{_base_text(fp)}; adapters: {_listing(self._names(conn, fp))}; "
                 f"tags: {_listing(self._tags(conn, fp))}"
             )
 
     def tag_pointer(self, tag: str, *, base_fingerprint: str | None = None) -> AdapterRecord:
         """The adapter version ``tag`` points to: its pin, else the latest version carrying it."""
-        with closing(self._connect()) as conn:
+        with self.database.read() as conn:
             return self._tag_pointer(conn, tag, base_fingerprint)
 
     def tags(self, *, base_fingerprint: str | None = None) -> dict[str, tuple[AdapterRecord, bool]]:
         """Every domain tag -> (the version it points to, whether that is a pin)."""
         fp = base_fingerprint
-        with closing(self._connect()) as conn:
+        with self.database.read() as conn:
             pointers = {tag: self._tag_pointer(conn, tag, fp) for tag in self._tags(conn, fp)}
             return {tag: (record, self._is_pin(conn, tag, record)) for tag, record in pointers.items()}
 
     # -- internals ------------------------------------------------------------
 
-    def _get(self, conn: sqlite3.Connection, name: str, version: int | None = None, fp: str | None = None) -> AdapterRecord:
-        params = {"name": name, "version": version, "fp": fp}
+    def _get(self, conn: Connection, name: str, version: int | None = None, fp: str | None = None) -> AdapterRecord:
+        query = sa.select(adapters).where(adapters.c.name == name, _for_base(fp))
         if version is None:
-            sql = f"SELECT * FROM adapters WHERE name = :name AND {_FOR_BASE} ORDER BY version DESC LIMIT 1"
+            query = query.order_by(adapters.c.version.desc()).limit(1)
         else:
-            sql = f"SELECT * FROM adapters WHERE name = :name AND version = :version AND {_FOR_BASE}"
-        row = conn.execute(sql, params).fetchone()
+            query = query.where(adapters.c.version == version)
+        row = conn.execute(query).first()
         if row is not None:
             return self._record(conn, row)
         have = [r.version for r in self._versions(conn, name, fp)]
         if have:
-            raise AdapterNotFound(f"adapter {name!r} has no version {version}{_for_base(fp)}; versions: {', '.join(map(str, have))}")
-        raise AdapterNotFound(f"no adapter named {name!r}{_for_base(fp)}; adapters: {_listing(self._names(conn, fp))}")
+            raise AdapterNotFound(f"adapter {name!r} has no version {version}{_base_text(fp)}; versions: {', '.join(map(str, have))}")
+        raise AdapterNotFound(f"no adapter named {name!r}{_base_text(fp)}; adapters: {_listing(self._names(conn, fp))}")
 
-    def _tag_pointer(self, conn: sqlite3.Connection, tag: str, fp: str | None = None) -> AdapterRecord:
-        params = {"tag": tag, "fp": fp}
-        row = conn.execute(
-            f"SELECT a.* FROM tag_pins p JOIN adapters a ON a.id = p.adapter_id WHERE p.tag = :tag AND {_FOR_BASE}", params
-        ).fetchone() or conn.execute(
-            "SELECT a.* FROM adapters a JOIN adapter_tags t ON t.adapter_id = a.id"
-            f" WHERE t.tag = :tag AND {_FOR_BASE} ORDER BY a.id DESC LIMIT 1",
-            params,
-        ).fetchone()
+    def _tag_pointer(self, conn: Connection, tag: str, fp: str | None = None) -> AdapterRecord:
+        pinned = sa.select(adapters).join(tag_pins, tag_pins.c.adapter_id == adapters.c.id).where(tag_pins.c.tag == tag, _for_base(fp))
+        latest = (
+            sa.select(adapters)
+            .join(adapter_tags, adapter_tags.c.adapter_id == adapters.c.id)
+            .where(adapter_tags.c.tag == tag, _for_base(fp))
+            .order_by(adapters.c.id.desc())
+            .limit(1)
+        )
+        row = conn.execute(pinned).first() or conn.execute(latest).first()
         if row is None:
-            raise AdapterNotFound(f"no adapter carries domain tag {tag!r}{_for_base(fp)}; tags: {_listing(self._tags(conn, fp))}")
+            raise AdapterNotFound(f"no adapter carries domain tag {tag!r}{_base_text(fp)}; tags: {_listing(self._tags(conn, fp))}")
         return self._record(conn, row)
 
-    def _versions(self, conn: sqlite3.Connection, name: str, fp: str | None = None) -> builtins.list[AdapterRecord]:
-        sql = f"SELECT * FROM adapters WHERE name = :name AND {_FOR_BASE} ORDER BY version"
-        return [self._record(conn, row) for row in conn.execute(sql, {"name": name, "fp": fp}).fetchall()]
+    def _versions(self, conn: Connection, name: str, fp: str | None = None) -> builtins.list[AdapterRecord]:
+        query = sa.select(adapters).where(adapters.c.name == name, _for_base(fp)).order_by(adapters.c.version)
+        return [self._record(conn, row) for row in conn.execute(query).all()]
 
     @staticmethod
-    def _is_pin(conn: sqlite3.Connection, tag: str, record: AdapterRecord) -> bool:
-        row = conn.execute(
-            "SELECT 1 FROM tag_pins p JOIN adapters a ON a.id = p.adapter_id WHERE p.tag = ? AND a.name = ? AND a.version = ?",
-            (tag, record.name, record.version),
-        ).fetchone()
-        return row is not None
+    def _is_pin(conn: Connection, tag: str, record: AdapterRecord) -> bool:
+        query = (
+            sa.select(tag_pins.c.tag)
+            .join(adapters, adapters.c.id == tag_pins.c.adapter_id)
+            .where(tag_pins.c.tag == tag, adapters.c.name == record.name, adapters.c.version == record.version)
+        )
+        return conn.execute(query).first() is not None
 
-    def _record(self, conn: sqlite3.Connection, row: sqlite3.Row) -> AdapterRecord:
-        tags = [r[0] for r in conn.execute("SELECT tag FROM adapter_tags WHERE adapter_id = ? ORDER BY tag", (row["id"],))]
+    def _record(self, conn: Connection, row: Row[Any]) -> AdapterRecord:
+        data = row._mapping
+        tags = conn.execute(sa.select(adapter_tags.c.tag).where(adapter_tags.c.adapter_id == data["id"]).order_by(adapter_tags.c.tag)).scalars()
         return AdapterRecord(
-            name=row["name"],
-            version=row["version"],
-            tags=tags,
-            base_model=row["base_model"],
-            base_model_id=row["base_model_id"],
-            base_fingerprint=row["base_fingerprint"],
-            rank=row["rank"],
-            alpha=row["alpha"],
-            target_modules=json.loads(row["target_modules"]),
-            card=json.loads(row["card"]),
-            weights_sha256=row["weights_sha256"],
-            path=self.root / row["path"],
-            created_at=datetime.fromisoformat(row["created_at"]),
+            name=data["name"],
+            version=data["version"],
+            tags=list(tags),
+            base_model=data["base_model"],
+            base_model_id=data["base_model_id"],
+            base_fingerprint=data["base_fingerprint"],
+            rank=data["rank"],
+            alpha=data["alpha"],
+            target_modules=json.loads(data["target_modules"]),
+            card=json.loads(data["card"]),
+            weights_sha256=data["weights_sha256"],
+            path=self.root / data["path"],
+            created_at=datetime.fromisoformat(data["created_at"]),
         )
 
     @staticmethod
-    def _id(conn: sqlite3.Connection, record: AdapterRecord) -> int:
-        row = conn.execute("SELECT id FROM adapters WHERE name = ? AND version = ?", (record.name, record.version)).fetchone()
-        return int(row[0])
+    def _insert(conn: Connection, row: dict[str, Any], tags: Sequence[str]) -> None:
+        """Record one new version and its tags (inside add's write transaction)."""
+        adapter_id = conn.execute(adapters.insert().values(**row)).inserted_primary_key[0]
+        if tags:
+            conn.execute(adapter_tags.insert(), [{"adapter_id": adapter_id, "tag": t} for t in tags])
 
     @staticmethod
-    def _latest_tags(conn: sqlite3.Connection, name: str) -> builtins.list[str]:
-        rows = conn.execute(
-            "SELECT t.tag FROM adapter_tags t JOIN adapters a ON a.id = t.adapter_id WHERE a.name = ?"
-            " AND a.version = (SELECT MAX(version) FROM adapters WHERE name = ?) ORDER BY t.tag",
-            (name, name),
+    def _id(conn: Connection, record: AdapterRecord) -> int:
+        query = sa.select(adapters.c.id).where(adapters.c.name == record.name, adapters.c.version == record.version)
+        return int(conn.execute(query).scalar_one())
+
+    @staticmethod
+    def _latest_tags(conn: Connection, name: str) -> builtins.list[str]:
+        newest = sa.select(sa.func.max(adapters.c.version)).where(adapters.c.name == name).scalar_subquery()
+        query = (
+            sa.select(adapter_tags.c.tag)
+            .join(adapters, adapters.c.id == adapter_tags.c.adapter_id)
+            .where(adapters.c.name == name, adapters.c.version == newest)
+            .order_by(adapter_tags.c.tag)
         )
-        return [r[0] for r in rows]
+        return list(conn.execute(query).scalars())
 
     @staticmethod
-    def _names(conn: sqlite3.Connection, fp: str | None = None) -> builtins.list[str]:
-        sql = f"SELECT DISTINCT name FROM adapters WHERE {_FOR_BASE} ORDER BY name"
-        return [r[0] for r in conn.execute(sql, {"fp": fp})]
+    def _names(conn: Connection, fp: str | None = None) -> builtins.list[str]:
+        return list(conn.execute(sa.select(adapters.c.name).distinct().where(_for_base(fp)).order_by(adapters.c.name)).scalars())
 
     @staticmethod
-    def _tags(conn: sqlite3.Connection, fp: str | None = None) -> builtins.list[str]:
-        sql = f"SELECT DISTINCT t.tag FROM adapter_tags t JOIN adapters a ON a.id = t.adapter_id WHERE {_FOR_BASE} ORDER BY t.tag"
-        return [r[0] for r in conn.execute(sql, {"fp": fp})]
+    def _tags(conn: Connection, fp: str | None = None) -> builtins.list[str]:
+        query = (
+            sa.select(adapter_tags.c.tag)
+            .distinct()
+            .join(adapters, adapters.c.id == adapter_tags.c.adapter_id)
+            .where(_for_base(fp))
+            .order_by(adapter_tags.c.tag)
+        )
+        return list(conn.execute(query).scalars())
 
     @staticmethod
-    def _pinned(conn: sqlite3.Connection) -> builtins.list[str]:
-        return [r[0] for r in conn.execute("SELECT tag FROM tag_pins ORDER BY tag")]
+    def _pinned(conn: Connection) -> builtins.list[str]:
+        return list(conn.execute(sa.select(tag_pins.c.tag).order_by(tag_pins.c.tag)).scalars())
 
     @staticmethod
-    def _check_case_clash(conn: sqlite3.Connection, name: str) -> None:
+    def _check_case_clash(conn: Connection, name: str) -> None:
         """Names that differ only in case would share a folder on case-insensitive file systems."""
-        row = conn.execute("SELECT name FROM adapter_names WHERE lower(name) = lower(?) AND name != ?", (name, name)).fetchone()
-        if row is not None:
-            raise RegistryError(f"adapter name {name!r} differs only in case from existing adapter {row[0]!r}")
+        query = sa.select(adapter_names.c.name).where(sa.func.lower(adapter_names.c.name) == name.lower(), adapter_names.c.name != name)
+        clash = conn.execute(query).scalar()
+        if clash is not None:
+            raise RegistryError(f"adapter name {name!r} differs only in case from existing adapter {clash!r}")
 
     @staticmethod
-    def _next_version(conn: sqlite3.Connection, name: str) -> int:
+    def _next_version(conn: Connection, name: str) -> int:
         """Allocate inside the write transaction: the counter survives removals, so versions are never reused."""
-        conn.execute("INSERT OR IGNORE INTO adapter_names (name, last_version) VALUES (?, 0)", (name,))
-        conn.execute("UPDATE adapter_names SET last_version = last_version + 1 WHERE name = ?", (name,))
-        return int(conn.execute("SELECT last_version FROM adapter_names WHERE name = ?", (name,)).fetchone()[0])
+        bump = sa.update(adapter_names).where(adapter_names.c.name == name).values(last_version=adapter_names.c.last_version + 1)
+        if not conn.execute(bump).rowcount:
+            conn.execute(adapter_names.insert().values(name=name, last_version=1))
+        return int(conn.execute(sa.select(adapter_names.c.last_version).where(adapter_names.c.name == name)).scalar_one())
 
     def _claim(self, target: Path) -> None:
         """Make way for a new version folder. Called under the write lock: a folder already there has no
@@ -441,10 +487,12 @@ def _resolve_base(base: str | ResolvedModel) -> ResolvedModel:
         raise RegistryError(f"base model: {exc}") from exc
 
 
-_FOR_BASE = "(:fp IS NULL OR base_fingerprint = :fp)"  # every read's optional base filter
+def _for_base(fp: str | None) -> sa.ColumnElement[bool]:
+    """Every read's optional base filter."""
+    return sa.true() if fp is None else adapters.c.base_fingerprint == fp
 
 
-def _for_base(fp: str | None) -> str:
+def _base_text(fp: str | None) -> str:
     return f" for base {fp}" if fp else ""
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 import typer
 
 from carve.cli.errors import fail
+from carve.cli.options import database_option, registry_option
 from carve.engine.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,22 +18,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Store, version and tag LoRA adapters (the registry).")
 
-RegistryDir = typer.Option(
-    None, "--registry", envvar="CARVE_REGISTRY", help="Registry folder (default: registry/ under the Carve home)."
-)
+RegistryDir = registry_option()
+DatabaseUrl = database_option()
 AsJson = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 @contextmanager
-def _registry(root: Optional[Path]) -> Iterator["Registry"]:
+def _registry(root: Optional[Path], database: Optional[str]) -> Iterator["Registry"]:
     """Open the registry and turn every refusal into a red error line and exit code 2."""
     from carve.adapters.registry import Registry, RegistryError
-    from carve.adapters.sqlite import SchemaError
     from carve.artifact import AdapterValidationError
+    from carve.common.database import DatabaseError
 
     try:
-        yield Registry(root)
-    except (RegistryError, AdapterValidationError, SchemaError) as exc:
+        yield Registry(root, database)
+    except (RegistryError, AdapterValidationError, DatabaseError) as exc:
         raise fail(str(exc))
 
 
@@ -83,9 +83,10 @@ def add(
     base: str = typer.Option(DEFAULT_MODEL, "--base", "-b", help="Base model name or Hugging Face folder."),
     card: Optional[Path] = typer.Option(None, "--card", help="A carve-card.json to use instead of the folder's own."),
     registry: Optional[Path] = RegistryDir,
+    database: Optional[str] = DatabaseUrl,
 ) -> None:
     """Validate an adapter against its base and store it as the next version of NAME."""
-    with _registry(registry) as reg:
+    with _registry(registry, database) as reg:
         from carve.adapters.intake import read_card_file
 
         card_data = read_card_file(card) if card is not None else None
@@ -101,9 +102,10 @@ def list_(
     base: Optional[str] = typer.Option(None, "--base", "-b", help="Only adapters made for this base model (name or folder)."),
     as_json: bool = AsJson,
     registry: Optional[Path] = RegistryDir,
+    database: Optional[str] = DatabaseUrl,
 ) -> None:
     """List adapters: the latest version of each name."""
-    with _registry(registry) as reg:
+    with _registry(registry, database) as reg:
         fp = _base_fingerprint(base) if base else None
         records = reg.list(tag, base_fingerprint=fp)
         if all_versions:
@@ -125,10 +127,11 @@ def show(
     ref: str = typer.Argument(..., metavar="NAME[:VERSION]", help="Adapter name (latest version), NAME:VERSION, or a domain tag."),
     as_json: bool = AsJson,
     registry: Optional[Path] = RegistryDir,
+    database: Optional[str] = DatabaseUrl,
 ) -> None:
     """Show one adapter version and its card."""
     _ref(ref)
-    with _registry(registry) as reg:
+    with _registry(registry, database) as reg:
         record = reg.resolve(ref)
         versions = [v.version for v in reg.versions(record.name)]
     if as_json:
@@ -160,10 +163,11 @@ def show(
 def remove(
     ref: str = typer.Argument(..., metavar="NAME[:VERSION]", help="Adapter name (every version) or NAME:VERSION."),
     registry: Optional[Path] = RegistryDir,
+    database: Optional[str] = DatabaseUrl,
 ) -> None:
     """Remove one version of an adapter, or all its versions."""
     name, version = _ref(ref)
-    with _registry(registry) as reg:
+    with _registry(registry, database) as reg:
         removed = reg.remove(name, version)
     typer.echo(f"removed {', '.join(r.ref for r in removed)}")
 
@@ -172,9 +176,10 @@ def remove(
 def tags(
     as_json: bool = AsJson,
     registry: Optional[Path] = RegistryDir,
+    database: Optional[str] = DatabaseUrl,
 ) -> None:
     """Which adapter version each domain tag points to."""
-    with _registry(registry) as reg:
+    with _registry(registry, database) as reg:
         pointers = reg.tags()
     if as_json:
         typer.echo(json.dumps({t: {"adapter": r.ref, "pinned": p} for t, (r, p) in pointers.items()}, indent=2))
@@ -191,11 +196,12 @@ def tag(
     ref: Optional[str] = typer.Argument(None, metavar="NAME[:VERSION]", help="Pin the tag to this version (latest if no version)."),
     unpin: bool = typer.Option(False, "--unpin", help="Let the tag follow the latest version carrying it again."),
     registry: Optional[Path] = RegistryDir,
+    database: Optional[str] = DatabaseUrl,
 ) -> None:
     """Pin a domain tag to an adapter version, or unpin it."""
     if (ref is None) == (not unpin):
         raise fail("give either NAME[:VERSION] to pin the tag, or --unpin")
-    with _registry(registry) as reg:
+    with _registry(registry, database) as reg:
         if unpin:
             record = reg.unpin(tag_name)
             typer.echo(f"{tag_name} -> {record.ref} (follows the latest version)")

@@ -74,6 +74,7 @@ def demo_command(
 ) -> None:
     """Run the whole job end to end: specialize, evaluate, register, serve and query by domain tag."""
     from carve.adapters.registry import RegistryError
+    from carve.common.database import DatabaseError
     from carve.engine.models import ModelError
     from carve.specialize.retrieval import CorpusError
     from carve.specialize.run import RunError
@@ -81,7 +82,7 @@ def demo_command(
 
     try:
         run_demo(out, model, seeds, corpus, eval_limit, serve, registry)
-    except (FileNotFoundError, ModelError, SeedSetError, CorpusError, RunError, RegistryError) as exc:
+    except (FileNotFoundError, ModelError, SeedSetError, CorpusError, RunError, RegistryError, DatabaseError) as exc:
         raise fail(str(exc))
 
 

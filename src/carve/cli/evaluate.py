@@ -45,9 +45,11 @@ def resolve_adapter(spec: str) -> tuple[str, Path]:
         from carve.adapters.registry import Registry  # type: ignore[import-not-found]
     except ImportError:
         raise EvalError(f"--adapter {spec}: no such adapter folder (adapter names need the registry, which is not installed)") from None
+    from carve.common.database import DatabaseError
+
     try:
         record = Registry().resolve(spec)  # NAME, NAME:VERSION or a domain tag
-    except ValueError as exc:  # the registry's errors are ValueErrors naming what exists
+    except (ValueError, DatabaseError) as exc:  # the registry's errors are ValueErrors naming what exists
         raise EvalError(f"--adapter {spec}: not a folder, and {exc}") from exc
     return record.name, Path(record.path)
 

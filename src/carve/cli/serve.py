@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from carve.cli.errors import fail
+from carve.cli.options import database_option, registry_option
 from carve.platform.config import ServeConfig
 
 
@@ -24,7 +25,8 @@ def serve_command(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     replicas: int = _option("replicas", "--replicas", min=1),
     max_adapters: int = _option("max_adapters", "--max-adapters", min=1),
-    registry: Optional[Path] = typer.Option(None, "--registry", envvar="CARVE_REGISTRY", help="Adapter registry folder."),
+    registry: Optional[Path] = registry_option("Adapter registry folder (adapter files and job folders; on a cluster, a filesystem every node sees)."),
+    database: Optional[str] = database_option(),
     max_tokens_cap: int = _option("max_tokens_cap", "--max-tokens-cap", min=1),
     max_batch_size: int = _option("max_batch_size", "--max-batch-size", min=1),
     engine_cpus: float = _option("engine_num_cpus", "--engine-cpus", min=0.0),
@@ -33,20 +35,27 @@ def serve_command(
     """Serve the base model and its adapters over HTTP (OpenAI-compatible) on Ray Serve."""
     from pydantic import ValidationError
 
+    from carve.common.database import DatabaseError
     from carve.platform.launcher import deploy_to_cluster, serve_forever, start_local_server
 
     try:
         config = ServeConfig.from_env(
-            model=model, registry_root=registry, replicas=replicas, max_adapters=max_adapters, max_tokens_cap=max_tokens_cap,
+            model=model, registry_root=registry, database_url=database, replicas=replicas, max_adapters=max_adapters, max_tokens_cap=max_tokens_cap,
             max_batch_size=max_batch_size, engine_num_cpus=engine_cpus, engine_num_gpus=engine_gpus,
             default_max_tokens=min(128, max_tokens_cap),
         )
     except ValidationError as exc:
-        raise fail(str(exc))
+        from carve.common.errors import error_lines
+
+        raise fail("; ".join(error_lines(exc)))
     generated = not config.admin_token
     config = config.with_generated_admin_token()
     if address:
-        handle = deploy_to_cluster(address, config, host="0.0.0.0" if host == "127.0.0.1" else host, port=port)
+        try:
+            handle = deploy_to_cluster(address, config, host="0.0.0.0" if host == "127.0.0.1" else host, port=port)
+        except DatabaseError as exc:
+            raise fail(str(exc))
+        _print_warnings(handle.warnings)
         typer.echo(
             f"deployed Carve onto {address}: OpenAI-compatible API at http://<node>:{port}/v1 on the cluster's nodes "
             f"({handle.url}/v1 from the head); it keeps running, remove it with `serve delete carve`"
@@ -54,11 +63,20 @@ def serve_command(
         _print_tokens(config, generated)
         return
     typer.echo(f"starting a local Ray and Carve ({model}, {replicas} replica(s), {max_adapters} adapters each)...")
-    handle = start_local_server(config=config, host=host, port=port)
+    try:
+        handle = start_local_server(config=config, host=host, port=port)
+    except DatabaseError as exc:
+        raise fail(str(exc))
+    _print_warnings(handle.warnings)
     typer.echo(f"serving on {handle.url}/v1 (OpenAI-compatible); Ctrl-C stops")
     _print_tokens(config, generated)
     serve_forever(handle)
     typer.echo("stopped")
+
+
+def _print_warnings(warnings: "tuple[str, ...]") -> None:
+    for warning in warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 def _print_tokens(config: "object", generated: bool) -> None:

@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 import typer
 
 from carve.cli.errors import fail
+from carve.cli.options import database_option, registry_option
 from carve.engine.models import DEFAULT_MODEL
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -33,7 +34,8 @@ def submit(
     server: Optional[str] = typer.Option(None, "--server", help="Carve server URL; without it the job runs here."),
     token: Optional[str] = typer.Option(None, "--token", envvar="CARVE_API_KEY", help="Bearer token for the server."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends (server mode)."),
-    registry: Optional[Path] = typer.Option(None, "--registry", envvar="CARVE_REGISTRY", help="Local mode: registry folder."),
+    registry: Optional[Path] = registry_option("Local mode: registry folder."),
+    database: Optional[str] = database_option(),
     base: str = typer.Option(DEFAULT_MODEL, "--base", help="Local mode: base model name or folder."),
 ) -> None:
     """Submit a seed set as a specialization job (a self-specialized adapter registered under its tag)."""
@@ -45,7 +47,7 @@ def submit(
     if server:
         code = _submit_remote(server.rstrip("/"), body, token, wait)
     else:
-        code = _submit_local(body, registry, base)
+        code = _submit_local(body, registry, base, database)
     if code:
         raise typer.Exit(code)
 
@@ -155,14 +157,17 @@ def _error_of(response: Any) -> dict[str, Any]:
         return {"message": f"HTTP {response.status_code}: {response.text[:500]}"}
 
 
-def _submit_local(body: dict[str, Any], registry: Optional[Path], base: str) -> int:
+def _submit_local(body: dict[str, Any], registry: Optional[Path], base: str, database: Optional[str]) -> int:
+    from carve.common.database import DatabaseError
     from carve.common.paths import registry_dir
     from carve.jobs.api import JobView
     from carve.jobs.service import InlineLauncher, JobRejected, JobService
 
-    service = JobService(registry or registry_dir(), base, InlineLauncher(), recover=False)
     try:
+        service = JobService(registry or registry_dir(), base, InlineLauncher(), recover=False, database=database)
         job = service.submit(body)  # runs to its end here
+    except DatabaseError as exc:
+        raise fail(str(exc))
     except JobRejected as exc:
         _print_rejection({"message": str(exc).split(":")[0], "problems": exc.problems})
         return 2

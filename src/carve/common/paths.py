@@ -21,6 +21,6 @@ def model_cache_dir() -> Path:
 
 
 def registry_dir() -> Path:
-    """The adapter registry: SQLite database and file store."""
+    """The adapter registry: adapter files, job run folders, and the default SQLite database."""
     env = os.environ.get("CARVE_REGISTRY")
     return Path(env).expanduser() if env else carve_home() / "registry"

@@ -2,7 +2,7 @@
 
 Kept free of FastAPI and Ray Serve so the gateway mounts each endpoint with a
 few lines (see the module docstring of carve.jobs.api for the contract), and
-tests call the same code without a server. Every call is blocking (SQLite,
+tests call the same code without a server. Every call is blocking (database,
 file writes): the gateway runs it off the event loop (``asyncio.to_thread``).
 """
 

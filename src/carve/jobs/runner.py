@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from carve.common.database import database_url
 from carve.jobs.store import JobRecord, JobStore
 
 HEARTBEAT_S = 5.0
@@ -119,12 +120,15 @@ class Heartbeat:
                 continue
 
 
-def execute_job(root: Path, job_id: str, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> str:
-    """Run job ``job_id`` of the registry at ``root`` to its end; returns its final status.
+def execute_job(
+    root: Path, job_id: str, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S, database: Optional[str] = None
+) -> str:
+    """Run job ``job_id`` of the registry at ``root`` (recorded in ``database``, see JobStore) to its end; returns its final status.
 
     Never raises for a failure of the job itself: that is recorded in the store.
     """
-    store = JobStore(root)
+    database = database_url(database, root)  # one database for the job's record and its adapter
+    store = JobStore(root, database)
     token = uuid.uuid4().hex
     job = store.claim(job_id, token, stale_after_s)
     if job is None:
@@ -134,9 +138,9 @@ def execute_job(root: Path, job_id: str, heartbeat_s: float = HEARTBEAT_S, stale
     reporter = Reporter(store, job_id, token, int(job.request.get("settings", {}).get("iterations") or 1))
     try:
         with Heartbeat(reporter, heartbeat_s), listening(reporter):
-            record = _run(job, reporter, Path(root))
+            record = _run(job, reporter, Path(root), database)
         if not store.succeed(job_id, token, record.name, record.version):
-            _unregister(root, record)  # cancelled while registering: leave nothing behind
+            _unregister(root, database, record)  # cancelled while registering: leave nothing behind
             return store.get(job_id).status
         return "succeeded"
     except JobCancelled:
@@ -152,7 +156,7 @@ def execute_job(root: Path, job_id: str, heartbeat_s: float = HEARTBEAT_S, stale
         return "failed"
 
 
-def _run(job: JobRecord, reporter: Reporter, root: Path) -> Any:
+def _run(job: JobRecord, reporter: Reporter, root: Path, database: str) -> Any:
     """The pipeline (resuming from the run folder), then registration under the job's tag."""
     from carve.adapters.registry import Registry
     from carve.specialize.config import build_config
@@ -165,15 +169,15 @@ def _run(job: JobRecord, reporter: Reporter, root: Path) -> Any:
     inputs = prepare(config, job.seeds_dir, job.corpus, job.run_dir, resume=True)
     run_specialization(inputs)
     reporter.set_stage("register")
-    registry = Registry(root)
+    registry = Registry(root, database)
     return registry.add(job.run_dir / ADAPTER, job.tag, tags=[job.tag], base=inputs.base)
 
 
-def _unregister(root: Path, record: Any) -> None:
+def _unregister(root: Path, database: str, record: Any) -> None:
     from carve.adapters.registry import Registry, RegistryError
 
     try:
-        Registry(root).remove(record.name, record.version)
+        Registry(root, database).remove(record.name, record.version)
     except RegistryError:
         pass
 
@@ -190,9 +194,9 @@ class JobActor:
 
     EXIT_AFTER_S = 3.0
 
-    def run(self, root: str, job_id: str, heartbeat_s: float, stale_after_s: float) -> str:
+    def run(self, root: str, job_id: str, heartbeat_s: float, stale_after_s: float, database: str) -> str:
         try:
-            return execute_job(Path(root), job_id, heartbeat_s, stale_after_s)
+            return execute_job(Path(root), job_id, heartbeat_s, stale_after_s, database)
         finally:
             threading.Timer(self.EXIT_AFTER_S, _kill_current_actor).start()
 

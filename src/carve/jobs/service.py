@@ -22,6 +22,7 @@ from typing import Any, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from carve.common.database import database_url
 from carve.common.errors import error_field, error_lines
 from carve.jobs.api import SpecializationRequest
 from carve.jobs.runner import HEARTBEAT_S, STALE_AFTER_S, execute_job
@@ -54,7 +55,8 @@ class JobSettings(BaseModel):
 class Launcher(Protocol):
     background: bool  # jobs run elsewhere (a stalled one may be relaunched while the service serves requests)
 
-    def launch(self, root: Path, job_id: str, settings: JobSettings) -> None: ...
+    def launch(self, root: Path, job_id: str, settings: JobSettings, database: str) -> None:
+        """Start (or resume) job ``job_id`` of the registry at ``root``, recorded in ``database`` (a URL)."""
 
     def cancel(self, job_id: str) -> None: ...
 
@@ -88,7 +90,7 @@ class RayLauncher:
         except ValueError:  # no such (live) actor
             return None
 
-    def launch(self, root: Path, job_id: str, settings: JobSettings) -> None:
+    def launch(self, root: Path, job_id: str, settings: JobSettings, database: str) -> None:
         import ray
 
         from carve.jobs.runner import JobActor
@@ -103,7 +105,7 @@ class RayLauncher:
             )
             .remote()
         )
-        self.refs[job_id] = actor.run.remote(str(root), job_id, settings.heartbeat_s, settings.stale_after_s)
+        self.refs[job_id] = actor.run.remote(str(root), job_id, settings.heartbeat_s, settings.stale_after_s, database)
 
     def cancel(self, job_id: str) -> None:
         import ray
@@ -136,8 +138,8 @@ class InlineLauncher:
 
     background = False
 
-    def launch(self, root: Path, job_id: str, settings: JobSettings) -> None:
-        execute_job(root, job_id, settings.heartbeat_s, settings.stale_after_s)
+    def launch(self, root: Path, job_id: str, settings: JobSettings, database: str) -> None:
+        execute_job(root, job_id, settings.heartbeat_s, settings.stale_after_s, database)
 
     def cancel(self, job_id: str) -> None:  # the store's status stops the runner at its next report
         return None
@@ -147,14 +149,22 @@ class InlineLauncher:
 
 
 class JobService:
-    """Specialization jobs of one registry, for one base model."""
+    """Specialization jobs of one registry, for one base model.
 
-    def __init__(self, root: Path, base: str, launcher: Launcher, settings: JobSettings | None = None, recover: bool = True):
+    ``database`` as for JobStore; it is resolved once here and handed to every
+    launch, so a job's runner (on any node) writes to the same database.
+    """
+
+    def __init__(
+        self, root: Path, base: str, launcher: Launcher, settings: JobSettings | None = None, recover: bool = True,
+        database: Optional[str] = None,
+    ):
         self.root = Path(root).expanduser()
         self.base = str(base)
         self.launcher = launcher
         self.settings = settings or JobSettings()
-        self.store = JobStore(self.root)
+        self.database = database_url(database, self.root)
+        self.store = JobStore(self.root, self.database)
         if recover:
             self.recover()
 
@@ -177,7 +187,7 @@ class JobService:
         corpus_path = (folder / corpus.relative_to(staging)) if corpus is not None and corpus.is_relative_to(staging) else corpus
         stored = {"profile": request.profile, "settings": settings, "domain": request.domain.model_dump()}
         job = self.store.create(job_id, request.tag, stored, self.base, folder, corpus_path)
-        self.launcher.launch(self.root, job_id, self.settings)
+        self.launcher.launch(self.root, job_id, self.settings, self.database)
         return self.store.get(job.id)
 
     def _validate(self, request: SpecializationRequest, staging: Path) -> tuple[dict[str, Any], Optional[Path]]:
@@ -272,7 +282,7 @@ class JobService:
             if job.attempt >= self.settings.max_attempts:
                 self.store.fail(job.id, None, f"gave up after {job.attempt} attempts; the last runner stopped at stage {job.stage!r} without finishing")
                 continue
-            self.launcher.launch(self.root, job.id, self.settings)
+            self.launcher.launch(self.root, job.id, self.settings, self.database)
             relaunched.append(job.id)
         return relaunched
 

@@ -1,4 +1,4 @@
-"""Specialization jobs, recorded in the registry's SQLite file (its own ``jobs`` table).
+"""Specialization jobs, recorded in the Carve database (its own ``jobs`` table, beside the registry's).
 
 Job state lives in the database, not in a server's memory, so a job survives
 the server that accepted it: a restarted server finds jobs left ``running``
@@ -14,33 +14,53 @@ slow original) never both work on one job.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
-from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import sqlalchemy as sa
 from pydantic import BaseModel
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from carve.adapters.registry import DB_FILE
-from carve.adapters.sqlite import connect, immediate, migrate
+from carve.common.database import Database, Migration, database_url
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[str, ...] = ("queued", "running")
 FINISHED: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 
-MIGRATIONS: list[list[str]] = [
-    [  # 1: one row per job; request holds the validated submission (profile, settings, domain) as JSON
-        "CREATE TABLE jobs ("
-        " id TEXT PRIMARY KEY, tag TEXT NOT NULL, status TEXT NOT NULL, stage TEXT NOT NULL,"
-        " progress REAL NOT NULL DEFAULT 0, detail TEXT, error TEXT,"
-        " request TEXT NOT NULL, base TEXT NOT NULL, folder TEXT NOT NULL, corpus TEXT,"
-        " adapter_name TEXT, adapter_version INTEGER,"
-        " attempt INTEGER NOT NULL DEFAULT 0, runner TEXT, heartbeat_at TEXT,"
-        " created_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT)",
-        "CREATE INDEX jobs_by_status ON jobs (status, created_at)",
-    ],
+COMPONENT = "jobs"
+
+# The table as this Carve uses it; migration 1 creates it (see the note in carve.adapters.registry).
+metadata = sa.MetaData()
+jobs = sa.Table(  # one row per job
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tag", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("stage", sa.Text, nullable=False),
+    sa.Column("progress", sa.Float, nullable=False, server_default=sa.text("0")),
+    sa.Column("detail", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("request", sa.Text, nullable=False),  # the validated submission (profile, settings, domain) as JSON
+    sa.Column("base", sa.Text, nullable=False),
+    sa.Column("folder", sa.Text, nullable=False),
+    sa.Column("corpus", sa.Text),
+    sa.Column("adapter_name", sa.Text),
+    sa.Column("adapter_version", sa.Integer),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("runner", sa.Text),
+    sa.Column("heartbeat_at", sa.Text),  # ISO 8601, UTC, like every time below
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+    sa.Column("finished_at", sa.Text),
+)
+jobs_by_status = sa.Index("jobs_by_status", jobs.c.status, jobs.c.created_at)
+
+MIGRATIONS: list[Migration] = [
+    [CreateTable(jobs), CreateIndex(jobs_by_status)],  # 1: the jobs table
 ]
 
 
@@ -93,128 +113,119 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    """The ``jobs`` table of the registry database at ``root``."""
+    """The ``jobs`` table of the Carve database of the registry at ``root`` (``database``: see carve.common.database)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, database: Optional[str] = None):
         self.root = Path(root).expanduser()
-        self.db_path = self.root / DB_FILE
+        self.database = Database(database_url(database, self.root))
         self.jobs_dir = self.root / "jobs"
-        with closing(connect(self.db_path)) as conn:
-            migrate(conn, "jobs", MIGRATIONS)
-
-    def _connect(self) -> sqlite3.Connection:
-        return connect(self.db_path)
+        self.database.migrate(COMPONENT, MIGRATIONS)
 
     # -- creating and reading --------------------------------------------------
 
     def create(self, job_id: str, tag: str, request: dict[str, Any], base: str, folder: Path, corpus: Path | None) -> JobRecord:
         stamp = now().isoformat()
-        with closing(self._connect()) as conn, immediate(conn):
+        with self.database.write(COMPONENT) as conn:
             conn.execute(
-                "INSERT INTO jobs (id, tag, status, stage, progress, request, base, folder, corpus, created_at, updated_at)"
-                " VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, ?, ?)",
-                (job_id, tag, json.dumps(request, sort_keys=True), base, str(folder), str(corpus) if corpus else None, stamp, stamp),
+                jobs.insert().values(
+                    id=job_id, tag=tag, status="queued", stage="queued", progress=0, request=json.dumps(request, sort_keys=True),
+                    base=base, folder=str(folder), corpus=str(corpus) if corpus else None, created_at=stamp, updated_at=stamp,
+                )
             )
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        with closing(self._connect()) as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise JobNotFound(f"no specialization job {job_id!r}")
-        return _record(row)
+        with self.database.read() as conn:
+            return _get(conn, job_id)
 
     def list(self, status: Optional[str] = None, limit: int = 100) -> list[JobRecord]:
         """Newest first."""
-        sql = "SELECT * FROM jobs" + (" WHERE status = ?" if status else "") + " ORDER BY created_at DESC LIMIT ?"
-        with closing(self._connect()) as conn:
-            rows = conn.execute(sql, (status, limit) if status else (limit,)).fetchall()
-        return [_record(r) for r in rows]
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(jobs.c.status == status)
+        with self.database.read() as conn:
+            return [_record(r) for r in conn.execute(query).all()]
 
     def orphaned(self, stale_after_s: float) -> list[JobRecord]:
         """Active jobs whose runner shows no sign of life for ``stale_after_s`` (or never started), oldest first."""
         cutoff = now() - timedelta(seconds=stale_after_s)
-        jobs = [j for j in self.list(limit=10_000) if j.status in ACTIVE]
-        return sorted((j for j in jobs if (j.heartbeat_at or j.updated_at) < cutoff), key=lambda j: j.created_at)
+        active = [j for j in self.list(limit=10_000) if j.status in ACTIVE]
+        return sorted((j for j in active if (j.heartbeat_at or j.updated_at) < cutoff), key=lambda j: j.created_at)
 
     # -- the runner's writes (conditional on its claim) --------------------------
 
     def claim(self, job_id: str, token: str, stale_after_s: float) -> Optional[JobRecord]:
         """Take the job for runner ``token``; None when it is finished or another runner is alive on it."""
         stamp = now()
-        with closing(self._connect()) as conn:
-            with immediate(conn):
-                row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is None:
-                    raise JobNotFound(f"no specialization job {job_id!r}")
-                job = _record(row)
-                if job.status not in ACTIVE:
-                    return None
-                alive = job.runner not in (None, token) and job.heartbeat_at is not None and (stamp - job.heartbeat_at).total_seconds() < stale_after_s
-                if alive:
-                    return None
-                resumed = job.attempt > 0
-                conn.execute(
-                    "UPDATE jobs SET status = 'running', runner = ?, attempt = attempt + 1, heartbeat_at = ?, updated_at = ?,"
-                    " stage = ?, detail = ? WHERE id = ?",
-                    (token, stamp.isoformat(), stamp.isoformat(), "starting", "resuming from the run folder" if resumed else None, job_id),
+        with self.database.write(COMPONENT) as conn:
+            job = _get(conn, job_id)
+            if job.status not in ACTIVE:
+                return None
+            alive = job.runner not in (None, token) and job.heartbeat_at is not None and (stamp - job.heartbeat_at).total_seconds() < stale_after_s
+            if alive:
+                return None
+            conn.execute(
+                sa.update(jobs).where(jobs.c.id == job_id).values(
+                    status="running", runner=token, attempt=jobs.c.attempt + 1, heartbeat_at=stamp.isoformat(),
+                    updated_at=stamp.isoformat(), stage="starting", detail="resuming from the run folder" if job.attempt > 0 else None,
                 )
-            return _record(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-
-    def _update_claimed(self, job_id: str, token: str, sets: str, params: tuple[Any, ...]) -> bool:
-        stamp = now().isoformat()
-        with closing(self._connect()) as conn, immediate(conn):
-            cursor = conn.execute(
-                f"UPDATE jobs SET {sets}, heartbeat_at = ?, updated_at = ? WHERE id = ? AND runner = ? AND status = 'running'",
-                (*params, stamp, stamp, job_id, token),
             )
-            return cursor.rowcount == 1
+            return _get(conn, job_id)
+
+    def _update_claimed(self, job_id: str, token: str, **values: Any) -> bool:
+        """Write ``values`` (and a heartbeat) only while runner ``token`` holds the running job."""
+        stamp = now().isoformat()
+        with self.database.write(COMPONENT) as conn:
+            held = sa.update(jobs).where(jobs.c.id == job_id, jobs.c.runner == token, jobs.c.status == "running")
+            return conn.execute(held.values(**values, heartbeat_at=stamp, updated_at=stamp)).rowcount == 1
 
     def heartbeat(self, job_id: str, token: str) -> bool:
         """False when the runner lost the job (cancelled, or taken over after its heartbeat went stale)."""
-        with closing(self._connect()) as conn, immediate(conn):
-            cursor = conn.execute(
-                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND runner = ? AND status = 'running'", (now().isoformat(), job_id, token)
-            )
-            return cursor.rowcount == 1
+        with self.database.write(COMPONENT) as conn:
+            held = sa.update(jobs).where(jobs.c.id == job_id, jobs.c.runner == token, jobs.c.status == "running")
+            return conn.execute(held.values(heartbeat_at=now().isoformat())).rowcount == 1
 
     def report(self, job_id: str, token: str, stage: str, progress: float, detail: Optional[str]) -> bool:
-        return self._update_claimed(job_id, token, "stage = ?, progress = ?, detail = ?", (stage, round(progress, 4), detail))
+        return self._update_claimed(job_id, token, stage=stage, progress=round(progress, 4), detail=detail)
 
     def succeed(self, job_id: str, token: str, adapter_name: str, adapter_version: int) -> bool:
         return self._update_claimed(
-            job_id, token, "status = 'succeeded', stage = 'done', progress = 1, detail = NULL, adapter_name = ?, adapter_version = ?, finished_at = ?",
-            (adapter_name, adapter_version, now().isoformat()),
+            job_id, token, status="succeeded", stage="done", progress=1, detail=None,
+            adapter_name=adapter_name, adapter_version=adapter_version, finished_at=now().isoformat(),
         )
 
     def fail(self, job_id: str, token: Optional[str], error: str) -> bool:
         """Mark failed; with ``token`` None, whoever holds it (the service recording a dead worker or a give-up)."""
         stamp = now().isoformat()
-        with closing(self._connect()) as conn, immediate(conn):
-            cursor = conn.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ? AND status IN ('queued', 'running')"
-                + (" AND runner = ?" if token is not None else ""),
-                (error, stamp, stamp, job_id, *((token,) if token is not None else ())),
-            )
-            return cursor.rowcount == 1
+        query = sa.update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
+        if token is not None:
+            query = query.where(jobs.c.runner == token)
+        with self.database.write(COMPONENT) as conn:
+            return conn.execute(query.values(status="failed", error=error, finished_at=stamp, updated_at=stamp)).rowcount == 1
 
     def cancel(self, job_id: str) -> JobRecord:
         """Mark an active job cancelled (its runner stops at its next report); JobConflict when it already finished."""
         stamp = now().isoformat()
-        with closing(self._connect()) as conn, immediate(conn):
-            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(f"no specialization job {job_id!r}")
-            if row["status"] in FINISHED:
-                raise JobConflict(f"job {job_id} already {row['status']}: nothing to cancel")
+        with self.database.write(COMPONENT) as conn:
+            job = _get(conn, job_id)
+            if job.status in FINISHED:
+                raise JobConflict(f"job {job_id} already {job.status}: nothing to cancel")
             conn.execute(
-                "UPDATE jobs SET status = 'cancelled', detail = 'cancelled on request', finished_at = ?, updated_at = ? WHERE id = ?",
-                (stamp, stamp, job_id),
+                sa.update(jobs).where(jobs.c.id == job_id).values(
+                    status="cancelled", detail="cancelled on request", finished_at=stamp, updated_at=stamp
+                )
             )
         return self.get(job_id)
 
 
-def _record(row: sqlite3.Row) -> JobRecord:
-    data = dict(row)
+def _get(conn: Connection, job_id: str) -> JobRecord:
+    row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+    if row is None:
+        raise JobNotFound(f"no specialization job {job_id!r}")
+    return _record(row)
+
+
+def _record(row: Row[Any]) -> JobRecord:
+    data = dict(row._mapping)
     data["request"] = json.loads(data["request"])
     return JobRecord.model_validate(data)

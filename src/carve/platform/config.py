@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from carve.engine.models import DEFAULT_MODEL
 
@@ -18,14 +18,20 @@ API_KEY_ENV = "CARVE_API_KEY"
 class ServeConfig(BaseModel):
     """Everything a gateway or engine replica needs; plain data so Ray can pickle it.
 
-    Tokens default to the environment (CARVE_ADMIN_TOKEN, CARVE_API_KEY) of the
-    process that builds the config, so replicas on other nodes get the same values.
+    Tokens and the database default to the environment (CARVE_ADMIN_TOKEN,
+    CARVE_API_KEY, CARVE_DATABASE_URL) of the process that builds the config, so
+    replicas on other nodes get the same values.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(DEFAULT_MODEL, description="Base model name or Hugging Face folder.")
     registry_root: Optional[Path] = Field(None, description="Adapter registry folder (default: CARVE_REGISTRY or ~/.carve/registry).")
+    database_url: Optional[str] = Field(
+        None, repr=False,  # may hold a password
+        description="Database of the registry and the jobs: postgresql://USER:PASSWORD@HOST/DB on a cluster "
+        "(default: CARVE_DATABASE_URL, else the SQLite file registry.sqlite3 in the registry folder).",
+    )
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     replicas: int = Field(1, ge=1, le=64, description="Engine replicas, each holding the base model once.")
     max_adapters: int = Field(8, ge=1, le=1024, description="Adapters held per replica (LRU).")
@@ -42,6 +48,18 @@ class ServeConfig(BaseModel):
     max_upload_mb: int = Field(512, ge=1, description="Largest adapter archive accepted by POST /v1/adapters.")
     route_prefix: str = "/"
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: Optional[str]) -> Optional[str]:
+        from carve.common.database import DatabaseError, parse_url
+
+        if value is not None:
+            try:
+                parse_url(value)
+            except DatabaseError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     @model_validator(mode="after")
     def _caps_agree(self) -> "ServeConfig":
         if self.default_max_tokens > self.max_tokens_cap:
@@ -50,10 +68,13 @@ class ServeConfig(BaseModel):
 
     @classmethod
     def from_env(cls, **values: Any) -> "ServeConfig":
-        """Build a config, taking unset tokens from the environment."""
+        """Build a config, taking unset tokens and database from the environment."""
+        from carve.common.database import DATABASE_URL_ENV  # SQLAlchemy: not imported by the CLI until needed
+
         values = {k: v for k, v in values.items() if v is not None}
         values.setdefault("admin_token", os.environ.get(ADMIN_TOKEN_ENV) or None)
         values.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)
+        values.setdefault("database_url", os.environ.get(DATABASE_URL_ENV) or None)
         return cls(**values)
 
     def with_generated_admin_token(self) -> "ServeConfig":
@@ -66,3 +87,9 @@ class ServeConfig(BaseModel):
         from carve.common.paths import registry_dir
 
         return Path(self.registry_root).expanduser() if self.registry_root else registry_dir()
+
+    def database(self) -> str:
+        """The database URL in force on this node (database_url, else CARVE_DATABASE_URL here, else the registry's SQLite file)."""
+        from carve.common.database import database_url
+
+        return database_url(self.database_url, self.registry_path())

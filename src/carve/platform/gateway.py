@@ -79,6 +79,19 @@ def _engine_error(event: JobEvent | JobResult) -> ApiError:
     return ApiError(500, event.error or "internal error", kind="server_error", code="engine_error")
 
 
+def _check_database(config: ServeConfig) -> None:
+    """Refuse to start on a database this cluster cannot share (the same check as `carve serve`, for `serve deploy`)."""
+    import ray
+
+    from carve.common.database import DatabaseError, check_for_cluster
+
+    advice = check_for_cluster(config.database(), sum(1 for node in ray.nodes() if node.get("Alive")))
+    if advice is not None and advice.refuse:
+        raise DatabaseError(advice.reason)
+    if advice is not None:
+        logging.getLogger(__name__).warning("%s", advice.reason)
+
+
 def _sse(payload: Any) -> str:
     data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
@@ -100,9 +113,10 @@ class Gateway:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
         self.context = context_length(self.base.path)
         self.metrics = ServerMetrics()
+        _check_database(self.config)
         from carve.adapters.registry import Registry
 
-        self.registry = Registry(self.config.registry_path())  # one SQLite connection per call: thread-safe
+        self.registry = Registry(self.config.registry_path(), self.config.database())  # a connection per call: thread-safe
         from carve.jobs.http import JobsHttp
         from carve.jobs.service import JobService, JobSettings, RayLauncher
         from carve.router import Router, RouterConfig
@@ -110,7 +124,9 @@ class Gateway:
 
         self.router = Router(self.registry, RouterConfig(), base_fingerprint=self.base.fingerprint)
         self.routing_metrics = RoutingMetrics(self.metrics.registry)
-        self.jobs = JobsHttp(JobService(self.config.registry_path(), self.config.model, RayLauncher(), JobSettings(num_cpus=1)))
+        self.jobs = JobsHttp(
+            JobService(self.config.registry_path(), self.config.model, RayLauncher(), JobSettings(num_cpus=1), database=self.config.database())
+        )
         self._warm_lock = threading.Lock()  # one warm-up at a time (start, then after each registration)
         # Auto routing embeds every adapter's profile once (10-25 s with the embedding model): start now, not on the first request.
         threading.Thread(target=self._warm_router, name="carve-router-warm", daemon=True).start()
@@ -125,7 +141,7 @@ class Gateway:
     # -- helpers ------------------------------------------------------------
 
     async def _with_registry(self, fn: Callable[[Any], T]) -> T:
-        """Run a (blocking, SQLite) registry call off the event loop."""
+        """Run a (blocking, database) registry call off the event loop."""
         return await asyncio.to_thread(fn, self.registry)
 
     def _check_inference_auth(self, request: Request) -> None:
@@ -309,7 +325,7 @@ class Gateway:
                 yield _sse({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage.model_dump()})
         yield "data: [DONE]\n\n"
 
-    # -- specialization jobs (carve.jobs; each call blocks on SQLite and files: run off the event loop) --
+    # -- specialization jobs (carve.jobs; each call blocks on the database and files: run off the event loop) --
 
     async def _jobs_call(self, request: Request, call: Callable[[], tuple[int, dict[str, Any]]]) -> Response:
         async def handler() -> Response:

@@ -2,7 +2,9 @@
 
 ``start_local_server`` / ``stop_local_server`` are what `carve serve`, the
 demo and the tests call; ``serve_forever`` adds clean shutdown on Ctrl-C and
-SIGTERM.
+SIGTERM. Before deploying, the database is reached once where the server will
+run (an unreachable one fails here, not in every replica), and a SQLite file
+on a network filesystem is refused when the cluster has several nodes.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from carve.engine.models import DEFAULT_MODEL
 from carve.platform.config import ServeConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from carve.common.database import ClusterAdvice
 
 _started_ray = False
 
@@ -28,6 +33,7 @@ class ServerHandle:
     url: str
     config: ServeConfig
     local_ray: bool
+    warnings: tuple[str, ...] = field(default=())  # about the deployment, for the operator (e.g. SQLite on several nodes)
 
 
 def make_config(
@@ -57,10 +63,11 @@ def start_local_server(
     import ray
 
     config = config or make_config(model, registry_root, max_adapters, replicas, **settings)
+    warnings = _judged(database_check(config, alive_nodes() if ray.is_initialized() else 1))  # before starting anything
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
         _started_ray = True
-    return _deploy(config, host, port, local_ray=True)
+    return _deploy(config, host, port, local_ray=True, warnings=warnings)
 
 
 def deploy_to_cluster(address: str, config: ServeConfig, host: str = "0.0.0.0", port: int = 8000) -> ServerHandle:
@@ -68,10 +75,12 @@ def deploy_to_cluster(address: str, config: ServeConfig, host: str = "0.0.0.0", 
     import ray
 
     ray.init(address=address, log_to_driver=False)
-    return _deploy(config, host, port, local_ray=False)
+    # judged where the replicas run: the cluster's network and mounts, not this client's
+    advice = ray.get(ray.remote(num_cpus=0)(database_check).remote(config, alive_nodes()))
+    return _deploy(config, host, port, local_ray=False, warnings=_judged(advice))
 
 
-def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool) -> ServerHandle:
+def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool, warnings: tuple[str, ...]) -> ServerHandle:
     from ray import serve
 
     from carve.platform.app import APP_NAME, build_app
@@ -79,7 +88,30 @@ def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool) -> Serve
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return ServerHandle(f"http://{shown_host}:{port}", config, local_ray)
+    return ServerHandle(f"http://{shown_host}:{port}", config, local_ray, warnings)
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are alive."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def database_check(config: ServeConfig, nodes: int) -> "Optional[ClusterAdvice]":
+    """On this node: whether the server's database can be reached and serve ``nodes`` nodes (carve.common.database.check_for_cluster)."""
+    from carve.common.database import check_for_cluster
+
+    return check_for_cluster(config.database(), nodes)
+
+
+def _judged(advice: "Optional[ClusterAdvice]") -> tuple[str, ...]:
+    """DatabaseError for a refusal; else the warnings to show the operator."""
+    from carve.common.database import DatabaseError
+
+    if advice is not None and advice.refuse:
+        raise DatabaseError(advice.reason)
+    return (advice.reason,) if advice is not None else ()
 
 
 def stop_local_server() -> None:
