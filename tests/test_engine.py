@@ -13,6 +13,11 @@ from carve.artifact import AdapterValidationError
 from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
 from carve.engine.models import load_base, plan_load, resolve_model
 
+# The engine's own forward (carve.engine.runner) sums in another order than Hugging Face's: on the tiny
+# model's sharp logits (tens) fp32 rounding reaches a few 1e-5 in log-probabilities; a wrong rule, mask
+# or adapter moves them by far more than this.
+FP32_LOGPROB_ATOL = 1e-4
+
 PROMPTS = [
     "The patient was treated with",
     "Gene expression",
@@ -86,7 +91,7 @@ def test_contrast_equals_brute_force_reference(engine: Engine) -> None:
         plausible = expert.exp() >= alpha * expert.exp().max()
         finite = torch.isfinite(scores)
         assert torch.equal(finite, plausible)
-        assert torch.allclose(scores.double()[plausible], (expert - amateur)[plausible], atol=1e-5)
+        assert torch.allclose(scores.double()[plausible], (expert - amateur)[plausible], atol=FP32_LOGPROB_ATOL)
         best = torch.where(plausible, expert - amateur, torch.full_like(expert, -math.inf))
         assert int(best.argmax()) == result.token_ids[step]
 
@@ -222,7 +227,7 @@ def test_concatenated_lora_equals_peft_mixed_batches(tiny_model_dir: Path, tiny_
     for f, r in zip(fast, reference):
         assert f.token_ids == r.token_ids
         for a, b in zip(f.step_scores or [], r.step_scores or []):
-            assert torch.allclose(a, b, atol=1e-5)
+            assert torch.allclose(a, b, atol=FP32_LOGPROB_ATOL)
 
 
 @pytest.mark.parametrize("multi_lora", [True, False])
@@ -248,7 +253,7 @@ def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(tiny_model_d
         assert s.token_ids == p.token_ids
         for a, b in zip(s.step_scores or [], p.step_scores or []):
             finite = torch.isfinite(b)
-            assert torch.equal(torch.isfinite(a), finite) and torch.allclose(a[finite], b[finite], atol=1e-4)
+            assert torch.equal(torch.isfinite(a), finite) and torch.allclose(a[finite], b[finite], atol=FP32_LOGPROB_ATOL)
     # and against a row decoded alone (no padding at all)
     alone = eng.generate([requests[1]])[0]
     assert alone.token_ids == shared[1].token_ids

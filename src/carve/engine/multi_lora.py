@@ -28,43 +28,61 @@ if TYPE_CHECKING:  # pragma: no cover
 PEFT_BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
 
 
-class _LayerFactors:
-    """One LoRA layer's concatenated factors for one set of adapters."""
+def _layer_blocks(module: Any, adapters: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor", list[int]]:
+    """One layer's A_cat [sum r, in], scaled B_cat [out, sum r] and ranks, adapter by adapter.
 
-    def __init__(self, module: Any, adapters: Sequence[str]):
+    An adapter that does not target the layer (or a plain linear no adapter
+    targets) gets a zero-rank block, so the columns stay aligned.
+    """
+    import torch
+
+    base = getattr(module, "base_layer", module)
+    in_features, out_features = int(base.in_features), int(base.out_features)
+    lora_a = getattr(module, "lora_A", {})
+    reference = next(iter(lora_a.values())).weight if lora_a else base.weight
+    a_blocks, b_blocks, ranks = [], [], []
+    for name in adapters:
+        if name in lora_a:
+            a = lora_a[name].weight
+            b = module.lora_B[name].weight * module.scaling[name]
+        else:
+            a = reference.new_zeros((0, in_features), dtype=torch.float32 if not reference.is_floating_point() else reference.dtype)
+            b = a.new_zeros((out_features, 0))
+        a_blocks.append(a)
+        b_blocks.append(b)
+        ranks.append(int(a.shape[0]))
+    return torch.cat(a_blocks, dim=0), torch.cat(b_blocks, dim=1), ranks
+
+
+class _Factors:
+    """Concatenated factors of one or more linear layers that read the same input, for one set of adapters.
+
+    One layer: A_cat [sum r, in] and B_cat [out, sum r]. Several (q/k/v,
+    gate/up): the A_cats stacked and the B_cats block-diagonal, so two products
+    give every layer's delta side by side, in the order of their fused base product.
+    """
+
+    def __init__(self, modules: Sequence[Any], adapters: Sequence[str]):
         import torch
 
-        base = module.base_layer
-        in_features, out_features = int(base.in_features), int(base.out_features)
-        a_blocks, b_blocks, self.ranks = [], [], []
-        reference = next(iter(module.lora_A.values())).weight
-        for name in adapters:
-            if name in module.lora_A:
-                a = module.lora_A[name].weight
-                b = module.lora_B[name].weight * module.scaling[name]
-            else:  # this adapter does not target this layer: a zero block keeps the columns aligned
-                a = reference.new_zeros((0, in_features))
-                b = reference.new_zeros((out_features, 0))
-            a_blocks.append(a)
-            b_blocks.append(b)
-            self.ranks.append(int(a.shape[0]))
-        self.a_cat = torch.cat(a_blocks, dim=0)  # [sum r, in]
-        self.b_cat = torch.cat(b_blocks, dim=1)  # [out, sum r]
-        self.layout = tuple(self.ranks)
+        blocks = [_layer_blocks(module, adapters) for module in modules]
+        self.a_cat = torch.cat([a for a, _, _ in blocks], dim=0)
+        self.b_cat = blocks[0][1] if len(blocks) == 1 else torch.block_diag(*[b for _, b, _ in blocks])
+        self.layout = tuple(rank for _, _, ranks in blocks for rank in ranks)  # adapter by adapter, layer by layer
 
 
 class MultiLora:
-    """Applies a batch's adapters in every LoRA layer of a peft model with two matmuls per layer."""
+    """Applies a batch's adapters in every LoRA layer of a peft model with two matmuls per layer (or per fused group)."""
 
     def __init__(self, peft_model: Any):
         self.model = peft_model
         self.layers = [m for _, m in peft_model.named_modules() if _is_lora_linear(m)]
-        self._index = {id(m): i for i, m in enumerate(self.layers)}
-        self._factors: dict[tuple[str, ...], list[_LayerFactors]] = {}
-        self._state: tuple[list[_LayerFactors], dict[tuple[int, ...], "torch.Tensor"]] | None = None
+        self._lora_ids = {id(m) for m in self.layers}
+        self._factors: dict[tuple[tuple[str, ...], tuple[int, ...]], _Factors | None] = {}
+        self._masks: dict[tuple[int, ...], "torch.Tensor"] | None = None  # per batch: None outside batch()
         self._adapters: tuple[str, ...] = ()
         self._rows: list[str] = []
-        self._hooks = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
+        self._hooks = [layer.register_forward_hook(self._make_hook(layer)) for layer in self.layers]
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -86,62 +104,56 @@ class MultiLora:
     @contextmanager
     def batch(self, rows: Sequence[str]) -> Iterator["MultiLora"]:
         """Within the block, forward passes apply adapter ``rows[i]`` to row i (``__base__``: none)."""
-        adapters = tuple(sorted({r for r in rows if r != PEFT_BASE}))
-        if adapters and adapters not in self._factors:
-            self._factors[adapters] = [_LayerFactors(layer, adapters) for layer in self.layers]
-        self._adapters = adapters
-        self._state = (self._factors.get(adapters, []), {})
+        self._adapters = tuple(sorted({r for r in rows if r != PEFT_BASE}))
+        self._masks = {}
         self.set_rows(rows)
         try:
             with self.model.disable_adapter():
                 yield self
         finally:
-            self._state = None
+            self._masks = None
 
     def set_rows(self, rows: Sequence[str]) -> None:
         """Reassign rows (the engine drops finished requests' rows as it goes)."""
-        assert self._state is not None, "set_rows outside batch()"
+        assert self._masks is not None, "set_rows outside batch()"
         self._rows = list(rows)
-        self._state[1].clear()  # masks depend on the rows
+        self._masks.clear()  # masks depend on the rows
 
     def _mask(self, layout: tuple[int, ...], like: "torch.Tensor") -> "torch.Tensor":
-        """[rows, 1, sum r] with ones on each row's own adapter block."""
+        """[rows, 1, sum r] with ones on each row's own adapter's blocks."""
         import torch
 
-        assert self._state is not None
-        masks = self._state[1]
-        if layout not in masks:
-            offsets = {}
-            start = 0
-            for name, rank in zip(self._adapters, layout):
-                offsets[name] = (start, start + rank)
-                start += rank
-            mask = torch.zeros((len(self._rows), 1, start), dtype=like.dtype, device=like.device)
-            for i, name in enumerate(self._rows):
-                if name in offsets:
-                    lo, hi = offsets[name]
-                    mask[i, 0, lo:hi] = 1
-            masks[layout] = mask
-        return masks[layout]
+        assert self._masks is not None
+        if layout not in self._masks:
+            n = len(self._adapters)
+            owner = torch.tensor([k % n for k, rank in enumerate(layout) for _ in range(rank)], device=like.device)
+            index = {name: i for i, name in enumerate(self._adapters)}
+            row_adapter = torch.tensor([index.get(name, -1) for name in self._rows], device=like.device)
+            self._masks[layout] = (owner[None, :] == row_adapter[:, None]).to(like.dtype).unsqueeze(1)
+        return self._masks[layout]
 
-    def delta(self, module: Any, x: "torch.Tensor") -> "torch.Tensor | None":
-        """What LoRA module ``module`` adds to its base output for input ``x`` (None: nothing, e.g. base rows only)."""
-        index = self._index.get(id(module))
-        if index is None or self._state is None or not self._adapters:
+    def delta(self, modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor | None":
+        """What linear layers ``modules`` (all reading ``x``) add to their base outputs, side by side.
+
+        None when nothing: no adapter in the batch, or none of them targets these layers.
+        """
+        if self._masks is None or not self._adapters:
             return None
-        factors = self._state[0][index]
-        if factors.a_cat.shape[0] == 0:
+        key = (self._adapters, tuple(id(m) for m in modules))
+        if key not in self._factors:
+            lora = [m for m in modules if id(m) in self._lora_ids]
+            self._factors[key] = _Factors(modules, self._adapters) if lora else None
+        factors = self._factors[key]
+        if factors is None or factors.a_cat.shape[0] == 0:
             return None
         low = x.to(factors.a_cat.dtype) @ factors.a_cat.T
         if len(self._adapters) > 1 or PEFT_BASE in self._rows:
             low = low * self._mask(factors.layout, low)
         return low @ factors.b_cat.T
 
-    def _make_hook(self, index: int) -> Any:
-        module = self.layers[index]
-
+    def _make_hook(self, module: Any) -> Any:
         def hook(_module: Any, inputs: tuple[Any, ...], output: "torch.Tensor") -> "torch.Tensor | None":
-            delta = self.delta(module, inputs[0])
+            delta = self.delta((module,), inputs[0])
             return None if delta is None else output + delta.to(output.dtype)
 
         return hook

@@ -13,8 +13,8 @@ the model's own weights and fewer, larger steps:
 - LoRA deltas come from the engine's concatenated-factor MultiLora, asked
   directly instead of through forward hooks;
 - optionally the frozen base's products run on int8 weights (per output
-  channel, activations quantized per tensor at run time: PyTorch's dynamic
-  quantized linear), a quarter of the bytes per step; LoRA stays in fp32.
+  channel; activations quantized per token at run time, an exact int32
+  product), a quarter of the bytes per step; LoRA stays in fp32.
 
 Anything else (another architecture, 4-bit bitsandbytes layers, biases) is
 refused by :func:`unsupported_reason` and the engine keeps Hugging Face's forward.
@@ -22,7 +22,8 @@ refused by :func:`unsupported_reason` and the engine keeps Hugging Face's forwar
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+import math
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
 
 from carve.engine.kv_cache import KVCache
 
@@ -34,9 +35,9 @@ WEIGHT_FORMATS: tuple[str, ...] = ("native", "int8")
 
 
 class LoraDeltas(Protocol):
-    """What the runner needs of MultiLora: the delta a LoRA module adds for the batch's rows."""
+    """What the runner needs of MultiLora: the deltas of linear layers reading one input, side by side."""
 
-    def delta(self, module: Any, x: "torch.Tensor") -> "torch.Tensor | None": ...
+    def delta(self, modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor | None": ...
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -74,29 +75,35 @@ def _layer_linears(layer: Any) -> dict[str, Any]:
 
 
 class _Product:
-    """x @ W^T for one (possibly fused) weight, in full precision or on int8 weights."""
+    """x @ W^T for one (possibly fused) weight, in full precision or on int8 weights.
+
+    int8: W per output channel and x per row (token) to int8, an exact int32
+    product, then both scales. A row's scale is its own, so a row's result never
+    depends on the other rows of the batch (the engine's batch invariance holds).
+    """
 
     def __init__(self, weight: "torch.Tensor", weight_format: WeightFormat):
         import torch
 
         self.out_features = int(weight.shape[0])
         self.weight: "torch.Tensor | None" = None
-        self.packed: Any = None
         if weight_format == "int8":
             w = weight.detach().float()
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-            zero = torch.zeros(w.shape[0], dtype=torch.long)
-            self.packed = torch.ops.quantized.linear_prepack(torch.quantize_per_channel(w, scale, zero, 0, torch.qint8), None)
+            self.scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
+            self.int8_t = (w / self.scale[:, None]).round().clamp(-127, 127).to(torch.int8).t().contiguous()  # [in, out]
         else:
             self.weight = weight
 
     def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
         import torch
 
-        if self.packed is not None:
-            # reduce_range: 7-bit activations, so AVX2 machines without VNNI cannot saturate their int16 sums
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
-        return torch.nn.functional.linear(x, self.weight)
+        if self.weight is not None:
+            return torch.nn.functional.linear(x, self.weight)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        row_scale = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True).div_(127.0).clamp_(min=1e-12)
+        quantized = torch.div(rows, row_scale).round_().to(torch.int8)
+        out = torch.mul(torch._int_mm(quantized, self.int8_t), row_scale).mul_(self.scale)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def _fused(modules: list[Any], weight_format: WeightFormat) -> _Product:
@@ -147,7 +154,7 @@ class LlamaRunner:
         self.rotary = lm.model.rotary_emb
         self.final_norm = lm.model.norm.weight
         self.layers = [_Layer(layer, weight_format) for layer in lm.model.layers]
-        self.qkv_split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.qk_v_split = [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim]
         self.lm_head = _Product(lm.lm_head.weight.detach(), weight_format)
         self.dtype = self.embed.dtype
         self.device = self.embed.device
@@ -161,7 +168,6 @@ class LlamaRunner:
         ``attention`` [rows, cached + q] marks real tokens (0 = left padding),
         ``positions`` [rows, q] their position ids.
         """
-        import torch
         import torch.nn.functional as F
 
         rows, q_len = input_ids.shape
@@ -174,24 +180,21 @@ class LlamaRunner:
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.module.self_attn, layer.module.mlp
             h = F.rms_norm(x, (self.hidden,), layer.input_norm, self.eps)
-            q, k, v = layer.qkv(h).split(self.qkv_split, dim=-1)
-            if lora is not None:
-                q, k, v = (_plus(t, lora.delta(m, h)) for t, m in ((q, attn.q_proj), (k, attn.k_proj), (v, attn.v_proj)))
-            q = q.view(rows, q_len, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+            qkv = _plus(layer.qkv(h), lora.delta((attn.q_proj, attn.k_proj, attn.v_proj), h) if lora else None)
+            qk, v = qkv.split(self.qk_v_split, dim=-1)
+            qk = qk.view(rows, q_len, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys at once
+            q, k = qk.split((self.heads, self.kv_heads), dim=1)
             v = v.view(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             keys, values = cache.write(index, k, v)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
             a = a.transpose(1, 2).reshape(rows, q_len, self.heads * self.head_dim)
-            x = x + _plus(layer.o(a), lora.delta(attn.o_proj, a) if lora is not None else None)
+            x = x + _plus(layer.o(a), lora.delta((attn.o_proj,), a) if lora else None)
             h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            if lora is not None:
-                gate, up = _plus(gate, lora.delta(mlp.gate_proj, h)), _plus(up, lora.delta(mlp.up_proj, h))
+            gate_up = _plus(layer.gate_up(h), lora.delta((mlp.gate_proj, mlp.up_proj), h) if lora else None)
+            gate, up = gate_up.chunk(2, dim=-1)
             inner = F.silu(gate) * up
-            x = x + _plus(layer.down(inner), lora.delta(mlp.down_proj, inner) if lora is not None else None)
+            x = x + _plus(layer.down(inner), lora.delta((mlp.down_proj,), inner) if lora else None)
         cache.advance(q_len)
         last = F.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
         return self.lm_head(last)
