@@ -154,6 +154,15 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
     type: Optional[Literal["message", "text"]] = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"only text content parts are supported (this model reads text), got type {kind!r}")
+        return content
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
