@@ -66,11 +66,14 @@ def hf(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> dict[str, Any]:
     return {"plain": evaluate("hf", args, [MC, GEN]), "chat": evaluate("hf", args, [GEN], chat=True)}
 
 
-def test_local_completions_scores_exactly_as_the_hf_backend(server: str, tiny_model_dir: Path, hf: dict[str, Any]) -> None:
+@pytest.mark.parametrize("tokenizer_backend", ["huggingface", "remote"])  # remote: lm-eval tokenizes through Carve's /tokenize
+def test_local_completions_scores_exactly_as_the_hf_backend(server: str, tiny_model_dir: Path, hf: dict[str, Any], tokenizer_backend: str) -> None:
     args = {
-        "model": "alpha", "base_url": f"{server}/v1/completions", "tokenizer": tiny_model_dir, "tokenizer_backend": "huggingface",
+        "model": "alpha", "base_url": f"{server}/v1/completions", "tokenizer_backend": tokenizer_backend,
         "tokenized_requests": True, "max_length": 512, "max_gen_toks": 16,
     }
+    if tokenizer_backend == "huggingface":
+        args["tokenizer"] = tiny_model_dir
     carve = evaluate("local-completions", args, [MC, GEN])
     want = hf["plain"]
     assert carve["results"][MC]["acc,none"] == want["results"][MC]["acc,none"]
@@ -81,7 +84,7 @@ def test_local_completions_scores_exactly_as_the_hf_backend(server: str, tiny_mo
     assert all([a[1] for a in served[doc]] == [b[1] for b in local[doc]] for doc in served)  # is_greedy too
     assert by_doc(carve, GEN) == by_doc(want, GEN)
     assert carve["results"][GEN]["exact_match,none"] == want["results"][GEN]["exact_match,none"]
-    print(f"\nlm-eval {MC}: acc {carve['results'][MC]['acc,none']:.4f} (both backends), max |loglikelihood difference| {worst:.2e}")
+    print(f"\nlm-eval {MC} ({tokenizer_backend} tokenizer): acc {carve['results'][MC]['acc,none']:.4f} (both backends), max |loglikelihood difference| {worst:.2e}")
 
 
 def test_local_chat_completions_generates_exactly_as_the_hf_backend(server: str, hf: dict[str, Any]) -> None:

@@ -166,9 +166,9 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
-    def template_role(self) -> str:
-        """The role the chat template sees: OpenAI's ``developer`` is its newer name for ``system``."""
-        return "system" if self.role == "developer" else self.role
+    def template(self) -> dict[str, str]:
+        """The message as the chat template sees it: text content; OpenAI's ``developer`` is its newer name for ``system``."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(_Request):
@@ -186,7 +186,7 @@ class ChatCompletionRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.template_role(), "content": m.text()} for m in self.messages]
+        return [m.template() for m in self.messages]
 
 
 class TokenizeCompletion(BaseModel):

@@ -286,6 +286,8 @@ class Gateway:
 
     @api.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
+        """A prompt's or messages' tokens, as the generation endpoints count them (every adapter shares the base's tokenizer)."""
+
         async def handler() -> Response:
             self._check_inference_auth(request)
             data = parse_json_object(await request.body())
@@ -293,8 +295,7 @@ class Gateway:
             if isinstance(body, oa.TokenizeChat):
                 if not has_chat_template(self.tokenizer):
                     raise ApiError(400, "this base model has no chat template: tokenize a prompt instead", param="messages")
-                messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
-                text = chat_prompt(self.tokenizer, messages, add_generation_prompt=body.add_generation_prompt)
+                text = chat_prompt(self.tokenizer, [m.template() for m in body.messages], add_generation_prompt=body.add_generation_prompt)
             else:
                 text = body.prompt
             ids = encode_prompt(self.tokenizer, text) if body.add_special_tokens else encode_plain(self.tokenizer, text)
