@@ -41,10 +41,10 @@ def evaluate(model: str, model_args: dict[str, Any], tasks: list[str], chat: boo
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in model_args.items()}
     return simple_evaluate(
         model=model, model_args=args, tasks=tasks, task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
-        apply_chat_template=chat, batch_size=4, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        apply_chat_template=chat, batch_size=4, bootstrap_iters=0,
     )
 
 

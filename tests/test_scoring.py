@@ -98,7 +98,6 @@ def reference_greedy(engine: Engine, prompt: str, sampling: Sampling) -> list[in
     """Greedy decoding with the penalties and bias applied by hand, the whole sequence re-run each step."""
     ids = engine.encode(prompt)
     generated: list[int] = []
-    vocab = None
     for _ in range(sampling.max_new_tokens):
         scores = full_logprobs(engine, ids + generated, None)[-1].float()
         vocab = scores.shape[0]
@@ -119,7 +118,10 @@ def reference_greedy(engine: Engine, prompt: str, sampling: Sampling) -> list[in
     ],
 )
 def test_penalties_and_bias_decode_as_the_reference(engine: Engine, sampling: Sampling) -> None:
-    got = engine.generate([GenerationRequest.single(PROMPTS[1], None, sampling)])[0].token_ids
-    assert got == reference_greedy(engine, PROMPTS[1], sampling)
-    plain = engine.generate([GenerationRequest.single(PROMPTS[1], None, Sampling(max_new_tokens=sampling.max_new_tokens, ignore_eos=True))])[0].token_ids
-    assert got != plain  # the setting really changed the decoding
+    changed = False
+    for prompt in PROMPTS:
+        got = engine.generate([GenerationRequest.single(prompt, None, sampling)])[0].token_ids
+        assert got == reference_greedy(engine, prompt, sampling), prompt
+        plain = Sampling(max_new_tokens=sampling.max_new_tokens, ignore_eos=True)
+        changed = changed or got != engine.generate([GenerationRequest.single(prompt, None, plain)])[0].token_ids
+    assert changed  # the setting really changes the decoding

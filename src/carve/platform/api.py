@@ -62,7 +62,7 @@ class _Request(BaseModel):
     @classmethod
     def _biases(cls, bias: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"keys are token ids, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"token {key}: the bias must be in [-100, 100], got {value}")
