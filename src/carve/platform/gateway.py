@@ -24,12 +24,12 @@ from ray import serve
 
 from carve.artifact import BASE_MODEL
 from carve.engine.batching import Job, JobEvent, JobResult
-from carve.engine.text import chat_prompt, context_length, encode_plain, encode_prompt, has_chat_template
+from carve.engine.text import context_length, encode_plain, encode_prompt
 from carve.platform import api as oa
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
 from carve.platform.metrics import ServerMetrics
-from carve.platform.requests import ApiError, check_token_ids, parse_body, parse_json_object, plan_request, validate
+from carve.platform.requests import ApiError, check_token_ids, parse_body, parse_json_object, plan_request, render_chat, validate
 from carve.platform.targets import UnknownModel, served_model_names, served_models
 
 GATEWAY_DEPLOYMENT = "CarveGateway"
@@ -293,9 +293,7 @@ class Gateway:
             data = parse_json_object(await request.body())
             body = validate(data, oa.TokenizeChat if "messages" in data else oa.TokenizeCompletion)
             if isinstance(body, oa.TokenizeChat):
-                if not has_chat_template(self.tokenizer):
-                    raise ApiError(400, "this base model has no chat template: tokenize a prompt instead", param="messages")
-                text = chat_prompt(self.tokenizer, [m.template() for m in body.messages], add_generation_prompt=body.add_generation_prompt)
+                text = render_chat(self.tokenizer, body.messages, body.add_generation_prompt)
             else:
                 text = body.prompt
             ids = encode_prompt(self.tokenizer, text) if body.add_special_tokens else encode_plain(self.tokenizer, text)

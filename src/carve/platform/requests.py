@@ -101,12 +101,22 @@ def check_token_ids(ids: Sequence[int], vocab: int, param: str) -> None:
         raise ApiError(400, f"token id {bad} is outside this model's vocabulary (0..{vocab - 1})", param=param, code="invalid_token_id")
 
 
+def render_chat(tokenizer: Any, messages: Sequence[Any], add_generation_prompt: bool = True) -> str:
+    """The chat template over ``messages`` (api.ChatMessage); a model without one, or a template that refuses them, is a 400."""
+    from jinja2 import TemplateError
+
+    if not has_chat_template(tokenizer):
+        raise ApiError(400, "this base model has no chat template: use /v1/completions with a prompt", param="messages")
+    try:
+        return chat_prompt(tokenizer, [m.template() for m in messages], add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
+
+
 def render_prompts(body: GenerationBody, tokenizer: Any) -> list[tuple[str, tuple[int, ...]]]:
     """(text, token ids) of each prompt: /v1/completions' as given (ids used exactly), /v1/chat/completions' chat template."""
     if isinstance(body, ChatCompletionRequest):
-        if not has_chat_template(tokenizer):
-            raise ApiError(400, "this base model has no chat template: use /v1/completions", param="messages")
-        text = chat_prompt(tokenizer, body.template_messages())
+        text = render_chat(tokenizer, body.messages)
         return [(text, tuple(encode_prompt(tokenizer, text)))]
     prompts = body.prompt_list()
     rendered = []
