@@ -17,6 +17,8 @@ import httpx
 import pytest
 from serving import carve_home, local_server
 
+from carve.platform.responses import token_bytes, token_text
+
 pytestmark = pytest.mark.ray
 
 PROMPTS = ["The patient was treated with", "Revenue rose 12 percent", "Gene expression of"]
@@ -110,7 +112,7 @@ def test_echo_with_logprobs_scores_every_prompt_token(api, reference):
     assert lp.token_logprobs[1 : len(ids)] == pytest.approx([w.logprob for w in want[1:]], abs=1e-4)
     for position, top in enumerate(lp.top_logprobs[1:], start=1):
         assert lp.tokens[position] in top and 3 <= len(top) <= 4  # the top 3, and the chosen token always listed
-    assert lp.tokens[-1] == reference.tokenizer.decode(generated.token_ids) or generated.finish_reason == "eos"
+    assert lp.tokens == [token_text(reference.tokenizer, t) for t in ids + generated.token_ids]
     assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-6)  # greedy: the best token
     assert lp.text_offset[0] == 0 and all(b >= a for a, b in zip(lp.text_offset, lp.text_offset[1:]))
     assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == 1
@@ -131,9 +133,10 @@ def test_echo_with_zero_tokens_returns_the_prompt_only(api, reference):
 def test_generated_token_logprobs(api, reference):
     got = api.completions.create(model="beta", prompt=PROMPTS[2], logprobs=2, max_tokens=6, temperature=0)
     lp = got.choices[0].logprobs
-    assert len(lp.tokens) == got.usage.completion_tokens and all(v is not None for v in lp.token_logprobs)
-    assert "".join(lp.tokens).startswith(got.choices[0].text)  # an EOS token may follow the text
-    assert got.choices[0].text == direct(reference, PROMPTS[2], "beta", max_new_tokens=6).text
+    want = direct(reference, PROMPTS[2], "beta", max_new_tokens=6)
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+    assert lp.tokens == [token_text(reference.tokenizer, t) for t in want.token_ids] and all(v is not None for v in lp.token_logprobs)
+    assert len(set(lp.tokens)) > 1 and any(t.startswith("bytes:\\x") for t in lp.tokens)  # partial characters as OpenAI writes them
 
 
 def test_penalties_and_logit_bias_decode_as_the_engine(api, reference):
@@ -171,7 +174,8 @@ def test_chat_logprobs_content_parts_and_extra_message_keys(api, reference):
     content = got.choices[0].logprobs.content
     assert len(content) == len(want.token_ids) and got.usage.completion_tokens == 2 * len(want.token_ids)
     for entry, token in zip(content, want.token_ids):
-        assert entry.token == reference.tokenizer.decode([token]) and bytes(entry.bytes).decode() == entry.token
+        assert entry.token == token_text(reference.tokenizer, token)
+        assert bytes(entry.bytes) == (token_bytes(reference.tokenizer, token) if entry.token.startswith("bytes:") else entry.token.encode())
         assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
     assert got.usage.prompt_tokens == len(reference.encode(prompt))
 
