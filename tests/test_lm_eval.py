@@ -32,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_
 
     with carve_home(tmp_path_factory.mktemp("carve-home")) as home:
         Registry(home / "registry").add(tiny_adapters["alpha"], "alpha", tags=["bio"], base=str(tiny_model_dir))
-        with local_server(tiny_model_dir, home / "registry", max_adapters=2, num_cpus=2, engine_num_cpus=0, max_tokens_cap=64, batch_wait_s=0.02) as url:
+        with local_server(tiny_model_dir, home / "registry", max_adapters=2, num_cpus=2, engine_num_cpus=0, max_tokens_cap=64, default_max_tokens=16, batch_wait_s=0.02) as url:
             yield url
 
 
