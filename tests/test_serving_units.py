@@ -16,7 +16,7 @@ from carve.platform.affinity import ReplicaView, rank_for_adapter
 from carve.platform.api import ChatCompletionRequest, CompletionRequest
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
-from carve.platform.requests import ApiError, build_job, parse_body
+from carve.platform.requests import ApiError, parse_body, plan_request
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,23 @@ def test_malformed_json_is_422_with_position():
 @pytest.mark.parametrize(
     "body, field",
     [
-        ({"model": "base", "prompt": "hi", "n": 2}, "n"),
-        ({"model": "base", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"model": "base", "prompt": "hi", "n": 0}, "n"),
+        ({"model": "base", "prompt": "hi", "max_tokens": -1}, "max_tokens"),
         ({"model": "base", "prompt": "hi", "temperature": -1}, "temperature"),
         ({"model": "base", "prompt": "hi", "max_token": 5}, "max_token"),
         ({"model": "base"}, "prompt"),
-        ({"model": "base", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "base", "prompt": ["a", [1]]}, "prompt"),
+        ({"model": "base", "prompt": [[1], []]}, "prompt"),
+        ({"model": "base", "prompt": [3, -1]}, "prompt"),
         ({"model": "base", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "base", "prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"model": "base", "prompt": "hi", "logit_bias": {"the": 1}}, "logit_bias"),
+        ({"model": "base", "prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": "base", "prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"model": "base", "prompt": "hi", "seed": 2**64}, "seed"),
+        ({"model": "base", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.type"),
+        ({"model": "base", "prompt": "hi", "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "base", "prompt": "hi", "suffix": "x"}, "suffix"),
     ],
 )
 def test_bad_field_is_422_naming_it(body, field):
@@ -57,6 +67,19 @@ def test_bad_field_is_422_naming_it(body, field):
 def test_bad_chat_message_names_its_position():
     err = parse_error(json.dumps({"model": "base", "messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}), ChatCompletionRequest)
     assert err.param == "messages.1.role"
+    image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+    assert parse_error(json.dumps({"model": "base", "messages": [{"role": "user", "content": image}]}), ChatCompletionRequest).param.startswith("messages.0.content")
+    err = parse_error(json.dumps({"model": "base", "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}), ChatCompletionRequest)
+    assert err.param == "tool_choice"
+
+
+def test_prompt_shapes():
+    for prompt, want in [("a", ["a"]), (["a", "b"], ["a", "b"]), ([1, 2], [[1, 2]]), ([[1], [2, 3]], [[1], [2, 3]])]:
+        assert CompletionRequest(model="base", prompt=prompt).prompt_list() == want
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "base", "messages": [{"role": "developer", "type": "message", "name": "ops", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]}]}
+    )
+    assert chat.template_messages() == [{"role": "system", "content": "Be brief."}]
 
 
 def test_body_must_be_an_object():
@@ -67,34 +90,80 @@ def config(**kw) -> ServeConfig:
     return ServeConfig(model="m", max_tokens_cap=64, default_max_tokens=16, **kw)
 
 
+def plan_one(body, tokenizer, context: int = 512, target=None):
+    """The only job of a one-prompt, one-choice request."""
+    (planned,) = plan_request(body, target, tokenizer, context, config())
+    (job,) = planned.jobs
+    return job
+
+
 def test_job_from_completion_keeps_prompt_and_sampling(tokenizer):
-    body = CompletionRequest(model="alpha", prompt="The patient was", max_tokens=8, temperature=0.5, top_p=0.9, seed=3, stop="x")
+    body = CompletionRequest(
+        model="alpha", prompt="The patient was", max_tokens=8, temperature=0.5, top_p=0.9, seed=3, stop="x",
+        frequency_penalty=0.5, presence_penalty=-0.25, logit_bias={"7": -100},
+    )
     target = AdapterRef("alpha", 2, "/nowhere")
-    job = build_job(body, target, tokenizer, 512, config())
-    assert (job.prompt, job.adapter, job.max_new_tokens, job.temperature, job.top_p, job.seed, job.stop) == (
-        "The patient was", target, 8, 0.5, 0.9, 3, ("x",))
-    assert job.prompt_tokens == len(tokenizer("The patient was")["input_ids"])
-    default = build_job(CompletionRequest(model="base", prompt="hi"), None, tokenizer, 512, config())
-    assert default.max_new_tokens == 16 and default.temperature == 1.0 and not default.ignore_eos
-    assert build_job(CompletionRequest(model="base", prompt="hi", ignore_eos=True), None, tokenizer, 512, config()).sampling().ignore_eos
+    job = plan_one(body, tokenizer, target=target)
+    ids = tuple(tokenizer("The patient was")["input_ids"])
+    assert (job.prompt, job.adapter, job.max_new_tokens, job.temperature, job.top_p, job.seed, job.stop) == (ids, target, 8, 0.5, 0.9, 3, ("x",))
+    sampling = job.sampling()
+    assert (sampling.frequency_penalty, sampling.presence_penalty, sampling.logit_bias) == (0.5, -0.25, ((7, -100.0),))
+    assert job.prompt_tokens == len(ids) and job.logprobs is None and job.prompt_logprobs is None
+    default = plan_one(CompletionRequest(model="base", prompt="hi"), tokenizer)
+    assert default.max_new_tokens == 16 and default.temperature == 1.0 and not default.ignore_eos and not default.sampling().adjusts_scores
+    assert plan_one(CompletionRequest(model="base", prompt="hi", ignore_eos=True), tokenizer).sampling().ignore_eos
+
+
+def test_token_id_prompts_are_used_exactly_and_choices_get_derived_seeds(tokenizer):
+    body = CompletionRequest(model="base", prompt=[[5, 6, 7], [8]], n=3, seed=11, echo=True, logprobs=2, max_tokens=1)
+    planned = plan_request(body, None, tokenizer, 512, config())
+    assert [p.ids for p in planned] == [(5, 6, 7), (8,)] and planned[0].text == tokenizer.decode([5, 6, 7])
+    seeds = [job.seed for job in planned[0].jobs]
+    assert seeds[0] == 11 and len(set(seeds)) == 3 and seeds == [job.seed for job in planned[1].jobs]
+    assert all((job.prompt_logprobs, job.logprobs) == (2, 2) for p in planned for job in p.jobs)
+    with pytest.raises(ApiError) as info:
+        plan_request(CompletionRequest(model="base", prompt=[1, len(tokenizer)]), None, tokenizer, 512, config())
+    assert info.value.status == 400 and info.value.param == "prompt" and info.value.code == "invalid_token_id"
+    with pytest.raises(ApiError) as info:
+        plan_request(CompletionRequest(model="base", prompt="hi", logit_bias={str(len(tokenizer)): 1}), None, tokenizer, 512, config())
+    assert info.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (CompletionRequest(model="base", prompt="hi", max_tokens=0), "max_tokens"),
+        (ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "x"}], top_logprobs=2), "top_logprobs"),
+        (CompletionRequest(model="base", prompt="hi", stream=True, n=2), "n"),
+        (CompletionRequest(model="base", prompt=["a", "b"], stream=True), "prompt"),
+        (CompletionRequest(model="base", prompt="hi", stream=True, echo=True), "echo"),
+        (CompletionRequest(model="base", prompt="hi", stream=True, logprobs=1), "logprobs"),
+        (CompletionRequest(model="base", prompt=["a"] * 9, n=30), "n"),
+    ],
+)
+def test_combinations_carve_cannot_answer_are_400(tokenizer, body, param):
+    with pytest.raises(ApiError) as info:
+        plan_request(body, None, tokenizer, 512, config())
+    assert info.value.status == 400 and info.value.param == param
 
 
 def test_chat_job_uses_the_chat_template(tokenizer):
     from carve.engine.text import format_user_prompt
 
     one = ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "What is DNA?"}])
-    assert build_job(one, None, tokenizer, 512, config()).prompt == format_user_prompt(tokenizer, "What is DNA?")
+    (planned,) = plan_request(one, None, tokenizer, 512, config())
+    assert planned.text == format_user_prompt(tokenizer, "What is DNA?") and planned.jobs[0].prompt == tuple(tokenizer(planned.text)["input_ids"])
     two = ChatCompletionRequest(model="base", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
-    prompt = build_job(two, None, tokenizer, 512, config()).prompt
-    assert prompt.index("Be brief.") < prompt.index("Hi") and prompt.endswith("assistant\n")
+    (planned,) = plan_request(two, None, tokenizer, 512, config())
+    assert planned.text.index("Be brief.") < planned.text.index("Hi") and planned.text.endswith("assistant\n")
 
 
 def test_max_tokens_over_cap_is_400(tokenizer):
     with pytest.raises(ApiError) as info:
-        build_job(CompletionRequest(model="base", prompt="hi", max_tokens=65), None, tokenizer, 512, config())
+        plan_one(CompletionRequest(model="base", prompt="hi", max_tokens=65), tokenizer)
     assert info.value.status == 400 and info.value.param == "max_tokens" and "64" in info.value.message
     with pytest.raises(ApiError) as info:
-        build_job(ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "x"}], max_completion_tokens=100), None, tokenizer, 512, config())
+        plan_one(ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "x"}], max_completion_tokens=100), tokenizer)
     assert info.value.param == "max_completion_tokens"
 
 
@@ -102,9 +171,12 @@ def test_prompt_over_context_is_400(tokenizer):
     long = "The patient was treated with aspirin. " * 40
     n = count_prompt_tokens(tokenizer, long)
     with pytest.raises(ApiError) as info:
-        build_job(CompletionRequest(model="base", prompt=long, max_tokens=8), None, tokenizer, n + 7, config())
+        plan_one(CompletionRequest(model="base", prompt=long, max_tokens=8), tokenizer, context=n + 7)
     assert info.value.status == 400 and info.value.code == "context_length_exceeded" and f"{n} in the prompt" in info.value.message
-    assert build_job(CompletionRequest(model="base", prompt=long, max_tokens=8), None, tokenizer, n + 8, config()).prompt_tokens == n
+    assert plan_one(CompletionRequest(model="base", prompt=long, max_tokens=8), tokenizer, context=n + 8).prompt_tokens == n
+    with pytest.raises(ApiError) as info:
+        plan_request(CompletionRequest(model="base", prompt=["hi", long], max_tokens=8), None, tokenizer, n + 7, config())
+    assert info.value.param == "prompt.1"
 
 
 def test_context_length_reads_the_model_config(tiny_model_dir):

@@ -5,7 +5,9 @@ jobs is decoded by ONE ``engine.stream`` call (per-row adapters in one forward
 pass), split only when it names more distinct adapters than the cache holds.
 Every job receives its events through ``emit(job_index, event)``: text deltas,
 then one final event with a finish reason or an error. An adapter that fails to
-load fails its own jobs only; the rest of the batch decodes.
+load fails its own jobs only; the rest of the batch decodes. Jobs that ask
+for their prompt's logprobs (``echo``) are scored first, in one forward pass
+per group (carve.engine.scoring); a job with ``max_new_tokens`` 0 is only scored.
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ from typing import Any, Callable, Optional, Sequence
 from carve.artifact import AdapterRef
 from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull, Weighted
 from carve.engine.decoding import Branch, GenerationRequest, Sampling
+from carve.engine.scoring import AdapterSpec, TokenLogprob, branches_of, score_prompts, top_logprobs
 
 
 @dataclass(frozen=True)
 class Job:
     """One request as an engine replica sees it (plain data, pickled across Ray).
 
-    The prompt travels as text and is tokenized by the engine itself, exactly as a
-    direct ``engine.generate`` call would; the gateway counted its tokens already.
+    A text prompt is tokenized by the engine itself, exactly as a direct
+    ``engine.generate`` call would; token ids are used exactly. The gateway
+    counted its tokens already.
     """
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     prompt_tokens: int
     adapter: Optional[AdapterRef]
-    max_new_tokens: int
+    max_new_tokens: int  # 0: nothing generated (echo of the scored prompt only)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
@@ -37,6 +41,11 @@ class Job:
     ignore_eos: bool = False
     mixture: tuple[tuple[Optional[AdapterRef], float], ...] = ()  # a mixture: (adapter or base, weight) per branch
     space: str = "output"  # a mixture's: "output" (engine rule mixture) or "weights" (one merged adapter, AdapterCache.merge)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: Optional[int] = None  # each generated token's logprob with this many alternatives (None: none)
+    prompt_logprobs: Optional[int] = None  # score the prompt (echo): each token's logprob with this many alternatives
 
     def refs(self) -> list[AdapterRef]:
         """Every adapter this job decodes with (a mixture's, else its single adapter)."""
@@ -47,7 +56,8 @@ class Job:
     def sampling(self) -> Sampling:
         return Sampling(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            stop=self.stop, ignore_eos=self.ignore_eos,
+            stop=self.stop, ignore_eos=self.ignore_eos, frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty, logit_bias=self.logit_bias,
         )
 
 
@@ -63,6 +73,8 @@ class JobEvent:
     prompt_tokens: int = 0
     loaded: list[str] = field(default_factory=list)  # adapters loaded for this job (metrics)
     evicted: list[str] = field(default_factory=list)
+    logprob: Optional[TokenLogprob] = None  # the generated token's, when the job asks for logprobs
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # once, before any token, when the job scores its prompt
 
     @property
     def final(self) -> bool:
@@ -81,9 +93,15 @@ class JobResult:
     error_kind: Optional[str] = None
     loaded: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
     def add(self, event: JobEvent) -> None:
         self.text += event.delta
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         self.completion_tokens += event.tokens
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
         self.loaded += event.loaded
@@ -133,17 +151,47 @@ class BatchRunner:
         for group in split_by_capacity(jobs, self.cache.capacity):
             self._run_group(jobs, group, emit)
 
-    def _request(self, job: Job, names: dict[str, str]) -> GenerationRequest:
-        """The engine request of a job: one branch (rule single), one per mixture branch (rule mixture), or a merged adapter."""
+    def _spec(self, job: Job, names: dict[str, str]) -> AdapterSpec:
+        """What a job decodes under, in engine names: an adapter or None (the base), a merged adapter, or mixture branches."""
 
         def engine_name(ref: AdapterRef) -> str:
             return names[ref.key]
 
         if job.mixture and job.space == "weights":
-            return GenerationRequest.single(job.prompt, self.cache.merge(job.mixture, engine_name), job.sampling())
+            return self.cache.merge(job.mixture, engine_name)
         if job.mixture:
-            return engine_request(job.mixture, job.prompt, job.sampling(), engine_name)
-        return GenerationRequest.single(job.prompt, names[job.adapter.key] if job.adapter else None, job.sampling())
+            return tuple((engine_name(ref) if ref is not None else None, w) for ref, w in job.mixture)
+        return names[job.adapter.key] if job.adapter else None
+
+    @staticmethod
+    def _request(job: Job, spec: AdapterSpec) -> GenerationRequest:
+        """The engine request of a job: one branch (rule single) or one per mixture branch (rule mixture)."""
+        branches = tuple(Branch(job.prompt, name, w) for name, w in branches_of(spec))
+        return GenerationRequest(branches, "mixture" if len(branches) > 1 else "single", job.sampling(), record_scores=job.logprobs is not None)
+
+    def _score(self, jobs: Sequence[Job], indices: list[int], specs: dict[int, AdapterSpec], first_event: dict[int, JobEvent], emit: Emit) -> set[int]:
+        """Score the prompts of ``jobs[indices]`` in one call and emit each its prompt logprobs (final when it generates nothing).
+
+        Returns the jobs scored; on an engine failure each of them gets the error instead.
+        """
+        try:
+            results = score_prompts(
+                self.engine, [self.engine.encode(jobs[i].prompt) for i in indices], [specs[i] for i in indices],
+                max(jobs[i].prompt_logprobs or 0 for i in indices),
+            )
+        except Exception as exc:
+            for i in indices:
+                emit(i, JobEvent(error=f"{type(exc).__name__}: {exc}", error_kind="internal", prompt_tokens=jobs[i].prompt_tokens))
+            return set()
+        for i, scores in zip(indices, results):
+            k = jobs[i].prompt_logprobs or 0
+            out = first_event.pop(i, None) or JobEvent()
+            out.prompt_logprobs = [s if s is None else TokenLogprob(s.token_id, s.logprob, s.top[:k]) for s in scores]
+            out.prompt_tokens = jobs[i].prompt_tokens
+            if jobs[i].max_new_tokens == 0:
+                out.finish_reason = "length"
+            emit(i, out)
+        return set(indices)
 
     def _run_group(self, jobs: Sequence[Job], group: list[int], emit: Emit) -> None:
         names: dict[str, str] = {}  # adapter key -> engine name
@@ -163,21 +211,22 @@ class BatchRunner:
                     event = first_event.setdefault(i, JobEvent())
                     event.loaded.append(ref.key)
                     event.evicted += got.evicted
-        ready: list[int] = []
-        requests: list[GenerationRequest] = []
+        specs: dict[int, AdapterSpec] = {}
         for i in group:
             why = next((failed[ref.key] for ref in jobs[i].refs() if ref.key in failed), None)
             if why is not None:
                 emit(i, JobEvent(error=why, error_kind="adapter_load", prompt_tokens=jobs[i].prompt_tokens))
                 continue
             try:
-                requests.append(self._request(jobs[i], names))
+                specs[i] = self._spec(jobs[i], names)
             except Exception as exc:  # a weight-space merge that failed: this job only
                 emit(i, JobEvent(error=f"mixture could not be built: {type(exc).__name__}: {exc}", error_kind="internal"))
-                continue
-            ready.append(i)
+        to_score = [i for i in specs if jobs[i].prompt_logprobs is not None]
+        scored = self._score(jobs, to_score, specs, first_event, emit) if to_score else set()
+        ready = [i for i in specs if jobs[i].max_new_tokens > 0 and (i in scored or i not in to_score)]
         if not ready:
             return
+        requests = [self._request(jobs[i], specs[i]) for i in ready]
         done: set[int] = set()
         try:
             for event in self.engine.stream(requests):
@@ -186,6 +235,8 @@ class BatchRunner:
                 out.delta = event.delta
                 out.tokens = 1 if event.token_id is not None else 0
                 out.prompt_tokens = jobs[job].prompt_tokens
+                if event.scores is not None and event.token_id is not None:
+                    out.logprob = top_logprobs(event.scores, event.token_id, jobs[job].logprobs or 0)
                 if event.finish_reason:
                     out.finish_reason = _FINISH[event.finish_reason]
                     done.add(job)

@@ -64,6 +64,11 @@ class Sampling:
     stop: tuple[str, ...] = ()
     alpha: float = 0.1  # contrast: plausibility threshold relative to the expert's top token
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
+    # OpenAI's: subtract frequency_penalty * count(t) + presence_penalty * [count(t) > 0] over the tokens generated so far,
+    # add logit_bias[t]; all on the step's combined scores, before temperature. Zeros and () change nothing.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -74,6 +79,13 @@ class Sampling:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.alpha <= 1:
             raise EngineError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not all(math.isfinite(v) for v in (self.frequency_penalty, self.presence_penalty, *(b for _, b in self.logit_bias))):
+            raise EngineError("penalties and logit_bias values must be finite")
+
+    @property
+    def adjusts_scores(self) -> bool:
+        """Whether penalties or a logit bias change the scores a token is picked from."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -143,10 +155,34 @@ def combine(logprobs: "torch.Tensor", rule: Rule, weights: Sequence[float], alph
     raise EngineError(f"unknown rule {rule!r}")
 
 
-def pick_token(scores: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None") -> int:
-    """Greedy argmax, or a temperature / top-p sample drawn with the request's own generator."""
+def adjust_scores(scores: "torch.Tensor", sampling: Sampling, generated: Sequence[int] = ()) -> "torch.Tensor":
+    """``scores`` [vocab] with the request's penalties over ``generated`` (its tokens so far) and its logit bias applied.
+
+    Returns ``scores`` itself when the sampling has neither, so default requests decode exactly as before.
+    """
     import torch
 
+    if not sampling.adjusts_scores:
+        return scores
+    adjusted = scores.clone()
+    if generated and (sampling.frequency_penalty or sampling.presence_penalty):
+        ids, counts = torch.unique(torch.tensor(list(generated), device=scores.device), return_counts=True)
+        penalty = sampling.frequency_penalty * counts.to(scores.dtype) + sampling.presence_penalty
+        adjusted[ids] -= penalty
+    if sampling.logit_bias:
+        ids = torch.tensor([t for t, _ in sampling.logit_bias], device=scores.device)
+        adjusted[ids] += torch.tensor([b for _, b in sampling.logit_bias], dtype=scores.dtype, device=scores.device)
+    return adjusted
+
+
+def pick_token(scores: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None", generated: Sequence[int] = ()) -> int:
+    """Greedy argmax, or a temperature / top-p sample drawn with the request's own generator.
+
+    ``generated``: the request's tokens so far, for its frequency and presence penalties.
+    """
+    import torch
+
+    scores = adjust_scores(scores, sampling, generated)
     if sampling.temperature == 0:
         return int(torch.argmax(scores))
     probs = torch.softmax(scores / sampling.temperature, dim=-1)
@@ -461,7 +497,7 @@ class Engine:
             for req in active:
                 request = requests[req]
                 scores = combine(logprobs[batch.rows_of[req]], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
-                token = pick_token(scores, request.sampling, generators[req])
+                token = pick_token(scores, request.sampling, generators[req], trackers[req].ids)
                 steps[req] += 1
                 reason: FinishReason | None = None
                 if token in self.eos_ids and not request.sampling.ignore_eos:

@@ -19,9 +19,9 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
-    """The messages in the model's chat template, ending where the assistant's reply starts."""
-    return str(tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True))
+def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """The messages in the model's chat template, ending where the assistant's reply starts (unless ``add_generation_prompt`` is False)."""
+    return str(tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt))
 
 
 def format_user_prompt(tokenizer: Any, text: str, use_chat_template: bool = True) -> str:

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FinishReason = Literal["stop", "length"]
+MAX_LOGPROBS = 20  # OpenAI's limit for logprobs (completions) and top_logprobs (chat)
+TokenIds = List[Annotated[int, Field(ge=0)]]
+
+
+class ResponseFormat(BaseModel):
+    """Only plain text: Carve cannot constrain decoding to JSON or a schema, so those are refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
 
 
 class _Request(BaseModel):
@@ -25,21 +35,18 @@ class _Request(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt; choice i samples with a seed derived from `seed`.")
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**63)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[Dict[str, float]] = Field(None, description="Token id (as a string) -> bias in [-100, 100], added to its log-probability.")
+    response_format: Optional[ResponseFormat] = None
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): decode exactly max_tokens, for benchmarks.")
     carve: Optional[Dict[str, Any]] = Field(None, description="Extension: routing options ({mix: {...}} or {auto: {top_k}}, space); see carve.router.")
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported, got {n}")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -51,11 +58,28 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stop
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, bias: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"token {key}: the bias must be in [-100, 100], got {value}")
+        return bias
+
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
+
+    def generated_logprobs(self) -> Optional[int]:
+        """How many alternatives to return with each generated token's logprob (None: no logprobs)."""
+        return None
 
 
 class StreamOptions(BaseModel):
@@ -64,31 +88,53 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Prompt = Union[str, TokenIds]
+
+
 class CompletionRequest(_Request):
-    """POST /v1/completions: the prompt is sent to the model as is."""
+    """POST /v1/completions: each prompt (text, or token ids used exactly) is sent to the model as is."""
 
-    prompt: Union[str, List[str]]
+    prompt: Union[str, List[str], TokenIds, List[TokenIds]]
+    max_tokens: Optional[int] = Field(None, ge=0, description="0 with echo: the prompt only (scored when logprobs is set).")
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Union[str, List[str]]) -> Union[str, List[str]]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError(f"give one prompt (a string), got a list of {len(prompt)}")
-        text = prompt if isinstance(prompt, str) else prompt[0]
-        if not text:
-            raise ValueError("prompt is empty")
+    def _prompts(cls, prompt: Any) -> Any:
+        """One of OpenAI's four prompt shapes, with no empty prompt (a clearer error than the union's four)."""
+
+        def ids(value: Any) -> bool:
+            return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+        if isinstance(prompt, str) or (ids(prompt) and prompt):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or all(ids(p) for p in prompt)):
+            prompts = prompt
+        else:
+            raise ValueError("give a string, a list of strings, a list of token ids or a list of token-id lists")
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        for i, one in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt {i}"
+            if len(one) == 0:
+                raise ValueError(f"{where} is empty")
+            if not isinstance(one, str) and min(one) < 0:
+                raise ValueError(f"{where}: token ids are >= 0, got {min(one)}")
         return prompt
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    def prompt_list(self) -> list[Prompt]:
+        """The prompts: one per string or token-id list."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The first text prompt (what the router reads); empty when the prompts are token ids."""
+        return next((p for p in self.prompt_list() if isinstance(p, str)), "")
+
+    def generated_logprobs(self) -> Optional[int]:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -99,14 +145,30 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """A message; ``type`` ("message", as the Responses API and lm-eval's chat turns send it) and ``name`` are accepted."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, List[TextPart]]
     name: Optional[str] = None
+    type: Optional[Literal["message", "text"]] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"only text content parts are supported (this model reads text), got type {kind!r}")
+        return content
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def template(self) -> dict[str, str]:
+        """The message as the chat template sees it: text content; OpenAI's ``developer`` is its newer name for ``system``."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(_Request):
@@ -114,9 +176,73 @@ class ChatCompletionRequest(_Request):
 
     messages: List[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def generated_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.template() for m in self.messages]
+
+
+class TokenizeCompletion(BaseModel):
+    """POST /tokenize with a prompt (vLLM's TokenizeCompletionRequest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = Field(True, description="True: as /v1/completions encodes the prompt (its special tokens unless it starts with BOS).")
+    return_token_strs: bool = False
+
+
+class TokenizeChat(BaseModel):
+    """POST /tokenize with messages (vLLM's TokenizeChatRequest): the chat template, then the tokens /v1/chat/completions sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    messages: List[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(True, description="True: as /v1/chat/completions encodes the rendered template.")
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: List[int]
+    token_strs: Optional[List[str]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info: the tokenizer's configuration, as vLLM answers it (lm-eval's remote tokenizer reads it)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str
+    eos_token: Optional[str] = None
+    bos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+    chat_template: Optional[str] = None
+    model_max_length: int
+    vocab_size: int
+    add_bos_token: bool = False
 
 
 # -- responses -------------------------------------------------------------
@@ -152,11 +278,25 @@ def now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: one entry per token of the choice's text (the prompt's too with echo).
+
+    The first prompt token has no logprob (null); ``top_logprobs`` maps token text to logprob, the chosen
+    token always among them (so up to logprobs + 1 entries); ``text_offset`` is each token's character
+    offset in the choice's text.
+    """
+
+    tokens: List[str]
+    token_logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: List[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Optional[FinishReason]
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class CompletionResponse(BaseModel):
@@ -174,10 +314,28 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """The chat shape: one entry per generated token, each with its ``top_logprobs`` alternatives."""
+
+    content: Optional[List[ChatTokenLogprob]]
+    refusal: Optional[List[ChatTokenLogprob]] = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Optional[FinishReason]
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -24,12 +24,12 @@ from ray import serve
 
 from carve.artifact import BASE_MODEL
 from carve.engine.batching import Job, JobEvent, JobResult
-from carve.engine.text import context_length
+from carve.engine.text import context_length, encode_plain, encode_prompt
 from carve.platform import api as oa
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
 from carve.platform.metrics import ServerMetrics
-from carve.platform.requests import ApiError, build_job, parse_body
+from carve.platform.requests import ApiError, check_token_ids, parse_body, parse_json_object, plan_request, render_chat, validate
 from carve.platform.targets import UnknownModel, served_model_names, served_models
 
 GATEWAY_DEPLOYMENT = "CarveGateway"
@@ -172,10 +172,11 @@ class Gateway:
         """The router's decision for a request (off the event loop); RoutingError -> the HTTP error it names."""
         from carve.router import RoutingError, routing_text
 
-        if isinstance(body, oa.CompletionRequest):
-            text = routing_text(body.prompt_text())
+        if isinstance(body, oa.CompletionRequest):  # the first prompt, decoded when it is token ids
+            first = body.prompt_list()[0]
+            text = routing_text(first if isinstance(first, str) else self.tokenizer.decode(list(first)))
         else:
-            text = routing_text([{"role": m.role, "content": m.text()} for m in body.messages])
+            text = routing_text(body.template_messages())
         try:
             decision = await asyncio.to_thread(self.router.route, body.model, text, body.carve)
         except RoutingError as exc:
@@ -227,19 +228,24 @@ class Gateway:
         return await self._counted("chat_completions", lambda: self._generate(request, oa.ChatCompletionRequest, "chat_completions"))
 
     async def _generate(self, request: Request, model: type[oa._Request], endpoint: str) -> Response:
+        from carve.platform import responses
+
         started = time.perf_counter()
         self._check_inference_auth(request)
         body = parse_body(await request.body(), model)
         decision = await self._route(body)
         branches = tuple(decision.weighted())
         target = branches[0][0] if len(branches) == 1 else None
-        job = build_job(body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else (), space=decision.space)
+        prompts = plan_request(
+            body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else (), space=decision.space,
+        )
         carve = oa.CarveInfo(
             adapters=[oa.AdapterUse(**u) for u in decision.uses()], mode=decision.mode, space=decision.space if decision.is_mixture else None,
             confidence=decision.confidence, reason=decision.reason,
         )
         chat = isinstance(body, oa.ChatCompletionRequest)
-        if body.stream:
+        if body.stream:  # plan_request allowed it: one prompt, one choice
+            job = prompts[0].jobs[0]
             events = self.engine.options(stream=True).stream.remote(job)
             first = await events.__anext__()  # adapter load errors arrive before any token: answer them as HTTP errors
             self._observe_cache(first, job)
@@ -250,26 +256,75 @@ class Gateway:
             chunks = self._sse_stream(first, events, body.model, job, carve, chat, include_usage, endpoint, started)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        result: JobResult = await self.engine.generate.remote(job)
-        self._observe_cache(result, job)
-        if result.error:
-            raise _engine_error(result)
-        elapsed = time.perf_counter() - started
-        self.metrics.latency.labels(endpoint).observe(elapsed)
-        self.metrics.usage(result.prompt_tokens, result.completion_tokens)
-        usage = oa.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, total_tokens=result.prompt_tokens + result.completion_tokens)
-        finish = result.finish_reason or "length"
+        results = await asyncio.gather(*(self._result(job) for prompt in prompts for job in prompt.jobs))
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        usage = responses.usage(prompts, results)
+        self.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
         if chat:
             reply: Any = oa.ChatCompletionResponse(
                 id=oa.new_id("chatcmpl"), created=oa.now(), model=body.model, usage=usage, carve=carve,
-                choices=[oa.ChatChoice(message=oa.AssistantMessage(content=result.text), finish_reason=finish)],  # type: ignore[arg-type]
+                choices=responses.chat_choices(self.tokenizer, body, results),  # type: ignore[arg-type]
             )
         else:
             reply = oa.CompletionResponse(
                 id=oa.new_id("cmpl"), created=oa.now(), model=body.model, usage=usage, carve=carve,
-                choices=[oa.CompletionChoice(text=result.text, finish_reason=finish)],  # type: ignore[arg-type]
+                choices=responses.completion_choices(self.tokenizer, body, prompts, results),  # type: ignore[arg-type]
             )
         return JSONResponse(reply.model_dump())
+
+    async def _result(self, job: Job) -> JobResult:
+        """One choice's whole result; a prompt echoed without logprobs needs no engine."""
+        if job.max_new_tokens == 0 and job.prompt_logprobs is None:
+            return JobResult(prompt_tokens=job.prompt_tokens, finish_reason="length")
+        result: JobResult = await self.engine.generate.remote(job)
+        self._observe_cache(result, job)
+        if result.error:
+            raise _engine_error(result)
+        return result
+
+    # -- tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info: lm-eval's remote tokenizer, token budgeting) --
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """A prompt's or messages' tokens, as the generation endpoints count them (every adapter shares the base's tokenizer)."""
+
+        async def handler() -> Response:
+            self._check_inference_auth(request)
+            data = parse_json_object(await request.body())
+            body = validate(data, oa.TokenizeChat if "messages" in data else oa.TokenizeCompletion)
+            if isinstance(body, oa.TokenizeChat):
+                text = render_chat(self.tokenizer, body.messages, body.add_generation_prompt)
+            else:
+                text = body.prompt
+            ids = encode_prompt(self.tokenizer, text) if body.add_special_tokens else encode_plain(self.tokenizer, text)
+            strs = [self.tokenizer.convert_ids_to_tokens(t) for t in ids] if body.return_token_strs else None
+            return JSONResponse(oa.TokenizeResponse(count=len(ids), max_model_len=self.context, tokens=ids, token_strs=strs).model_dump())
+
+        return await self._counted("tokenize", handler)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._check_inference_auth(request)
+            body = parse_body(await request.body(), oa.DetokenizeRequest)
+            check_token_ids(body.tokens, len(self.tokenizer), "tokens")
+            return JSONResponse(oa.DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens)).model_dump())
+
+        return await self._counted("detokenize", handler)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._check_inference_auth(request)
+            tok = self.tokenizer
+            info = oa.TokenizerInfo(
+                tokenizer_class=type(tok).__name__, eos_token=tok.eos_token, bos_token=tok.bos_token, pad_token=tok.pad_token,
+                chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None, model_max_length=self.context,
+                vocab_size=len(tok), add_bos_token=tok.bos_token_id is not None and encode_prompt(tok, "a")[:1] == [tok.bos_token_id],
+            )
+            return JSONResponse(info.model_dump())
+
+        return await self._counted("tokenizer_info", handler)
 
     def _observe_cache(self, event: JobEvent | JobResult, job: Job) -> None:
         self.metrics.cache_events(event.loaded, event.evicted)

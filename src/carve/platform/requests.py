@@ -1,4 +1,4 @@
-"""From an HTTP request body to an engine job: prompt text, token counts, caps.
+"""From an HTTP request body to engine jobs: prompt text and token ids, token counts, caps, one job per choice.
 
 Kept apart from the Serve deployments so every rule (chat template, max_tokens
 cap, context length) is checked the same way with or without Ray.
@@ -6,15 +6,17 @@ cap, context length) is checked the same way with or without Ray.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 from pydantic import ValidationError
 
 from carve.artifact import AdapterRef
 from carve.common.errors import error_field, error_lines
 from carve.engine.batching import Job
-from carve.engine.text import chat_prompt, count_prompt_tokens, has_chat_template
+from carve.engine.text import chat_prompt, encode_prompt, has_chat_template
 from carve.platform.api import ChatCompletionRequest, CompletionRequest
 from carve.platform.config import ServeConfig
 
@@ -47,8 +49,8 @@ def validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid request: " + "; ".join(error_lines(exc)), param=first_field, code="invalid_field")
 
 
-def parse_body(raw: bytes, model: type[Any]) -> Any:
-    """Parse a JSON body into ``model``; malformed JSON or a bad field -> 422 saying where."""
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object body; malformed JSON or another JSON value -> 422 saying where."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -56,53 +58,141 @@ def parse_body(raw: bytes, model: type[Any]) -> Any:
         raise ApiError(422, f"malformed JSON body{where}: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(422, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+def validate(data: dict[str, Any], model: type[Any]) -> Any:
+    """``data`` as ``model``; a bad field -> 422 naming it."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
 
 
-def render_prompt(body: GenerationBody, tokenizer: Any) -> str:
-    """/v1/completions: the prompt as is; /v1/chat/completions: the chat template over the messages."""
-    if isinstance(body, CompletionRequest):
-        return body.prompt_text()
+def parse_body(raw: bytes, model: type[Any]) -> Any:
+    """Parse a JSON body into ``model``; malformed JSON or a bad field -> 422 saying where."""
+    return validate(parse_json_object(raw), model)
+
+
+MAX_CHOICES = 256  # prompts x n in one request: each choice is one engine job
+
+
+@dataclass(frozen=True)
+class PlannedPrompt:
+    """One prompt of a request: the text a client sees echoed, its token ids (what the engine runs), one job per choice."""
+
+    text: str
+    ids: tuple[int, ...]
+    jobs: tuple[Job, ...]
+
+
+def choice_seed(seed: Optional[int], choice: int) -> Optional[int]:
+    """The seed of choice ``choice``: the request's own for the first, one derived from it for the others (None stays None)."""
+    if seed is None or choice == 0:
+        return seed
+    digest = hashlib.sha256(f"carve-choice:{seed}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def check_token_ids(ids: Sequence[int], vocab: int, param: str) -> None:
+    """400 naming ``param`` when a token id is outside the tokenizer's vocabulary."""
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} is outside this model's vocabulary (0..{vocab - 1})", param=param, code="invalid_token_id")
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Any], add_generation_prompt: bool = True) -> str:
+    """The chat template over ``messages`` (api.ChatMessage); a model without one, or a template that refuses them, is a 400."""
+    from jinja2 import TemplateError
+
     if not has_chat_template(tokenizer):
-        raise ApiError(400, "this base model has no chat template: use /v1/completions", param="messages")
-    return chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        raise ApiError(400, "this base model has no chat template: use /v1/completions with a prompt", param="messages")
+    try:
+        return chat_prompt(tokenizer, [m.template() for m in messages], add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
 
 
-def build_job(
+def render_prompts(body: GenerationBody, tokenizer: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(text, token ids) of each prompt: /v1/completions' as given (ids used exactly), /v1/chat/completions' chat template."""
+    if isinstance(body, ChatCompletionRequest):
+        text = render_chat(tokenizer, body.messages)
+        return [(text, tuple(encode_prompt(tokenizer, text)))]
+    prompts = body.prompt_list()
+    rendered = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            rendered.append((prompt, tuple(encode_prompt(tokenizer, prompt))))
+        else:
+            check_token_ids(prompt, len(tokenizer), "prompt" if len(prompts) == 1 else f"prompt.{i}")
+            rendered.append((tokenizer.decode(list(prompt)), tuple(prompt)))
+    return rendered
+
+
+def plan_request(
     body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any, context: int, config: ServeConfig,
     mixture: tuple[tuple[Optional[AdapterRef], float], ...] = (), space: str = "output",
-) -> Job:
-    """The engine job of a request (``mixture``: its output-space branches), refusing max_tokens over the cap or a prompt over the context (400)."""
-    max_tokens = body.requested_max_tokens() or config.default_max_tokens
+) -> list[PlannedPrompt]:
+    """The engine jobs of a request, by prompt (``mixture``: its output-space branches).
+
+    400 for max_tokens over the cap, a prompt over the context, too many choices, a token id
+    outside the vocabulary, or a combination streaming cannot answer.
+    """
+    _check_combinations(body)
+    requested = body.requested_max_tokens()
+    max_tokens = config.default_max_tokens if requested is None else requested
     field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens else "max_tokens"
     if max_tokens > config.max_tokens_cap:
         raise ApiError(400, f"{field}={max_tokens} exceeds this server's cap of {config.max_tokens_cap}", param=field, code="max_tokens_over_cap")
-    prompt = render_prompt(body, tokenizer)
-    prompt_tokens = count_prompt_tokens(tokenizer, prompt)
-    if prompt_tokens == 0:
-        raise ApiError(400, "the prompt has no tokens", param="prompt")
-    if prompt_tokens + max_tokens > context:
-        param = "prompt" if isinstance(body, CompletionRequest) else "messages"
-        raise ApiError(
-            400,
-            f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens} "
-            f"({prompt_tokens} in the prompt, {max_tokens} to generate); shorten the {param} or lower {field}",
-            param=param,
-            code="context_length_exceeded",
+    bias = body.logit_bias_pairs()
+    check_token_ids([t for t, _ in bias], len(tokenizer), "logit_bias")
+    rendered = render_prompts(body, tokenizer)
+    if len(rendered) * body.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(rendered)} prompts x n={body.n} is {len(rendered) * body.n} choices; at most {MAX_CHOICES} per request", param="n")
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if body.stream:
+        _check_streamable(body, len(rendered), echo)
+    param = "prompt" if isinstance(body, CompletionRequest) else "messages"
+    planned = []
+    for i, (text, ids) in enumerate(rendered):
+        where = param if len(rendered) == 1 else f"{param}.{i}"
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens", param=where)
+        if len(ids) + max_tokens > context:
+            raise ApiError(
+                400,
+                f"this model's context is {context} tokens, but the request needs {len(ids) + max_tokens} "
+                f"({len(ids)} in the {where}, {max_tokens} to generate); shorten the {param} or lower {field}",
+                param=where,
+                code="context_length_exceeded",
+            )
+        jobs = tuple(
+            Job(
+                prompt=ids, prompt_tokens=len(ids), adapter=target, max_new_tokens=max_tokens, temperature=body.temperature,
+                top_p=body.top_p, seed=choice_seed(body.seed, c), stop=body.stop_list(), ignore_eos=body.ignore_eos,
+                mixture=mixture, space=space, frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                logit_bias=bias, logprobs=body.generated_logprobs(),
+                prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,  # type: ignore[union-attr]
+            )
+            for c in range(body.n)
         )
-    return Job(
-        prompt=prompt,
-        prompt_tokens=prompt_tokens,
-        adapter=target,
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        mixture=mixture,
-        space=space,
-    )
+        planned.append(PlannedPrompt(text, ids, jobs))
+    return planned
+
+
+def _check_combinations(body: GenerationBody) -> None:
+    """400 naming the field for settings that are valid alone but not together."""
+    if isinstance(body, CompletionRequest) and body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens 0 only makes sense with echo (the prompt alone): give at least 1", param="max_tokens")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def _check_streamable(body: GenerationBody, prompts: int, echo: bool) -> None:
+    """Streaming sends one choice's text as it is decoded: several choices, echo or logprobs are answered whole only."""
+    for refused, param, what in (
+        (body.n > 1, "n", "n > 1"), (prompts > 1, "prompt", "several prompts"), (echo, "echo", "echo"),
+        (body.generated_logprobs() is not None, "logprobs", "logprobs"),
+    ):
+        if refused:
+            raise ApiError(400, f"stream with {what} is not supported: send the request without stream", param=param, code="unsupported_with_stream")

@@ -1,0 +1,129 @@
+"""From engine results to OpenAI's response bodies: choices, logprobs in both shapes, usage.
+
+Kept apart from the Serve deployments (like carve.platform.requests) so the
+shapes are checked without Ray. A token's string is the token decoded alone,
+as OpenAI and vLLM return it; a token that is only part of a UTF-8 character
+is written as OpenAI writes it, ``bytes:\\xe2\\x80``, so distinct tokens never
+share a ``top_logprobs`` key.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Optional, Sequence
+
+from carve.engine.batching import JobResult
+from carve.engine.scoring import TokenLogprob
+from carve.platform import api as oa
+from carve.platform.requests import PlannedPrompt
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 bytes (GPT-2's table), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> Optional[bytes]:
+    """A token's raw bytes, for byte-level BPE and sentencepiece byte-fallback (``<0xE2>``) vocabularies; None otherwise."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str):
+        return None
+    if match := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+        return bytes([int(match.group(1), 16)])
+    table = _byte_decoder()
+    return bytes(table[c] for c in piece) if piece and all(c in table for c in piece) else None
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """The token decoded alone; ``bytes:\\x..`` when that is not whole characters."""
+    text = str(tokenizer.decode([token_id]))
+    if "\ufffd" in text and (raw := token_bytes(tokenizer, token_id)) is not None:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text
+
+
+def text_offsets(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Each token's character offset in the decoded text (a token inside a character: that character's)."""
+    return [len(str(tokenizer.decode(list(ids[:i]))).rstrip("\ufffd")) for i in range(len(ids))]
+
+
+def completion_logprobs(tokenizer: Any, entries: Sequence[Optional[TokenLogprob]], ids: Sequence[int]) -> oa.CompletionLogprobs:
+    """The legacy shape over tokens ``ids`` (``entries[i]`` scores ``ids[i]``; None: no logprob, the first prompt token)."""
+    tokens = [token_text(tokenizer, t) for t in ids]
+    offsets = text_offsets(tokenizer, ids)
+    logprobs: list[Optional[float]] = []
+    tops: list[Optional[dict[str, float]]] = []
+    for entry in entries:
+        if entry is None:
+            logprobs.append(None)
+            tops.append(None)
+            continue
+        logprobs.append(entry.logprob)
+        top: dict[str, float] = {}
+        for t, lp in (*entry.top, (entry.token_id, entry.logprob)):  # best first; OpenAI: the chosen token is always listed
+            top.setdefault(token_text(tokenizer, t), lp)  # two tokens of one text: the likelier one's
+        tops.append(top)
+    return oa.CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
+
+
+def _top(tokenizer: Any, token_id: int, logprob: float) -> oa.TopLogprob:
+    text = token_text(tokenizer, token_id)
+    raw = token_bytes(tokenizer, token_id) if text.startswith("bytes:") else None
+    return oa.TopLogprob(token=text, logprob=logprob, bytes=list(raw if raw is not None else text.encode("utf-8")))
+
+
+def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob]) -> oa.ChatLogprobs:
+    """The chat shape: each generated token with its ``top_logprobs`` alternatives."""
+    content = []
+    for entry in entries:
+        head = _top(tokenizer, entry.token_id, entry.logprob)
+        content.append(oa.ChatTokenLogprob(**head.model_dump(), top_logprobs=[_top(tokenizer, t, lp) for t, lp in entry.top]))
+    return oa.ChatLogprobs(content=content)
+
+
+def usage(prompts: Sequence[PlannedPrompt], results: Sequence[JobResult]) -> oa.Usage:
+    """Each prompt's tokens once (whatever n), every choice's generated tokens."""
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
+def completion_choices(tokenizer: Any, body: oa.CompletionRequest, prompts: Sequence[PlannedPrompt], results: Sequence[JobResult]) -> list[oa.CompletionChoice]:
+    """One choice per (prompt, n) in order, ``index`` = prompt * n + choice; echo puts the prompt (and its scores) first."""
+    choices = []
+    for index, result in enumerate(results):
+        prompt = prompts[index // body.n]
+        text = prompt.text + result.text if body.echo else result.text
+        logprobs = None
+        if body.logprobs is not None:
+            entries: list[Optional[TokenLogprob]] = list(result.logprobs)
+            ids = [e.token_id for e in result.logprobs]
+            if body.echo:
+                entries = list(result.prompt_logprobs or [None] * len(prompt.ids)) + entries
+                ids = list(prompt.ids) + ids
+            logprobs = completion_logprobs(tokenizer, entries, ids)
+        choices.append(oa.CompletionChoice(index=index, text=text, finish_reason=result.finish_reason or "length", logprobs=logprobs))  # type: ignore[arg-type]
+    return choices
+
+
+def chat_choices(tokenizer: Any, body: oa.ChatCompletionRequest, results: Sequence[JobResult]) -> list[oa.ChatChoice]:
+    return [
+        oa.ChatChoice(
+            index=index, message=oa.AssistantMessage(content=result.text), finish_reason=result.finish_reason or "length",  # type: ignore[arg-type]
+            logprobs=chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None,
+        )
+        for index, result in enumerate(results)
+    ]

@@ -1,0 +1,49 @@
+"""Helpers for the tests that run the Carve server on a real local Ray: a private CARVE_HOME, a free port, a served model.
+
+Run those tests under the offline wrapper (../shared/tools/offline).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+CARVE_ENV = ("CARVE_HOME", "CARVE_REGISTRY", "CARVE_ADMIN_TOKEN", "CARVE_API_KEY")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def carve_home(root: Path) -> Iterator[Path]:
+    """CARVE_HOME at ``root`` and no registry, token or key from the environment, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in CARVE_ENV}
+    os.environ["CARVE_HOME"] = str(root)
+    for key in CARVE_ENV[1:]:
+        os.environ.pop(key, None)
+    try:
+        yield root
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def local_server(model: Path, registry_root: Path, **settings: Any) -> Iterator[str]:
+    """`carve serve`'s application (gateway + engine) on loopback; its base URL. Serve is shut down afterwards."""
+    from carve.platform.launcher import start_local_server, stop_local_server
+
+    handle = start_local_server(str(model), registry_root, free_port(), **settings)
+    try:
+        yield handle.url
+    finally:
+        stop_local_server()
