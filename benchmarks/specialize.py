@@ -48,7 +48,7 @@ def naive_marginal(engine, requests, new_tokens: int) -> list[list[int]]:  # typ
     """Eq. 2 done the straightforward way: each branch its own forward pass and cache at every step."""
     import torch
 
-    from carve.engine.decoding import _new_cache, combine, pick_token
+    from carve.engine.decoding import combine, pick_token
 
     outputs = []
     model = engine.model
@@ -57,7 +57,7 @@ def naive_marginal(engine, requests, new_tokens: int) -> list[list[int]]:  # typ
             caches, logits = [], []
             for branch in request.branches:
                 ids = torch.tensor([engine.encode(branch.prompt)])
-                cache = _new_cache(model)
+                cache = engine.new_cache(0, "peft")
                 out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 caches.append(cache)
                 logits.append(out.logits[:, -1, :])

@@ -260,13 +260,13 @@ def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(tiny_model_d
 
 
 def test_nucleus_from_top_k_equals_the_full_sort() -> None:
-    from carve.engine.decoding import _nucleus_candidates
+    from carve.engine.picking import nucleus_candidates
 
     generator = torch.Generator().manual_seed(0)
     for temperature in (0.3, 1.0, 5.0):  # peaked to nearly flat: a flat one needs the top-k widened
         probs = torch.softmax(torch.randn(5000, generator=generator) / temperature, dim=-1)
         for top_p in (0.5, 0.9, 0.98):
-            top, order = _nucleus_candidates(probs, top_p, first=64)
+            top, order = nucleus_candidates(probs, top_p, first=64)
             full, full_order = torch.sort(probs, descending=True)
             nucleus = int(((torch.cumsum(full, -1) - full) < top_p).sum())
             assert len(top) >= nucleus

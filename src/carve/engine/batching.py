@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from carve.artifact import AdapterRef
 from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull, Weighted
-from carve.engine.decoding import Branch, GenerationRequest, Sampling
+from carve.engine.requests import Branch, GenerationRequest, Sampling
 from carve.engine.scoring import AdapterSpec, TokenLogprob, branches_of, score_prompts, top_logprobs
 
 

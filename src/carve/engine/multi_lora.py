@@ -19,6 +19,7 @@ lora bias) make :meth:`MultiLora.supports` false and the engine keeps peft's pat
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 PEFT_BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
+MAX_FACTOR_SETS = 8  # distinct sets of adapters whose concatenated factors are kept (continuous batching changes the set often)
 
 
 def _layer_blocks(module: Any, adapters: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor", list[int]]:
@@ -78,8 +80,10 @@ class MultiLora:
         self.model = peft_model
         self.layers = [m for _, m in peft_model.named_modules() if _is_lora_linear(m)]
         self._lora_ids = {id(m) for m in self.layers}
-        self._factors: dict[tuple[tuple[str, ...], tuple[int, ...]], _Factors | None] = {}
-        self._masks: dict[tuple[int, ...], "torch.Tensor"] | None = None  # per batch: None outside batch()
+        # adapter set -> (fused group of modules -> its factors), least recently used first, at most MAX_FACTOR_SETS sets
+        self._factors: OrderedDict[tuple[str, ...], dict[tuple[int, ...], _Factors | None]] = OrderedDict()
+        self._masks: dict[tuple[int, ...], "torch.Tensor"] = {}  # per row assignment
+        self._active = False  # inside batch(): deltas apply
         self._adapters: tuple[str, ...] = ()
         self._rows: list[str] = []
         self._hooks = [layer.register_forward_hook(self._make_hook(layer)) for layer in self.layers]
@@ -102,28 +106,36 @@ class MultiLora:
         return bool(self.layers)
 
     @contextmanager
-    def batch(self, rows: Sequence[str]) -> Iterator["MultiLora"]:
-        """Within the block, forward passes apply adapter ``rows[i]`` to row i (``__base__``: none)."""
-        self._adapters = tuple(sorted({r for r in rows if r != PEFT_BASE}))
-        self._masks = {}
+    def batch(self, rows: Sequence[str], hooks: bool = True) -> Iterator["MultiLora"]:
+        """Within the block, forward passes apply adapter ``rows[i]`` to row i (``__base__``: none).
+
+        ``hooks``: through forward hooks on peft's modules (their own LoRA
+        disabled meanwhile); False when the caller asks :meth:`delta` itself (the engine's runner).
+        """
         self.set_rows(rows)
+        self._active = True
         try:
-            with self.model.disable_adapter():
+            if hooks:
+                with self.model.disable_adapter():
+                    yield self
+            else:
                 yield self
         finally:
-            self._masks = None
+            self._active = False
 
     def set_rows(self, rows: Sequence[str]) -> None:
-        """Reassign rows (the engine drops finished requests' rows as it goes)."""
-        assert self._masks is not None, "set_rows outside batch()"
-        self._rows = list(rows)
-        self._masks.clear()  # masks depend on the rows
+        """Assign rows; the per-row masks are rebuilt only when the rows changed (rows come and go between steps)."""
+        rows = list(rows)
+        if rows == self._rows:
+            return
+        self._rows = rows
+        self._adapters = tuple(sorted({r for r in rows if r != PEFT_BASE}))
+        self._masks = {}
 
     def _mask(self, layout: tuple[int, ...], like: "torch.Tensor") -> "torch.Tensor":
         """[rows, 1, sum r] with ones on each row's own adapter's blocks."""
         import torch
 
-        assert self._masks is not None
         if layout not in self._masks:
             n = len(self._adapters)
             owner = torch.tensor([k % n for k, rank in enumerate(layout) for _ in range(rank)], device=like.device)
@@ -137,19 +149,30 @@ class MultiLora:
 
         None when nothing: no adapter in the batch, or none of them targets these layers.
         """
-        if self._masks is None or not self._adapters:
+        if not self._active or not self._adapters:
             return None
-        key = (self._adapters, tuple(id(m) for m in modules))
-        if key not in self._factors:
-            lora = [m for m in modules if id(m) in self._lora_ids]
-            self._factors[key] = _Factors(modules, self._adapters) if lora else None
-        factors = self._factors[key]
+        factors = self._factors_of(modules)
         if factors is None or factors.a_cat.shape[0] == 0:
             return None
         low = x.to(factors.a_cat.dtype) @ factors.a_cat.T
         if len(self._adapters) > 1 or PEFT_BASE in self._rows:
             low = low * self._mask(factors.layout, low)
         return low @ factors.b_cat.T
+
+    def _factors_of(self, modules: Sequence[Any]) -> _Factors | None:
+        """The concatenated factors of ``modules`` for the current adapter set, built on first use."""
+        per_set = self._factors.get(self._adapters)
+        if per_set is None:
+            while len(self._factors) >= MAX_FACTOR_SETS:
+                self._factors.popitem(last=False)
+            per_set = self._factors[self._adapters] = {}
+        else:
+            self._factors.move_to_end(self._adapters)
+        key = tuple(id(m) for m in modules)
+        if key not in per_set:
+            lora = any(id(m) in self._lora_ids for m in modules)
+            per_set[key] = _Factors(modules, self._adapters) if lora else None
+        return per_set[key]
 
     def _make_hook(self, module: Any) -> Any:
         def hook(_module: Any, inputs: tuple[Any, ...], output: "torch.Tensor") -> "torch.Tensor | None":

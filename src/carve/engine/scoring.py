@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from carve.engine.decoding import EngineError, combine
 from carve.engine.multi_lora import PEFT_BASE
+from carve.engine.picking import combine
+from carve.engine.requests import EngineError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -1,0 +1,454 @@
+"""An engine's running batch: requests join between decoding steps and leave the step they finish (continuous batching).
+
+Every row writes the same cache column at each step: rows are left-padded to
+one common length and the attention mask hides the padding. A request is
+*admitted* into a prefill group of its own; its prompt runs into the group's
+own cache (in chunks under a token budget, so running rows keep decoding
+between chunks) and, once there, the group is *merged* into the running batch:
+both caches right-aligned in one, the shorter side padded on the left, the
+columns no row uses any more dropped. Left padding changes no row's result,
+so a request's tokens are the same whatever shares its batch and whenever it
+joined (the brute-force reference tests stay the judge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
+
+from carve.engine.kv_cache import KVCache
+from carve.engine.multi_lora import PEFT_BASE
+from carve.engine.picking import TextTracker, combine, new_generator, pick_token
+from carve.engine.requests import EngineError, FinishReason, GenerationRequest, StreamEvent
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# How a call's forward passes run: the engine's own runner (carve.engine.runner), Hugging Face's
+# forward with the concatenated-factor LoRA hooks, or Hugging Face's forward with peft's mixed batches.
+ForwardPath = Literal["runner", "multi", "peft"]
+
+
+class EngineCore(Protocol):
+    """What a session needs of its engine (carve.engine.decoding.Engine)."""
+
+    tokenizer: Any
+    eos_ids: set[int]
+    adapters: list[str]
+    share_prefixes: bool
+    min_shared_prefix: int
+    shared_prefix_tokens: int
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
+    def forward_path(self) -> ForwardPath: ...
+    def new_cache(self, capacity: int, path: ForwardPath) -> Any: ...
+    def device(self) -> "torch.device": ...
+    def forward(
+        self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: ForwardPath
+    ) -> "torch.Tensor": ...
+
+
+@dataclass
+class _Row:
+    request: int
+    ids: list[int]
+    adapter: str
+
+
+@dataclass
+class _Request:
+    """One admitted request's decoding state."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    generator: "torch.Generator"
+    tracker: TextTracker
+    steps: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.request.sampling.max_new_tokens - self.steps
+
+
+@dataclass
+class _Rows:
+    """Rows in the cache: attention mask over its columns, each row's last position, adapter and request."""
+
+    attention: "torch.Tensor"  # [rows, columns]
+    positions: "torch.Tensor"  # [rows, 1]
+    adapters: list[str]
+    row_request: list[int]
+    rows_of: dict[int, list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows_of = _rows_by_request(self.row_request)
+
+    def keep(self, requests: Iterable[int]) -> "torch.Tensor":
+        """Keep only the rows of ``requests``; returns the kept row indices."""
+        import torch
+
+        keep = [pos for req in requests for pos in self.rows_of[req]]
+        index = torch.tensor(keep, dtype=torch.long, device=self.attention.device)
+        self.attention = self.attention[index]
+        self.positions = self.positions[index]
+        self.adapters = [self.adapters[p] for p in keep]
+        self.row_request = [self.row_request[p] for p in keep]
+        self.rows_of = _rows_by_request(self.row_request)
+        return index
+
+    def advance(self) -> None:
+        """Every row appended one token."""
+        import torch
+
+        self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=1)
+        self.positions = self.positions + 1
+
+    def dead_columns(self) -> int:
+        """Leading columns that are padding in every row (their keys can go)."""
+        import torch
+
+        used = self.attention.any(dim=0)
+        return int(torch.argmax(used.to(torch.int8))) if bool(used.any()) else int(self.attention.shape[1])
+
+
+class _Prefill:
+    """Requests admitted together, their prompts run into a cache of their own (in chunks under a budget).
+
+    The prompt prefix all rows share is run first, once per distinct adapter,
+    its cache copied to the rows (k-shot demonstrations, chat system text).
+    """
+
+    def __init__(self, engine: EngineCore, rows: list[_Row], path: ForwardPath, max_new_tokens: int):
+        import torch
+
+        self.engine, self.path = engine, path
+        shared = _shared_prefix(engine, rows)
+        rests = [r.ids[shared:] for r in rows]
+        width = max(len(rest) for rest in rests)
+        pad = int(engine.tokenizer.pad_token_id)
+        device = engine.device()
+        self.input_ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=device)
+        self.attention = torch.tensor([[1] * shared + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests], device=device)
+        self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        self.adapters = [r.adapter for r in rows]
+        self.row_request = [r.request for r in rows]
+        self.shared_ids = rows[0].ids[:shared]
+        self.cache = engine.new_cache(shared + width + max_new_tokens, path)
+        self.done = 0  # columns of the rest run so far
+        self.logits: "torch.Tensor | None" = None
+
+    @property
+    def finished(self) -> bool:
+        return self.logits is not None
+
+    def run(self, budget: int | None) -> int:
+        """Run the shared prefix or the next chunk of columns within ``budget`` tokens (None: all); the tokens run."""
+        import torch
+
+        engine, rows = self.engine, len(self.adapters)
+        if self.shared_ids and self.done == 0 and self.cache_length() == 0:
+            distinct = list(dict.fromkeys(self.adapters))
+            ids = torch.tensor([self.shared_ids] * len(distinct), device=self.input_ids.device)
+            positions = torch.arange(len(self.shared_ids), device=ids.device).expand_as(ids)
+            engine.forward(ids, torch.ones_like(ids), positions, distinct, self.cache, self.path)
+            self.cache.batch_select_indices(torch.tensor([distinct.index(a) for a in self.adapters], device=ids.device))
+            engine.shared_prefix_tokens += len(self.shared_ids) * (rows - len(distinct))
+            if budget is not None:
+                return len(self.shared_ids) * len(distinct)
+        width = self.input_ids.shape[1]
+        columns = width - self.done if budget is None else max(1, min(width - self.done, budget // rows))
+        end = self.done + columns
+        shared = len(self.shared_ids)
+        logits = engine.forward(
+            self.input_ids[:, self.done : end], self.attention[:, : shared + end], self.positions[:, self.done : end], self.adapters, self.cache, self.path
+        )
+        self.done = end
+        if end == width:
+            self.logits = logits
+        return rows * columns
+
+    def cache_length(self) -> int:
+        return _cache_length(self.cache)
+
+    def rows(self) -> _Rows:
+        return _Rows(self.attention, self.positions[:, -1:], self.adapters, self.row_request)
+
+
+class DecodeSession:
+    """The running batch of one engine: admit requests, step, cancel; a request's events carry the id admit gave it.
+
+    Not thread-safe: one thread drives a session (the engine's lock is taken by each call).
+    """
+
+    def __init__(self, engine: EngineCore, lock: Any):
+        self.engine = engine
+        self.lock = lock
+        self.path: ForwardPath | None = None  # fixed by the first admission: the cache's kind depends on it
+        self.requests: dict[int, _Request] = {}
+        self._ids = count()
+        self._prefills: list[_Prefill] = []
+        self._rows: _Rows | None = None
+        self._cache: Any = None
+        self._logits: "torch.Tensor | None" = None
+
+    # -- what is in it ------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Requests decoding (their prompts in the running batch)."""
+        return len(self._rows.rows_of) if self._rows is not None else 0
+
+    @property
+    def prefilling(self) -> int:
+        return sum(len(set(p.row_request)) for p in self._prefills)
+
+    @property
+    def rows(self) -> int:
+        """Rows in the running batch (a request has one per branch)."""
+        return len(self._rows.row_request) if self._rows is not None else 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+    def adapters_in_use(self) -> set[str]:
+        """Engine names of the adapters admitted requests decode with: not to be unloaded meanwhile."""
+        return {b.adapter for r in self.requests.values() for b in r.request.branches if b.adapter is not None}
+
+    def accepts_path(self) -> bool:
+        """Whether new requests can join: the engine still runs the forward path this batch's cache was built for."""
+        return self.path is None or self.idle or self.engine.forward_path() == self.path
+
+    # -- admission and prefill ------------------------------------------------
+
+    def admit(self, requests: Sequence[GenerationRequest]) -> list[int]:
+        """Admit requests (prompts encoded and checked now; run by :meth:`prefill`); their ids, in order.
+
+        Raises EngineError, admitting none, when one names an adapter not loaded or an empty prompt.
+        """
+        if not requests:
+            return []
+        loaded = set(self.engine.adapters)
+        rows: list[_Row] = []
+        states: list[_Request] = []
+        for i, request in enumerate(requests):
+            for branch in request.branches:
+                if branch.adapter is not None and branch.adapter not in loaded:
+                    raise EngineError(f"request {i}: adapter {branch.adapter!r} is not loaded (loaded: {', '.join(sorted(loaded)) or 'none'})")
+            encoded = [self.engine.encode(branch.prompt) for branch in request.branches]
+            if any(not ids for ids in encoded):
+                raise EngineError(f"request {i}: empty prompt")
+            states.append(_Request(request, sum(len(ids) for ids in encoded), new_generator(request.sampling.seed), TextTracker(self.engine.tokenizer, request.sampling.stop)))
+            rows += [_Row(-1 - i, ids, branch.adapter or PEFT_BASE) for ids, branch in zip(encoded, request.branches)]
+        with self.lock:
+            path = self.engine.forward_path()
+            if not self.idle and self.path is not None and path != self.path:
+                raise EngineError(f"the engine's forward path changed from {self.path} to {path} while requests decode: wait for them to finish")
+            self.path = path
+            ids = [next(self._ids) for _ in requests]
+            for row in rows:
+                row.request = ids[-1 - row.request]
+            self.requests.update(zip(ids, states))
+            self._prefills.append(_Prefill(self.engine, rows, path, max(r.sampling.max_new_tokens for r in requests)))
+        return ids
+
+    def prompt_tokens(self, request_id: int) -> int:
+        return self.requests[request_id].prompt_tokens
+
+    def prefill(self, budget: int | None = None) -> int:
+        """Run admitted prompts, oldest first, within ``budget`` tokens (None: all of them); merge the finished ones. Tokens run."""
+        import torch
+
+        spent = 0
+        with self.lock, torch.inference_mode():
+            while self._prefills and (budget is None or spent < budget):
+                group = self._prefills[0]
+                spent += group.run(None if budget is None else budget - spent)
+                if group.finished:
+                    self._prefills.pop(0)
+                    self._merge(group)
+        return spent
+
+    def _merge(self, group: _Prefill) -> None:
+        """The finished prefill group joins the running batch (its cancelled requests left behind)."""
+        import torch
+
+        assert group.logits is not None
+        rows, cache, logits = group.rows(), group.cache, group.logits
+        live = [req for req in rows.rows_of if req in self.requests]
+        if len(live) < len(rows.rows_of):
+            if not live:
+                return
+            index = rows.keep(live)
+            cache.batch_select_indices(index)
+            logits = logits[index]
+        if self._rows is None:
+            self._rows, self._cache, self._logits = rows, cache, logits
+            return
+        assert self._logits is not None
+        remaining = max(self.requests[req].remaining for req in (*self._rows.rows_of, *rows.rows_of))
+        self._cache, self._rows = _merged(self._cache, self._rows, cache, rows, remaining)
+        self._logits = torch.cat([self._logits, logits])
+
+    # -- decoding -------------------------------------------------------------
+
+    def step(self) -> list[StreamEvent]:
+        """One token for every running request: pick, report, retire the finished, run the rest one position on."""
+        import torch
+
+        if self._rows is None:
+            return []
+        assert self._logits is not None
+        rows = self._rows
+        with self.lock, torch.inference_mode():
+            logprobs = torch.log_softmax(self._logits.float(), dim=-1)
+            events: list[StreamEvent] = []
+            next_token: dict[int, int] = {}
+            for req, positions in rows.rows_of.items():
+                state = self.requests[req]
+                request = state.request
+                scores = combine(logprobs[positions], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+                token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
+                state.steps += 1
+                reason: FinishReason | None = None
+                if token in self.engine.eos_ids and not request.sampling.ignore_eos:
+                    reason = "eos"
+                elif state.tracker.add(token):
+                    reason = "stop"
+                elif state.steps >= request.sampling.max_new_tokens:
+                    reason = "length"
+                events.append(StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if request.record_scores else None))
+                if reason:
+                    del self.requests[req]
+                else:
+                    next_token[req] = token
+            if not next_token:
+                self._clear_running()
+                return events
+            if len(next_token) < len(rows.rows_of):
+                self._cache.batch_select_indices(rows.keep(next_token))
+            step_ids = torch.tensor([[next_token[req]] for req in rows.row_request], device=rows.attention.device)
+            rows.advance()
+            assert self.path is not None
+            self._logits = self.engine.forward(step_ids, rows.attention, rows.positions, rows.adapters, self._cache, self.path)
+        return events
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop decoding a request now (a client went away); its rows leave the batch. False if it is not here."""
+        if self.requests.pop(request_id, None) is None:
+            return False
+        rows = self._rows
+        if rows is not None and request_id in rows.rows_of:
+            with self.lock:
+                others = [req for req in rows.rows_of if req != request_id]
+                if not others:
+                    self._clear_running()
+                else:
+                    index = rows.keep(others)
+                    self._cache.batch_select_indices(index)
+                    assert self._logits is not None
+                    self._logits = self._logits[index]
+        self._prefills = [p for p in self._prefills if any(req in self.requests for req in p.row_request)]
+        return True
+
+    def _clear_running(self) -> None:
+        self._rows, self._cache, self._logits = None, None, None
+
+
+def _shared_prefix(engine: EngineCore, rows: list[_Row]) -> int:
+    """Tokens every row starts with that are worth prefilling once per adapter (0: none).
+
+    Each row keeps at least one token of its own (the logits of the next token
+    come from it). Off for models with sliding-window layers: padding between
+    prefix and suffix would shift their window.
+    """
+    if not engine.share_prefixes or len(rows) <= len({r.adapter for r in rows}):
+        return 0
+    first = rows[0].ids
+    length = min(len(r.ids) for r in rows) - 1
+    for row in rows[1:]:
+        n = 0
+        while n < length and row.ids[n] == first[n]:
+            n += 1
+        length = n
+    return length if length >= engine.min_shared_prefix else 0
+
+
+def _rows_by_request(row_request: list[int]) -> dict[int, list[int]]:
+    """Request id -> positions of its rows in the batch, in row order."""
+    rows: dict[int, list[int]] = {}
+    for position, request in enumerate(row_request):
+        rows.setdefault(request, []).append(position)
+    return rows
+
+
+def _cache_length(cache: Any) -> int:
+    return cache.length if isinstance(cache, KVCache) else int(cache.get_seq_length())
+
+
+def _merged(cache_a: Any, rows_a: _Rows, cache_b: Any, rows_b: _Rows, remaining: int) -> tuple[Any, _Rows]:
+    """One cache and row set holding both, right-aligned; room for ``remaining`` more columns."""
+    import torch
+
+    if isinstance(cache_a, KVCache):
+        dead_a, dead_b = rows_a.dead_columns(), rows_b.dead_columns()
+        cache = _merged_kv(cache_a, dead_a, cache_b, dead_b, remaining)
+    else:
+        dead_a = dead_b = 0  # Hugging Face's layers keep their own column counts (sliding windows): no trimming
+        cache = _merged_dynamic(cache_a, cache_b)
+    width = max(rows_a.attention.shape[1] - dead_a, rows_b.attention.shape[1] - dead_b)
+
+    def padded(attention: "torch.Tensor", dead: int) -> "torch.Tensor":
+        attention = attention[:, dead:]
+        return torch.nn.functional.pad(attention, (width - attention.shape[1], 0))
+
+    rows = _Rows(
+        torch.cat([padded(rows_a.attention, dead_a), padded(rows_b.attention, dead_b)]),
+        torch.cat([rows_a.positions, rows_b.positions]),
+        rows_a.adapters + rows_b.adapters,
+        rows_a.row_request + rows_b.row_request,
+    )
+    return cache, rows
+
+
+def _merged_kv(a: KVCache, dead_a: int, b: KVCache, dead_b: int, remaining: int) -> KVCache:
+    """The engine's preallocated caches side by side, each without its dead leading columns, padding zeroed."""
+    import torch
+
+    assert a.keys is not None and a.values is not None and b.keys is not None and b.values is not None
+    used_a, used_b = a.length - dead_a, b.length - dead_b
+    width = max(used_a, used_b)
+    rows_a, rows_b = a.keys.shape[1], b.keys.shape[1]
+    out = KVCache(a.layers, a.kv_heads, a.head_dim, width + remaining, a.dtype, a.device)
+    shape = (a.layers, rows_a + rows_b, a.kv_heads, out.capacity, a.head_dim)
+    out.keys = torch.empty(shape, dtype=a.dtype, device=a.device)
+    out.values = torch.empty_like(out.keys)
+    for target, src_a, src_b in ((out.keys, a.keys, b.keys), (out.values, a.values, b.values)):
+        target[:, :rows_a, :, : width - used_a] = 0  # padding keys are masked, but must be finite (0 * NaN is NaN)
+        target[:, rows_a:, :, : width - used_b] = 0
+        target[:, :rows_a, :, width - used_a : width] = src_a[:, :, :, dead_a : a.length]
+        target[:, rows_a:, :, width - used_b : width] = src_b[:, :, :, dead_b : b.length]
+    out.length = width
+    return out
+
+
+def _merged_dynamic(a: Any, b: Any) -> Any:
+    """Hugging Face DynamicCaches side by side, into ``a``: each layer's kept columns right-aligned, the shorter padded with zeros.
+
+    A full-attention layer keeps every column; a sliding-window layer its last
+    ``window - 1``: in both, the wider side's count is what the merged rows need.
+    """
+    import torch
+
+    for layer_a, layer_b in zip(a.layers, b.layers):
+        width = max(layer_a.keys.shape[-2], layer_b.keys.shape[-2])
+
+        def padded(t: "torch.Tensor") -> "torch.Tensor":
+            return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+
+        layer_a.keys = torch.cat([padded(layer_a.keys), padded(layer_b.keys)])
+        layer_a.values = torch.cat([padded(layer_a.values), padded(layer_b.values)])
+        if hasattr(layer_a, "cumulative_length"):
+            layer_a.cumulative_length = max(layer_a.cumulative_length, layer_b.cumulative_length)
+    return a
