@@ -1,0 +1,120 @@
+"""Continuous batching in the engine: requests that join a running batch mid-decode, prompts run in chunks,
+and requests cancelled mid-way decode exactly as each request does alone, on every forward path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
+from carve.engine.models import load_base, plan_load, resolve_model
+
+PROMPTS = [
+    "The patient was treated with",
+    "Gene expression",
+    "Question: Is metformin used for type 2 diabetes? Answer:",
+    "Revenue rose",
+    "1. Instruction: Name the disease.\n1. Input: The child had measles.\n2. Instruction:",
+    "A long clinical note: the patient, a 54 year old man with a history of hypertension and type 2 diabetes, presented with",
+]
+PATHS = {"runner": dict(), "multi": dict(runner=False), "peft": dict(runner=False, multi_lora=False)}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def engine(request: pytest.FixtureRequest, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Engine:
+    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+    eng = Engine(model, tokenizer, base_label="tiny", **PATHS[request.param])
+    for name, path in tiny_adapters.items():
+        eng.load_adapter(name, path)
+    assert eng.forward_path() == request.param
+    return eng
+
+
+def requests() -> list[GenerationRequest]:
+    """Single adapters, the base, a mixture and a contrast, greedy and seeded sampling, different lengths."""
+    return [
+        GenerationRequest.single(PROMPTS[0], "alpha", Sampling(max_new_tokens=14)),
+        GenerationRequest.single(PROMPTS[1], None, Sampling(max_new_tokens=6)),
+        GenerationRequest((Branch(PROMPTS[2], "alpha", 0.7), Branch(PROMPTS[3], "beta", 0.3)), "mixture", Sampling(max_new_tokens=10)),
+        GenerationRequest.single(PROMPTS[4], "gamma", Sampling(max_new_tokens=9, temperature=0.8, seed=11)),
+        GenerationRequest((Branch(PROMPTS[5], "beta"), Branch(PROMPTS[5], None, 0.5)), "contrast", Sampling(max_new_tokens=12)),
+        GenerationRequest.single(PROMPTS[5], "beta", Sampling(max_new_tokens=3)),
+    ]
+
+
+def drive(engine: Engine, arrivals: dict[int, list[GenerationRequest]], budget: int | None, cancel: dict[int, int] | None = None) -> dict[int, list[int]]:
+    """Step a session, admitting ``arrivals[step]`` before that step and cancelling ``cancel[step]`` (by arrival order); tokens per arrival order."""
+    session = engine.session()
+    ids: list[int] = []
+    tokens: dict[int, list[int]] = {}
+    step = 0
+    while step <= max(arrivals) or not session.idle:
+        ids += session.admit(arrivals.get(step, []))
+        if cancel and step in cancel:
+            assert session.cancel(ids[cancel[step]])
+        session.prefill(budget)
+        for event in session.step():
+            tokens.setdefault(ids.index(event.index), []).append(event.token_id)  # type: ignore[arg-type]
+        step += 1
+    return tokens
+
+
+def alone(engine: Engine, request: GenerationRequest) -> list[int]:
+    return engine.generate([request])[0].token_ids
+
+
+@pytest.mark.parametrize("budget", [None, 7])
+def test_requests_joining_a_running_batch_decode_as_alone(engine: Engine, budget: int | None) -> None:
+    reqs = requests()
+    got = drive(engine, {0: reqs[:2], 2: reqs[2:4], 3: [reqs[4]], 9: [reqs[5]]}, budget)
+    for i, request in enumerate(reqs):
+        assert got[i] == alone(engine, request), f"request {i}"
+
+
+def test_chunked_prefill_lets_running_rows_stream_between_chunks(engine: Engine) -> None:
+    session = engine.session()
+    first = session.admit([GenerationRequest.single(PROMPTS[0], "alpha", Sampling(max_new_tokens=30))])
+    session.prefill()
+    session.step()
+    second = session.admit([GenerationRequest.single(PROMPTS[5], "beta", Sampling(max_new_tokens=2))])
+    long_prompt = len(engine.encode(PROMPTS[5]))
+    chunks = 0
+    while session.prefilling:
+        assert session.prefill(4) <= 4
+        chunks += 1
+        expected = first + second if not session.prefilling else first  # the last chunk merges the newcomer
+        assert [e.index for e in session.step()] == expected, "the running request gets a token between prefill chunks"
+    assert chunks == -(-long_prompt // 4)
+
+
+def test_a_cancelled_request_leaves_and_the_rest_decode_as_alone(engine: Engine) -> None:
+    reqs = requests()
+    got = drive(engine, {0: reqs[:3], 1: reqs[3:5]}, None, cancel={4: 0, 5: 3})
+    assert len(got[0]) == 4 and len(got[3]) == 4  # stopped at once: 4 tokens, each, before the cancel
+    for i in (1, 2, 4):
+        assert got[i] == alone(engine, reqs[i]), f"request {i}"
+
+
+def test_a_request_cancelled_while_its_prompt_runs_never_decodes(engine: Engine) -> None:
+    session = engine.session()
+    keep, drop = session.admit([GenerationRequest.single(PROMPTS[0], "alpha", Sampling(max_new_tokens=3))]), session.admit(
+        [GenerationRequest.single(PROMPTS[5], "beta", Sampling(max_new_tokens=3))]
+    )
+    session.prefill(len(engine.encode(PROMPTS[0])))  # the first group only
+    assert session.cancel(drop[0]) and not session.cancel(drop[0])
+    indices = set()
+    while not session.idle:
+        session.prefill()
+        indices |= {e.index for e in session.step()}
+    assert indices == set(keep)
+
+
+def test_bad_admissions_change_nothing(engine: Engine) -> None:
+    session = engine.session()
+    session.admit([GenerationRequest.single(PROMPTS[0], "alpha", Sampling(max_new_tokens=2))])
+    with pytest.raises(EngineError, match="not loaded"):
+        session.admit([GenerationRequest.single(PROMPTS[1], "alpha"), GenerationRequest.single(PROMPTS[1], "nope")])
+    with pytest.raises(EngineError, match="empty prompt"):
+        session.admit([GenerationRequest.single("", None)])
+    assert len(session.requests) == 1 and session.prefilling == 1
