@@ -26,6 +26,14 @@ def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return {name: build_adapter(tiny_model_dir, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta", "gamma"])}
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
+    """The tiny engine run directly with every adapter loaded: what a server or scheduler must answer."""
+    from carve.engine.loading import open_engine
+
+    return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
+
+
 @pytest.fixture(scope="session")
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model of another width: adapters of tiny_model_dir do not fit it."""

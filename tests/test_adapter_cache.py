@@ -19,14 +19,6 @@ def engine(tiny_model_dir: Path):
     return open_engine(str(tiny_model_dir))[0]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
-    """An engine with every adapter loaded up front: what a direct engine run gives."""
-    from carve.engine.loading import open_engine
-
-    return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
-
-
 def ref(name: str, path: Path, version: int = 1) -> AdapterRef:
     return AdapterRef(name, version, str(path))
 

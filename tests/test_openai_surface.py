@@ -51,14 +51,6 @@ def http(server: str) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
-    """The engine run directly with every adapter loaded: what the server must answer."""
-    from carve.engine.loading import open_engine
-
-    return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
-
-
 def direct(reference, prompt: str | list[int], adapter: str | None, **sampling: Any):
     from carve.engine.decoding import GenerationRequest, Sampling
 

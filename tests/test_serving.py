@@ -55,14 +55,6 @@ def client(server: str) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
-    """The engine run directly, with every adapter loaded: what the server must answer."""
-    from carve.engine.loading import open_engine
-
-    return open_engine(str(tiny_model_dir), list(tiny_adapters.items()))[0]
-
-
 def direct(reference, prompt: str, adapter: str | None, max_tokens: int = MAX_TOKENS) -> str:
     from carve.engine.decoding import GenerationRequest, Sampling
 

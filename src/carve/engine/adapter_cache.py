@@ -109,11 +109,23 @@ class AdapterCache:
         # peft adapter names become module-dict keys: no dots; a counter keeps them unique.
         return f"{re.sub(r'[^A-Za-z0-9_]', '_', ref.name)}_v{ref.version}_{next(self._ids)}"
 
-    def merge(self, weighted: Weighted, engine_name: Callable[[AdapterRef], str]) -> str:
+    def drop(self, key: str) -> bool:
+        """Unload one held adapter now (an admission undone); False if it is not held."""
+        with self._keys_lock:
+            engine_name = self._held.pop(key, None)
+        if engine_name is None:
+            return False
+        self.engine.unload_adapter(engine_name)
+        self.evictions += 1
+        return True
+
+    def merge(self, weighted: Weighted, engine_name: Callable[[AdapterRef], str], pinned: Collection[str] = ()) -> str:
         """The engine name of the merge of ``weighted``'s adapters, built now if not held.
 
         The components must be loaded already; ``engine_name`` names them in the
-        engine. The build holds the engine's lock, so it never runs mid-decode.
+        engine. Merges named in ``pinned`` (engine names still decoding) are
+        not evicted: CacheFull when every held merge is. The build holds the
+        engine's lock, so it never runs mid-decode.
         """
         pairs = [(ref, w) for ref, w in weighted if ref is not None]
         if len(pairs) < 2:
@@ -126,8 +138,10 @@ class AdapterCache:
             name = "merged-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
             with self.engine.lock:
                 while len(self._merges) >= self.merge_capacity:
-                    _, old = self._merges.popitem(last=False)
-                    self.engine.unload_adapter(old)
+                    victim = next((k for k, held in self._merges.items() if held not in pinned), None)
+                    if victim is None:
+                        raise CacheFull(f"all {self.merge_capacity} held weight-space merges are decoding")
+                    self.engine.unload_adapter(self._merges.pop(victim))
                     self.merge_evictions += 1
                 self.engine.model.add_weighted_adapter(
                     adapters=[engine_name(ref) for ref, _ in pairs], weights=[w for _, w in pairs],

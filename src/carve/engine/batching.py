@@ -12,12 +12,13 @@ per group (carve.engine.scoring); a job with ``max_new_tokens`` 0 is only scored
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from carve.artifact import AdapterRef
 from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull, Weighted
-from carve.engine.requests import Branch, GenerationRequest, Sampling
+from carve.engine.requests import Branch, GenerationRequest, Sampling, StreamEvent
 from carve.engine.scoring import AdapterSpec, TokenLogprob, branches_of, score_prompts, top_logprobs
 
 
@@ -61,6 +62,17 @@ class Job:
         )
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine replica was doing when it finished a job (reported with the job's final event, for metrics)."""
+
+    replica: str
+    running: int  # sequences (KV rows) decoding
+    waiting: int  # jobs queued for admission
+    step_s: float  # mean time of a decoding step, recent steps
+    step_tokens: float  # mean tokens run per step (decoded rows plus prefill chunks), recent steps
+
+
 @dataclass
 class JobEvent:
     """New text of one job; the last event has ``finish_reason`` or ``error`` set."""
@@ -75,6 +87,9 @@ class JobEvent:
     evicted: list[str] = field(default_factory=list)
     logprob: Optional[TokenLogprob] = None  # the generated token's, when the job asks for logprobs
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # once, before any token, when the job scores its prompt
+    queue_s: Optional[float] = None  # on the first event: time from submission to admission into the running batch
+    load: Optional[EngineLoad] = None  # on the final event, when the replica schedules continuously
+    emitted_at: float = field(default_factory=time.time)  # wall clock (inter-token latency of non-streamed jobs)
 
     @property
     def final(self) -> bool:
@@ -95,9 +110,18 @@ class JobResult:
     evicted: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    queue_s: Optional[float] = None
+    load: Optional[EngineLoad] = None
+    token_times: list[float] = field(default_factory=list)  # when each generated token was emitted (wall clock)
 
     def add(self, event: JobEvent) -> None:
         self.text += event.delta
+        if event.tokens:
+            self.token_times.append(event.emitted_at)
+        if event.queue_s is not None:
+            self.queue_s = event.queue_s
+        if event.load is not None:
+            self.load = event.load
         if event.logprob is not None:
             self.logprobs.append(event.logprob)
         if event.prompt_logprobs is not None:
@@ -123,6 +147,58 @@ def engine_request(weighted: Weighted, prompt: str, sampling: Sampling, engine_n
     """
     branches = tuple(Branch(prompt, engine_name(ref) if ref is not None else None, w) for ref, w in weighted)
     return GenerationRequest(branches, "mixture" if len(branches) > 1 else "single", sampling)
+
+
+def job_spec(job: Job, names: dict[str, str], cache: AdapterCache, pinned: Collection[str] = ()) -> AdapterSpec:
+    """What a job decodes under, in engine names (``names``: adapter key -> engine name): an adapter or None (the base),
+    a merged adapter (built now if not held; ``pinned`` merges are not evicted for it), or mixture branches."""
+
+    def engine_name(ref: AdapterRef) -> str:
+        return names[ref.key]
+
+    if job.mixture and job.space == "weights":
+        return cache.merge(job.mixture, engine_name, pinned=pinned)
+    if job.mixture:
+        return tuple((engine_name(ref) if ref is not None else None, w) for ref, w in job.mixture)
+    return names[job.adapter.key] if job.adapter else None
+
+
+def job_request(job: Job, spec: AdapterSpec) -> GenerationRequest:
+    """The engine request of a job: one branch (rule single) or one per mixture branch (rule mixture)."""
+    branches = tuple(Branch(job.prompt, name, w) for name, w in branches_of(spec))
+    return GenerationRequest(branches, "mixture" if len(branches) > 1 else "single", job.sampling(), record_scores=job.logprobs is not None)
+
+
+def job_event(job: Job, event: StreamEvent) -> JobEvent:
+    """A decoding step's event of a job as its caller sees it (finish reason in OpenAI's words, the token's logprobs if asked)."""
+    out = JobEvent(delta=event.delta, tokens=1 if event.token_id is not None else 0, prompt_tokens=job.prompt_tokens)
+    if event.scores is not None and event.token_id is not None:
+        out.logprob = top_logprobs(event.scores, event.token_id, job.logprobs or 0)
+    if event.finish_reason:
+        out.finish_reason = _FINISH[event.finish_reason]
+    return out
+
+
+def prompt_events(engine: Any, jobs: Sequence[Job], specs: Sequence[AdapterSpec]) -> list[JobEvent]:
+    """Score the jobs' prompts in one engine call: each job's event with its prompt logprobs (final when it generates nothing)."""
+    results = score_prompts(engine, [engine.encode(job.prompt) for job in jobs], list(specs), max(job.prompt_logprobs or 0 for job in jobs))
+    events: list[JobEvent] = []
+    for job, scores in zip(jobs, results):
+        k = job.prompt_logprobs or 0
+        out = JobEvent(prompt_tokens=job.prompt_tokens)
+        out.prompt_logprobs = [s if s is None else TokenLogprob(s.token_id, s.logprob, s.top[:k]) for s in scores]
+        if job.max_new_tokens == 0:
+            out.finish_reason = "length"
+        events.append(out)
+    return events
+
+
+def with_first(first: Optional[JobEvent], event: JobEvent) -> JobEvent:
+    """``event`` carrying what the job's first event reports (adapter loads and evictions, queue time), if it is the first."""
+    if first is not None:
+        event.loaded, event.evicted = first.loaded + event.loaded, first.evicted + event.evicted
+        event.queue_s = first.queue_s if event.queue_s is None else event.queue_s
+    return event
 
 
 def split_by_capacity(jobs: Sequence[Job], capacity: int) -> list[list[int]]:
@@ -151,46 +227,19 @@ class BatchRunner:
         for group in split_by_capacity(jobs, self.cache.capacity):
             self._run_group(jobs, group, emit)
 
-    def _spec(self, job: Job, names: dict[str, str]) -> AdapterSpec:
-        """What a job decodes under, in engine names: an adapter or None (the base), a merged adapter, or mixture branches."""
-
-        def engine_name(ref: AdapterRef) -> str:
-            return names[ref.key]
-
-        if job.mixture and job.space == "weights":
-            return self.cache.merge(job.mixture, engine_name)
-        if job.mixture:
-            return tuple((engine_name(ref) if ref is not None else None, w) for ref, w in job.mixture)
-        return names[job.adapter.key] if job.adapter else None
-
-    @staticmethod
-    def _request(job: Job, spec: AdapterSpec) -> GenerationRequest:
-        """The engine request of a job: one branch (rule single) or one per mixture branch (rule mixture)."""
-        branches = tuple(Branch(job.prompt, name, w) for name, w in branches_of(spec))
-        return GenerationRequest(branches, "mixture" if len(branches) > 1 else "single", job.sampling(), record_scores=job.logprobs is not None)
-
     def _score(self, jobs: Sequence[Job], indices: list[int], specs: dict[int, AdapterSpec], first_event: dict[int, JobEvent], emit: Emit) -> set[int]:
         """Score the prompts of ``jobs[indices]`` in one call and emit each its prompt logprobs (final when it generates nothing).
 
         Returns the jobs scored; on an engine failure each of them gets the error instead.
         """
         try:
-            results = score_prompts(
-                self.engine, [self.engine.encode(jobs[i].prompt) for i in indices], [specs[i] for i in indices],
-                max(jobs[i].prompt_logprobs or 0 for i in indices),
-            )
+            events = prompt_events(self.engine, [jobs[i] for i in indices], [specs[i] for i in indices])
         except Exception as exc:
             for i in indices:
                 emit(i, JobEvent(error=f"{type(exc).__name__}: {exc}", error_kind="internal", prompt_tokens=jobs[i].prompt_tokens))
             return set()
-        for i, scores in zip(indices, results):
-            k = jobs[i].prompt_logprobs or 0
-            out = first_event.pop(i, None) or JobEvent()
-            out.prompt_logprobs = [s if s is None else TokenLogprob(s.token_id, s.logprob, s.top[:k]) for s in scores]
-            out.prompt_tokens = jobs[i].prompt_tokens
-            if jobs[i].max_new_tokens == 0:
-                out.finish_reason = "length"
-            emit(i, out)
+        for i, scored in zip(indices, events):
+            emit(i, with_first(first_event.pop(i, None), scored))
         return set(indices)
 
     def _run_group(self, jobs: Sequence[Job], group: list[int], emit: Emit) -> None:
@@ -218,7 +267,7 @@ class BatchRunner:
                 emit(i, JobEvent(error=why, error_kind="adapter_load", prompt_tokens=jobs[i].prompt_tokens))
                 continue
             try:
-                specs[i] = self._spec(jobs[i], names)
+                specs[i] = job_spec(jobs[i], names, self.cache)
             except Exception as exc:  # a weight-space merge that failed: this job only
                 emit(i, JobEvent(error=f"mixture could not be built: {type(exc).__name__}: {exc}", error_kind="internal"))
         to_score = [i for i in specs if jobs[i].prompt_logprobs is not None]
@@ -226,19 +275,13 @@ class BatchRunner:
         ready = [i for i in specs if jobs[i].max_new_tokens > 0 and (i in scored or i not in to_score)]
         if not ready:
             return
-        requests = [self._request(jobs[i], specs[i]) for i in ready]
+        requests = [job_request(jobs[i], specs[i]) for i in ready]
         done: set[int] = set()
         try:
             for event in self.engine.stream(requests):
                 job = ready[event.index]
-                out = first_event.pop(job, None) or JobEvent()
-                out.delta = event.delta
-                out.tokens = 1 if event.token_id is not None else 0
-                out.prompt_tokens = jobs[job].prompt_tokens
-                if event.scores is not None and event.token_id is not None:
-                    out.logprob = top_logprobs(event.scores, event.token_id, jobs[job].logprobs or 0)
-                if event.finish_reason:
-                    out.finish_reason = _FINISH[event.finish_reason]
+                out = with_first(first_event.pop(job, None), job_event(jobs[job], event))
+                if out.finish_reason:
                     done.add(job)
                 emit(job, out)
         except Exception as exc:  # the engine failed mid-batch: every unfinished job learns why

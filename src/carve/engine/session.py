@@ -204,6 +204,10 @@ class DecodeSession:
         return sum(len(set(p.row_request)) for p in self._prefills)
 
     @property
+    def prefilling_rows(self) -> int:
+        return sum(len(p.row_request) for p in self._prefills)
+
+    @property
     def rows(self) -> int:
         """Rows in the running batch (a request has one per branch)."""
         return len(self._rows.row_request) if self._rows is not None else 0

@@ -1,0 +1,335 @@
+"""Continuous batching for one engine replica: a loop that admits, prefills and decodes per step.
+
+One thread owns the engine. Callers :meth:`Scheduler.submit` jobs from any
+thread and receive their events through a callback; at every decoding step the
+loop
+
+1. drops the jobs whose callers went away,
+2. admits waiting jobs, oldest first, while the running batch has room for
+   their rows: their adapters are acquired (never evicting one a running job
+   decodes with; when every held adapter is in use the job waits for a row to
+   finish), prompts that need logprobs are scored, and the rest join the
+   running batch's prefill (carve.engine.session),
+3. runs prefill chunks within the step's token budget, so running rows keep
+   streaming while a long prompt is read,
+4. decodes one token for every running row and retires the finished at once.
+
+Jobs decode the same tokens as alone (the session's guarantee). A full queue
+refuses new jobs at once (QueueFull, with a retry hint); an accepted job always
+receives exactly one final event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull
+from carve.engine.batching import EngineLoad, Job, JobEvent, job_event, job_request, job_spec, prompt_events, with_first
+from carve.engine.requests import EngineError
+from carve.engine.scoring import AdapterSpec, branches_of
+
+JobEmit = Callable[[JobEvent], None]
+_RECENT = 0.1  # weight of the newest step in the running means
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one replica takes on: rows decoding at once, tokens run per step, jobs queued."""
+
+    max_running: int = 32  # sequences (KV rows; a mixture job has one per branch)
+    max_step_tokens: int = 512  # decoded rows plus prefill tokens per step; a prompt longer than the rest is read in chunks
+    max_waiting: int = 128  # jobs queued for admission; more are refused (HTTP 429)
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.max_step_tokens < 1 or self.max_waiting < 0:
+            raise ValueError(f"limits must be positive: {self}")
+
+
+class QueueFull(RuntimeError):
+    """The replica's queue is full: try again later (``retry_after_s``), here or on another replica."""
+
+    def __init__(self, waiting: int, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the engine replica is at capacity ({waiting} requests waiting); retry in {retry_after_s:.0f} s")
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted job's place in the scheduler."""
+
+    job: Job
+    emit: JobEmit
+    submitted: float = field(default_factory=time.monotonic)
+    session_id: Optional[int] = None
+    keys: set[str] = field(default_factory=set)  # adapter keys it decodes with: pinned in the cache while it runs
+    names: set[str] = field(default_factory=set)  # their engine names (merges included)
+    first: JobEvent = field(default_factory=JobEvent)  # what its first event reports (loads, evictions, queue time)
+    needs_idle: bool = False  # its adapter changes the engine's forward path: admitted once nothing else decodes
+    cancelled: bool = False
+
+    def rows(self) -> int:
+        return max(1, len(self.job.mixture)) if self.job.space != "weights" else 1
+
+
+class _Wait(Exception):
+    """The job at the head of the queue cannot be admitted yet (its adapters need rows to finish)."""
+
+
+class _Failed(Exception):
+    """The job cannot run here; its caller has been sent the error."""
+
+
+class Scheduler:
+    """The engine's loop; ``submit`` and ``cancel`` are thread-safe."""
+
+    def __init__(self, engine: Any, cache: AdapterCache, limits: Limits = Limits(), replica: str = "engine"):
+        self.engine = engine
+        self.cache = cache
+        self.limits = limits
+        self.replica = replica
+        self.session = engine.session()
+        self._waiting: deque[Ticket] = deque()
+        self._live: dict[int, Ticket] = {}  # session id -> ticket
+        self._cancelled: list[Ticket] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.steps = 0
+        self.step_s = 0.0
+        self.step_tokens = 0.0
+        self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
+        self._thread = threading.Thread(target=self._loop, name=f"carve-scheduler-{replica}", daemon=True)
+        self._thread.start()
+
+    # -- callers' side ---------------------------------------------------------
+
+    def submit(self, job: Job, emit: JobEmit) -> Ticket:
+        """Queue ``job``; its events go to ``emit`` (from the scheduler's thread). QueueFull when the queue is full."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFull(len(self._waiting), self._retry_after())
+            ticket = Ticket(job, emit)
+            self._waiting.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The caller went away: the job leaves the queue or the batch at the next step."""
+        with self._cond:
+            if not ticket.cancelled:
+                ticket.cancelled = True
+                self._cancelled.append(ticket)
+                self._cond.notify()
+
+    def load(self) -> EngineLoad:
+        with self._cond:
+            waiting = len(self._waiting)
+        return EngineLoad(self.replica, self.session.rows, waiting, self.step_s, self.step_tokens)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop; jobs not finished get an error event."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _retry_after(self) -> float:
+        backlog = (len(self._waiting) + 1) / self.limits.max_running
+        return float(min(60, max(1, round(backlog * self.job_s))))
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._waiting or self._cancelled or not self.session.idle):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                cancelled, self._cancelled = self._cancelled, []
+            try:
+                for ticket in cancelled:
+                    self._drop(ticket)
+                started = time.perf_counter()
+                tokens = self._admit()
+                if self.session.prefilling:
+                    tokens += self.session.prefill(self._prefill_budget())
+                events = self.session.step()
+                tokens += len(events)
+                if tokens:
+                    self._record_step(time.perf_counter() - started, tokens)
+                self._dispatch(events)
+            except Exception as exc:  # the engine failed: every job it held learns why; the next step starts clean
+                self._fail_running(f"{type(exc).__name__}: {exc}")
+        with self._cond:
+            left, self._waiting = list(self._waiting), deque()
+        for ticket in [*left, *self._live.values()]:
+            self._send(ticket, JobEvent(error="the engine replica is shutting down", error_kind="internal"))
+        self._live.clear()
+
+    def _prefill_budget(self) -> int:
+        """Prefill tokens this step may run: what the decoded rows leave of the step's budget, at least a quarter of it."""
+        return max(self.limits.max_step_tokens - self.session.rows, self.limits.max_step_tokens // 4)
+
+    def _record_step(self, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        first = self.steps == 1
+        self.step_s = seconds if first else (1 - _RECENT) * self.step_s + _RECENT * seconds
+        self.step_tokens = tokens if first else (1 - _RECENT) * self.step_tokens + _RECENT * tokens
+
+    # -- admission -----------------------------------------------------------------
+
+    def _admit(self) -> int:
+        """Admit waiting jobs while rows are free; returns prompt tokens scored (prefill is counted by the session)."""
+        room = self.limits.max_running - self.session.rows - self.session.prefilling_rows
+        admitted: list[tuple[Ticket, AdapterSpec]] = []
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    break
+                ticket = self._waiting[0]
+                if ticket.cancelled:
+                    self._waiting.popleft()
+                    continue
+            busy = bool(admitted) or not self.session.idle
+            if busy and ticket.rows() > room:
+                break
+            if ticket.needs_idle and busy:
+                break
+            try:
+                spec = self._prepare(ticket, admitted)
+            except _Wait:
+                break
+            except _Failed:
+                with self._cond:
+                    self._waiting.popleft()
+                continue
+            with self._cond:
+                self._waiting.popleft()
+            ticket.first.queue_s = time.monotonic() - ticket.submitted
+            admitted.append((ticket, spec))
+            room -= ticket.rows()
+        return self._start(admitted) if admitted else 0
+
+    def _pinned(self, admitted: list[tuple[Ticket, AdapterSpec]]) -> tuple[set[str], set[str]]:
+        """Adapter keys and engine names of every job decoding or being admitted: not to be evicted."""
+        tickets = [*self._live.values(), *(t for t, _ in admitted)]
+        return {k for t in tickets for k in t.keys}, {n for t in tickets for n in t.names}
+
+    def _prepare(self, ticket: Ticket, admitted: list[tuple[Ticket, AdapterSpec]]) -> AdapterSpec:
+        """Acquire the job's adapters and build what it decodes under. _Wait: not yet; _Failed: never (error emitted)."""
+        job = ticket.job
+        pinned_keys, pinned_names = self._pinned(admitted)
+        busy = bool(pinned_keys) or not self.session.idle
+        names: dict[str, str] = {}
+        for ref in job.refs():
+            try:
+                got = self.cache.acquire(ref, pinned=pinned_keys | names.keys())
+            except CacheFull:
+                if busy:
+                    raise _Wait from None
+                self._fail(ticket, f"the request needs {len(job.refs())} adapters at once; this replica holds at most {self.cache.capacity}", "adapter_load")
+                raise _Failed from None
+            except AdapterLoadError as exc:
+                self._fail(ticket, str(exc), "adapter_load")
+                raise _Failed from None
+            names[ref.key] = got.engine_name
+            if got.loaded:
+                ticket.first.loaded.append(ref.key)
+                ticket.first.evicted += got.evicted
+                if busy and not self.session.accepts_path():  # this adapter needs another forward path: wait for an idle batch
+                    self.cache.drop(ref.key)
+                    ticket.first.loaded.remove(ref.key)
+                    ticket.needs_idle = True
+                    raise _Wait
+        try:
+            spec = job_spec(job, names, self.cache, pinned=pinned_names)
+        except CacheFull:
+            raise _Wait from None
+        except Exception as exc:  # a weight-space merge that failed: this job only
+            self._fail(ticket, f"mixture could not be built: {type(exc).__name__}: {exc}", "internal")
+            raise _Failed from None
+        ticket.keys = set(names)
+        ticket.names = {name for name, _ in branches_of(spec) if name is not None}
+        return spec
+
+    def _start(self, admitted: list[tuple[Ticket, AdapterSpec]]) -> int:
+        """Score the prompts that ask for logprobs (one call), then let the generating jobs join the batch (one prefill group)."""
+        scored_tokens = 0
+        scoring = [(t, s) for t, s in admitted if t.job.prompt_logprobs is not None]
+        if scoring:
+            try:
+                events = prompt_events(self.engine, [t.job for t, _ in scoring], [s for _, s in scoring])
+            except Exception as exc:
+                for ticket, _ in scoring:
+                    self._fail(ticket, f"{type(exc).__name__}: {exc}", "internal")
+                admitted = [(t, s) for t, s in admitted if t.job.prompt_logprobs is None]
+            else:
+                for (ticket, _), event in zip(scoring, events):
+                    self._send(ticket, with_first(ticket.first, event))
+                    ticket.first = JobEvent()
+                    scored_tokens += ticket.job.prompt_tokens
+        generating = [(t, s) for t, s in admitted if t.job.max_new_tokens > 0]
+        try:
+            self._join(generating)
+        except EngineError:  # the session refused the group, admitting none: each alone, the refused ones fail
+            for pair in generating:
+                try:
+                    self._join([pair])
+                except EngineError as exc:
+                    self._fail(pair[0], str(exc), "internal")
+        return scored_tokens
+
+    def _join(self, group: list[tuple[Ticket, AdapterSpec]]) -> None:
+        """The jobs join the running batch as one prefill group (their shared prompt prefix read once)."""
+        ids = self.session.admit([job_request(t.job, s) for t, s in group])
+        for (ticket, _), session_id in zip(group, ids):
+            ticket.session_id = session_id
+            self._live[session_id] = ticket
+
+    # -- events ------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[Any]) -> None:
+        for event in events:
+            ticket = self._live.get(event.index)
+            if ticket is None:
+                continue
+            out = with_first(ticket.first, job_event(ticket.job, event))
+            ticket.first = JobEvent()
+            if out.finish_reason:
+                del self._live[event.index]
+                started = ticket.submitted + (out.queue_s or 0.0)
+                self.job_s = (1 - _RECENT) * self.job_s + _RECENT * (time.monotonic() - started)
+                out.load = self.load()
+            self._send(ticket, out)
+
+    def _drop(self, ticket: Ticket) -> None:
+        """A cancelled job leaves: out of the queue, or out of the batch."""
+        with self._cond:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+        if ticket.session_id is not None and self._live.pop(ticket.session_id, None) is not None:
+            self.session.cancel(ticket.session_id)
+        self._send(ticket, JobEvent(error="cancelled: the caller went away", error_kind="cancelled"))
+
+    def _fail(self, ticket: Ticket, why: str, kind: str) -> None:
+        self._send(ticket, with_first(ticket.first, JobEvent(error=why, error_kind=kind, prompt_tokens=ticket.job.prompt_tokens)))
+
+    @staticmethod
+    def _send(ticket: Ticket, event: JobEvent) -> None:
+        """Hand an event to the job's caller; a caller whose callback fails loses its own events, nobody else's."""
+        try:
+            ticket.emit(event)
+        except Exception:  # noqa: BLE001  (e.g. its event loop closed)
+            ticket.cancelled = True
+
+    def _fail_running(self, why: str) -> None:
+        for ticket in self._live.values():
+            self._fail(ticket, why, "internal")
+        self._live.clear()
+        self.session = self.engine.session()

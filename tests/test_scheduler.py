@@ -1,0 +1,159 @@
+"""The continuous-batching scheduler on a real tiny engine (no Ray): jobs submitted while others decode
+give the tokens of a direct engine run, the queue refuses what it cannot hold, cancelled jobs free their rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from carve.artifact import AdapterRef
+from carve.engine.adapter_cache import AdapterCache
+from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
+from carve.engine.scheduler import Limits, QueueFull, Scheduler
+
+PROMPTS = ["The patient was", "Revenue rose", "Gene expression", "Question: Is", "The company said", "### Instruction:"]
+
+
+@pytest.fixture()
+def engine(tiny_model_dir: Path):
+    from carve.engine.loading import open_engine
+
+    return open_engine(str(tiny_model_dir))[0]
+
+
+class Collector:
+    """Each job's events, and a wait for its final one."""
+
+    def __init__(self) -> None:
+        self.events: list[JobEvent] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: JobEvent) -> None:
+        self.events.append(event)
+        if event.final:
+            self.done.set()
+
+    def result(self, timeout: float = 60) -> JobResult:
+        assert self.done.wait(timeout), "no final event"
+        result = JobResult()
+        for event in self.events:
+            result.add(event)
+        return result
+
+
+def ref(tiny_adapters: dict[str, Path], name: str) -> AdapterRef:
+    return AdapterRef(name, 1, str(tiny_adapters[name]))
+
+
+def direct(reference, jobs: list[Job]) -> list[JobResult]:
+    """The same jobs through the static batch runner on an engine holding every adapter: what each must give."""
+    results = [JobResult() for _ in jobs]
+    BatchRunner(reference, AdapterCache(reference, 8)).run(jobs, lambda i, event: results[i].add(event))
+    return results
+
+
+@pytest.fixture()
+def scheduler(engine):
+    made: list[Scheduler] = []
+
+    def make(capacity: int = 4, **limits: int) -> Scheduler:
+        made.append(Scheduler(engine, AdapterCache(engine, capacity), Limits(**limits)))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_jobs_joining_while_others_decode_give_the_direct_tokens(scheduler, reference, tiny_adapters):
+    alpha, beta, gamma = (ref(tiny_adapters, n) for n in ("alpha", "beta", "gamma"))
+    ids = tuple(reference.encode(PROMPTS[3]))
+    jobs = [
+        Job(PROMPTS[0], 1, alpha, 24, ignore_eos=True),
+        Job(PROMPTS[1], 1, None, 10, ignore_eos=True),
+        Job(PROMPTS[2], 1, beta, 14, temperature=0.9, seed=5, ignore_eos=True),
+        Job(ids, len(ids), gamma, 6, logprobs=2, prompt_logprobs=1, ignore_eos=True),  # echo + generated logprobs
+        Job(PROMPTS[4], 1, None, 9, mixture=((alpha, 0.6), (beta, 0.4)), ignore_eos=True),  # output-space mixture: two rows
+        Job(PROMPTS[5], 1, None, 7, mixture=((alpha, 0.5), (gamma, 0.5)), space="weights", ignore_eos=True),
+        Job(ids, len(ids), beta, 0, prompt_logprobs=3),  # echo only
+        Job(PROMPTS[0], 1, gamma, 12, stop=("the",)),
+    ]
+    sched = scheduler(capacity=2, max_running=4, max_step_tokens=6)  # three adapters over two slots, prompts read in chunks
+    collectors = [Collector() for _ in jobs]
+    for job, collector in zip(jobs, collectors):
+        sched.submit(job, collector)
+        time.sleep(0.05)  # arrivals while earlier jobs decode
+    got = [c.result() for c in collectors]
+    want = direct(reference, jobs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.error is None, f"job {i}: {g.error}"
+        assert (g.text, g.completion_tokens, g.finish_reason) == (w.text, w.completion_tokens, w.finish_reason), f"job {i}"
+        assert [e.token_id for e in g.logprobs] == [e.token_id for e in w.logprobs]
+        assert [e.logprob for e in g.logprobs] == pytest.approx([e.logprob for e in w.logprobs], abs=1e-4)
+        if w.prompt_logprobs is not None:
+            assert [e and e.logprob for e in g.prompt_logprobs] == pytest.approx([e and e.logprob for e in w.prompt_logprobs], abs=1e-4)
+        assert sum(e.final for e in collectors[i].events) == 1 and collectors[i].events[-1].final
+        assert g.queue_s is not None and g.queue_s >= 0
+    assert len({r.text for r in got}) > 2
+    assert sched.steps > 0 and sched.load().running == 0
+    assert sorted({k for r in got for k in r.loaded}) == ["alpha@v1", "beta@v1", "gamma@v1"]
+    assert got[0].load is not None and got[0].load.replica == "engine"
+
+
+def test_a_full_queue_refuses_at_once_and_accepted_jobs_complete(scheduler):
+    sched = scheduler(max_running=1, max_waiting=2)
+    accepted: list[Collector] = []
+    refused: list[QueueFull] = []
+    for i in range(6):
+        collector = Collector()
+        try:
+            sched.submit(Job(PROMPTS[i], 1, None, 20, ignore_eos=True), collector)
+            accepted.append(collector)
+        except QueueFull as exc:
+            refused.append(exc)
+    assert 2 <= len(accepted) <= 3 and len(refused) == 6 - len(accepted)
+    assert all(exc.retry_after_s >= 1 and "at capacity" in str(exc) for exc in refused)
+    assert all(c.result().completion_tokens == 20 for c in accepted)
+
+
+def test_a_cancelled_job_frees_its_row_and_others_continue(scheduler, reference):
+    sched = scheduler(max_running=1)
+    long, short = Collector(), Collector()
+    ticket = sched.submit(Job(PROMPTS[0], 1, None, 400, ignore_eos=True), long)
+    sched.submit(Job(PROMPTS[1], 1, None, 5, ignore_eos=True), short)  # waits: one row only
+    deadline = time.monotonic() + 30
+    while len(long.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not short.done.is_set()
+    sched.cancel(ticket)
+    result = short.result()
+    assert result.text == direct(reference, [Job(PROMPTS[1], 1, None, 5, ignore_eos=True)])[0].text
+    assert long.events[-1].error_kind == "cancelled" and sum(e.final for e in long.events) == 1
+    assert sum(e.tokens for e in long.events) < 400
+
+
+def test_a_broken_adapter_or_an_oversized_mixture_fails_its_job_only(scheduler, tiny_adapters, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_adapters["beta"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    sched = scheduler(capacity=2)
+    alpha, beta, gamma = (ref(tiny_adapters, n) for n in ("alpha", "beta", "gamma"))
+    jobs = [
+        Job(PROMPTS[0], 1, AdapterRef("broken", 1, str(broken)), 5),
+        Job(PROMPTS[1], 1, alpha, 5, ignore_eos=True),
+        Job(PROMPTS[2], 1, None, 5, mixture=((alpha, 1.0), (beta, 1.0), (gamma, 1.0))),  # three adapters, two slots
+        Job(PROMPTS[3], 1, None, 5, ignore_eos=True),
+    ]
+    collectors = [Collector() for _ in jobs]
+    for job, collector in zip(jobs, collectors):
+        sched.submit(job, collector)
+    results = [c.result() for c in collectors]
+    assert [r.error_kind for r in results] == ["adapter_load", None, "adapter_load", None]
+    assert "broken@v1 could not be loaded" in results[0].error
+    assert "needs 3 adapters" in results[2].error and "at most 2" in results[2].error
+    assert results[1].completion_tokens == results[3].completion_tokens == 5
