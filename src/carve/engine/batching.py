@@ -81,7 +81,8 @@ class JobEvent:
     tokens: int = 0
     finish_reason: Optional[str] = None  # OpenAI's: "stop" | "length"
     error: Optional[str] = None
-    error_kind: Optional[str] = None  # "adapter_load" | "internal"
+    error_kind: Optional[str] = None  # "adapter_load" | "overloaded" | "cancelled" | "internal"
+    retry_after_s: Optional[float] = None  # with "overloaded": when to try again
     prompt_tokens: int = 0
     loaded: list[str] = field(default_factory=list)  # adapters loaded for this job (metrics)
     evicted: list[str] = field(default_factory=list)
@@ -106,6 +107,7 @@ class JobResult:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     error_kind: Optional[str] = None
+    retry_after_s: Optional[float] = None
     loaded: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
@@ -133,7 +135,7 @@ class JobResult:
         if event.finish_reason:
             self.finish_reason = event.finish_reason
         if event.error:
-            self.error, self.error_kind = event.error, event.error_kind
+            self.error, self.error_kind, self.retry_after_s = event.error, event.error_kind, event.retry_after_s
 
 
 Emit = Callable[[int, JobEvent], None]

@@ -126,6 +126,10 @@ class Scheduler:
                 self._cancelled.append(ticket)
                 self._cond.notify()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def load(self) -> EngineLoad:
         with self._cond:
             waiting = len(self._waiting)

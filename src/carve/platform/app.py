@@ -26,7 +26,8 @@ def build_app(args: Union[ServeConfig, dict[str, Any], None] = None) -> Any:
     engine_options: dict[str, Any] = dict(
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.engine_num_cpus, "num_gpus": config.engine_num_gpus},
-        max_ongoing_requests=max(4 * config.max_batch_size, 64),
+        # Above what the scheduler holds (running + waiting), so that the replica, not Serve's queue, refuses overload.
+        max_ongoing_requests=max(4 * config.max_batch_size, config.max_batch_size + config.max_waiting + 8, 64),
     )
     if config.replicas > 1:
         engine_options["request_router_config"] = RequestRouterConfig(

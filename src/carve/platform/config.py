@@ -35,8 +35,14 @@ class ServeConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     replicas: int = Field(1, ge=1, le=64, description="Engine replicas, each holding the base model once.")
     max_adapters: int = Field(8, ge=1, le=1024, description="Adapters held per replica (LRU).")
-    max_batch_size: int = Field(32, ge=1, le=512, description="Requests decoded together in one engine call.")
-    batch_wait_s: float = Field(0.02, ge=0.0, le=5.0, description="How long a batch waits to fill after its first request.")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: requests join and leave the running batch at every decoding step; "
+        "static: one batch decoded to its end before the next starts (for comparison).",
+    )
+    max_batch_size: int = Field(32, ge=1, le=512, description="Sequences decoded together per replica (a mixture has one per adapter).")
+    max_step_tokens: int = Field(512, ge=1, le=65536, description="Tokens run per decoding step (continuous): longer prompts are read in chunks.")
+    max_waiting: int = Field(128, ge=0, le=100000, description="Requests queued per replica (continuous); more get 429 with Retry-After.")
+    batch_wait_s: float = Field(0.02, ge=0.0, le=5.0, description="How long a static batch waits to fill after its first request.")
     default_max_tokens: int = Field(128, ge=1)
     max_tokens_cap: int = Field(1024, ge=1, description="Requests asking for more new tokens get 400.")
     engine_num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves for each engine replica.")

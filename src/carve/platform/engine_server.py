@@ -1,23 +1,30 @@
 """The engine replica: the base model loaded once, up to N adapters, mixed-adapter batches.
 
-Requests for any adapter enter ONE ``@serve.batch`` queue; each batch is one
-engine call in a worker thread (engine calls are synchronous). The adapter is
-part of the job, never Serve's multiplexed model id: Serve splits batches by
-that id, which would forbid mixing adapters in a forward pass. Each job's
-events reach its caller through a queue, so streaming and non-streaming
-requests share the same batches.
+Continuous batching (the default): the replica's scheduler (carve.engine.scheduler)
+owns the engine in a thread of its own; a request joins the running batch at
+the next decoding step and leaves it when it finishes, or when its caller goes
+away. A full queue answers at once with an "overloaded" event (HTTP 429).
+
+Static batching (``batching: static``, kept for comparison): requests enter ONE
+``@serve.batch`` queue; each batch is one engine call decoded to its end.
+
+Either way the adapter is part of the job, never Serve's multiplexed model id:
+Serve splits batches by that id, which would forbid mixing adapters in a
+forward pass. Each job's events reach its caller through a queue, so streaming
+and non-streaming requests share the same batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
 from carve.engine.adapter_cache import AdapterCache
 from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
+from carve.engine.scheduler import Limits, QueueFull, Scheduler
 from carve.platform.config import ServeConfig
 
 ENGINE_DEPLOYMENT = "CarveEngine"
@@ -54,6 +61,10 @@ class EngineServer:
             torch.set_num_threads(self.config.engine_threads)
         self.engine, self.resolved, self.plan = open_engine(self.config.model, precision=self.config.precision)
         self.cache = AdapterCache(self.engine, self.config.max_adapters)
+        self.scheduler: Optional[Scheduler] = None
+        if self.config.batching == "continuous":
+            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting)
+            self.scheduler = Scheduler(self.engine, self.cache, limits, replica=_replica_name())
         self.runner = BatchRunner(self.engine, self.cache)
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
@@ -74,15 +85,40 @@ class EngineServer:
 
     async def stream(self, job: Job) -> AsyncIterator[JobEvent]:
         """The job's events as they are decoded; the last one is final."""
+        final = False
+        async for event in self._scheduled(job) if self.scheduler is not None else self._batched(job):
+            final = final or event.final
+            yield event
+        if not final:  # the engine died without a word for this job
+            yield JobEvent(error="the engine stopped before finishing this request", error_kind="internal")
+
+    async def _scheduled(self, job: Job) -> AsyncIterator[JobEvent]:
+        """Continuous batching: the job's events from the scheduler; a caller that goes away cancels the job."""
+        assert self.scheduler is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        try:
+            ticket = self.scheduler.submit(job, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        except QueueFull as exc:
+            yield JobEvent(error=str(exc), error_kind="overloaded", retry_after_s=exc.retry_after_s, prompt_tokens=job.prompt_tokens)
+            return
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.final
+                yield event
+        finally:  # cancelled (client disconnect) or closed early: the row is freed at the next step
+            if not finished:
+                self.scheduler.cancel(ticket)
+
+    async def _batched(self, job: Job) -> AsyncIterator[JobEvent]:
+        """Static batching: the job rides the next ``@serve.batch``."""
         pending = _Pending(job)
         task = asyncio.ensure_future(self._run_batch(pending))
         task.add_done_callback(_close_when_done(pending))
-        final = False
         while (event := await pending.queue.get()) is not None:
-            final = final or event.final
             yield event
-        if not final:  # the batch died without a word for this job
-            yield JobEvent(error="the engine stopped before finishing this request", error_kind="internal")
 
     async def generate(self, job: Job) -> JobResult:
         """The whole job at once (non-streaming requests)."""
@@ -92,5 +128,26 @@ class EngineServer:
         return result
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Polled by Serve for the request router: which adapters this replica holds."""
-        return {"adapters": self.cache.keys(), "capacity": self.cache.capacity}
+        """Polled by Serve for the request router: which adapters this replica holds, and how busy it is."""
+        stats: dict[str, Any] = {"adapters": self.cache.keys(), "capacity": self.cache.capacity}
+        if self.scheduler is not None:
+            load = self.scheduler.load()
+            stats.update(running=load.running, waiting=load.waiting)
+        return stats
+
+    def check_health(self) -> None:
+        """Polled by Serve: a replica whose scheduler loop died is restarted."""
+        if self.scheduler is not None and not self.scheduler.alive:
+            raise RuntimeError("the engine scheduler loop has stopped")
+
+    def __del__(self) -> None:
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
+
+
+def _replica_name() -> str:
+    """This replica's id in Serve (the scheduler's name in metrics and thread names)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001  (outside a Serve replica)
+        return "engine"

@@ -73,7 +73,15 @@ def _adapter_info(record: Any) -> oa.AdapterInfo:
     )
 
 
+def _adapter_keys(job: Job) -> list[str]:
+    """The adapters a job decodes with, for the per-adapter request counter (the base model counts as "base")."""
+    return [ref.key for ref in job.refs()] or [BASE_MODEL]
+
+
 def _engine_error(event: JobEvent | JobResult) -> ApiError:
+    if event.error_kind == "overloaded":  # refused before it started: the client may retry (OpenAI's clients honour Retry-After)
+        retry = str(max(1, round(event.retry_after_s or 1)))
+        return ApiError(429, event.error or "the server is at capacity", kind="server_overloaded", code="engine_overloaded", headers={"Retry-After": retry})
     if event.error_kind == "adapter_load":
         return ApiError(500, event.error or "adapter failed to load", kind="server_error", code="adapter_load_failed")
     return ApiError(500, event.error or "internal error", kind="server_error", code="engine_error")
@@ -246,17 +254,23 @@ class Gateway:
         chat = isinstance(body, oa.ChatCompletionRequest)
         if body.stream:  # plan_request allowed it: one prompt, one choice
             job = prompts[0].jobs[0]
+            self.metrics.adapter_request(_adapter_keys(job))
             events = self.engine.options(stream=True).stream.remote(job)
-            first = await events.__anext__()  # adapter load errors arrive before any token: answer them as HTTP errors
+            try:
+                first = await events.__anext__()  # refusals and adapter load errors come before any token: HTTP errors
+            except BaseException:
+                events.cancel()
+                raise
             self._observe_cache(first, job)
             if first.error:
+                events.cancel()
                 raise _engine_error(first)
             self.metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._sse_stream(first, events, body.model, job, carve, chat, include_usage, endpoint, started)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        results = await asyncio.gather(*(self._result(job) for prompt in prompts for job in prompt.jobs))
+        results = await self._results([job for prompt in prompts for job in prompt.jobs], endpoint, time.time())
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         usage = responses.usage(prompts, results)
         self.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
@@ -272,12 +286,25 @@ class Gateway:
             )
         return JSONResponse(reply.model_dump())
 
-    async def _result(self, job: Job) -> JobResult:
+    async def _results(self, jobs: list[Job], endpoint: str, started_wall: float) -> list[JobResult]:
+        """Every choice's whole result, decoded concurrently; when one fails the others are cancelled (their rows freed)."""
+        tasks = [asyncio.ensure_future(self._result(job, endpoint, started_wall)) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _result(self, job: Job, endpoint: str, started_wall: float) -> JobResult:
         """One choice's whole result; a prompt echoed without logprobs needs no engine."""
         if job.max_new_tokens == 0 and job.prompt_logprobs is None:
             return JobResult(prompt_tokens=job.prompt_tokens, finish_reason="length")
+        self.metrics.adapter_request(_adapter_keys(job))
         result: JobResult = await self.engine.generate.remote(job)
         self._observe_cache(result, job)
+        self.metrics.scheduling(result.queue_s, result.token_times, result.load)
+        if result.token_times:
+            self.metrics.first_token.labels(endpoint).observe(max(0.0, result.token_times[0] - started_wall))
         if result.error:
             raise _engine_error(result)
         return result
@@ -355,21 +382,32 @@ class Gateway:
         if chat:
             yield _sse(chunk("", None, role=True))
         event: Optional[JobEvent] = first
+        token_times: list[float] = []
+        finished = False
         try:
             while event is not None:
                 if event is not first:
                     self._observe_cache(event, job)
                 if event.error:
+                    finished = True
                     yield _sse(_engine_error(event).body())
                     break
                 completion_tokens += event.tokens
+                if event.tokens:
+                    token_times.append(event.emitted_at)
+                if event.final:
+                    finished = True
+                    self.metrics.scheduling(first.queue_s, token_times, event.load)
                 if event.delta or event.finish_reason:
                     yield _sse(chunk(event.delta, event.finish_reason))
                 if event.final:
                     break
                 event = await events.__anext__()
         except StopAsyncIteration:
-            pass
+            finished = True
+        finally:  # the client went away (the response is cancelled or closed here): free the job's row in the engine
+            if not finished:
+                events.cancel()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         self.metrics.usage(prompt_tokens, completion_tokens)
         if include_usage:
