@@ -71,6 +71,8 @@ class EngineLoad:
     waiting: int  # jobs queued for admission
     step_s: float  # mean time of a decoding step, recent steps
     step_tokens: float  # mean tokens run per step (decoded rows plus prefill chunks), recent steps
+    steps: int = 0  # decoding steps run since the replica started
+    cancelled: int = 0  # jobs whose callers went away, since the replica started
 
 
 @dataclass

@@ -97,7 +97,9 @@ class Scheduler:
         self._cancelled: list[Ticket] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._rows_held = 0  # rows decoding or being prefilled, as of the loop's last step
         self.steps = 0
+        self.cancelled = 0
         self.step_s = 0.0
         self.step_tokens = 0.0
         self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
@@ -111,7 +113,8 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            if len(self._waiting) >= self.limits.max_waiting:
+            free_rows = max(0, self.limits.max_running - self._rows_held)  # a job about to be admitted is not waiting
+            if len(self._waiting) >= self.limits.max_waiting + free_rows:
                 raise QueueFull(len(self._waiting), self._retry_after())
             ticket = Ticket(job, emit)
             self._waiting.append(ticket)
@@ -133,7 +136,7 @@ class Scheduler:
     def load(self) -> EngineLoad:
         with self._cond:
             waiting = len(self._waiting)
-        return EngineLoad(self.replica, self.session.rows, waiting, self.step_s, self.step_tokens)
+        return EngineLoad(self.replica, self.session.rows, waiting, self.step_s, self.step_tokens, self.steps, self.cancelled)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the loop; jobs not finished get an error event."""
@@ -170,6 +173,8 @@ class Scheduler:
                 self._dispatch(events)
             except Exception as exc:  # the engine failed: every job it held learns why; the next step starts clean
                 self._fail_running(f"{type(exc).__name__}: {exc}")
+            with self._cond:
+                self._rows_held = self.session.rows + self.session.prefilling_rows
         with self._cond:
             left, self._waiting = list(self._waiting), deque()
         for ticket in [*left, *self._live.values()]:
@@ -319,6 +324,7 @@ class Scheduler:
                 self._waiting.remove(ticket)
         if ticket.session_id is not None and self._live.pop(ticket.session_id, None) is not None:
             self.session.cancel(ticket.session_id)
+        self.cancelled += 1
         self._send(ticket, JobEvent(error="cancelled: the caller went away", error_kind="cancelled"))
 
     def _fail(self, ticket: Ticket, why: str, kind: str) -> None:

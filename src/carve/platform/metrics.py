@@ -44,7 +44,8 @@ class ServerMetrics:
         self.waiting = Gauge("carve_engine_waiting_requests", "Requests queued, per engine replica (as of its last finished job).", ["replica"], registry=self.registry)
         self.step_time = Gauge("carve_engine_step_seconds", "Mean time of one decoding step, per engine replica.", ["replica"], registry=self.registry)
         self.step_tokens = Gauge("carve_engine_step_tokens", "Mean tokens run per decoding step (decoded plus prefill), per engine replica.", ["replica"], registry=self.registry)
-        self.overloaded = Counter("carve_overloaded", "Requests refused because an engine replica's queue was full (HTTP 429).", registry=self.registry)
+        self.steps = Gauge("carve_engine_decode_steps", "Decoding steps run since the replica started.", ["replica"], registry=self.registry)
+        self.cancelled = Gauge("carve_engine_cancelled_jobs", "Jobs cancelled because their callers went away, since the replica started.", ["replica"], registry=self.registry)
         self.adapter_loads = Counter("carve_adapter_loads", "Adapters loaded into an engine replica.", ["adapter"], registry=self.registry)
         self.adapter_evictions = Counter("carve_adapter_evictions", "Adapters evicted from an engine replica (LRU).", ["adapter"], registry=self.registry)
         self.adapter_load_failures = Counter(
@@ -79,6 +80,8 @@ class ServerMetrics:
             self.waiting.labels(load.replica).set(load.waiting)
             self.step_time.labels(load.replica).set(load.step_s)
             self.step_tokens.labels(load.replica).set(load.step_tokens)
+            self.steps.labels(load.replica).set(load.steps)
+            self.cancelled.labels(load.replica).set(load.cancelled)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
