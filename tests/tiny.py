@@ -64,7 +64,7 @@ def build_model_folder(folder: Path, seed: int = 0, hidden: int = 64, layers: in
     return folder
 
 
-def build_adapter(model_folder: Path, out: Path, seed: int, rank: int = 4) -> Path:
+def build_adapter(model_folder: Path, out: Path, seed: int, rank: int = 4, scale: float = 0.3) -> Path:
     """A LoRA adapter on all linear layers with random (non-zero) A and B, saved as a PEFT folder."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -77,6 +77,6 @@ def build_adapter(model_folder: Path, out: Path, seed: int, rank: int = 4) -> Pa
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(out)
     return out
