@@ -65,6 +65,7 @@ class Outcome:
     status: int = 0  # HTTP status; 0: the connection failed
     ttft: Optional[float] = None
     gaps: list[float] = field(default_factory=list)  # between consecutive streamed chunks with text
+    token_times: list[float] = field(default_factory=list)  # when each chunk with text arrived (perf_counter)
     e2e: float = 0.0
     tokens: int = 0
     completed: bool = False
@@ -82,7 +83,12 @@ class Run:
     def done(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.completed]
 
+    window: Optional[tuple[float, float]] = None  # closed loop: tokens/s counts the tokens streamed in this window
+
     def tokens_per_s(self) -> float:
+        if self.window is not None:
+            a, b = self.window
+            return sum(1 for o in self.outcomes for t in o.token_times if a <= t <= b) / (b - a)
         return sum(o.tokens for o in self.done()) / self.elapsed if self.elapsed else 0.0
 
     def requests_per_s(self) -> float:
@@ -98,8 +104,8 @@ class Run:
         return sum(1 for o in self.outcomes if o.error == "unfinished")
 
     def lost(self) -> int:
-        """Accepted (200) but not completed, the unfinished included."""
-        return sum(1 for o in self.outcomes if o.status == 200 and not o.completed)
+        """Accepted (200) but ended without completing (an error mid-stream, a broken connection); unfinished not counted."""
+        return sum(1 for o in self.outcomes if o.status == 200 and not o.completed and o.error != "unfinished")
 
     def figures(self) -> dict[str, Any]:
         done = self.done()
@@ -171,6 +177,7 @@ async def send(client: Any, request: Request, stream: bool) -> Outcome:
                     out.tokens = chunk["usage"]["completion_tokens"]
                 elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     now = time.perf_counter()
+                    out.token_times.append(now)
                     if last is None:
                         out.ttft = now - started
                     else:
@@ -191,6 +198,7 @@ async def closed_loop(url: str, requests: list[Request], clients: int, seconds: 
     run = Run(label, "saturation", None)
     queue = iter(requests * 100)
     started = time.perf_counter()
+    run.window = (started + 0.25 * seconds, started + seconds)  # steady state: after the clients' first prefills
 
     async def client_loop(client: Any) -> None:
         while time.perf_counter() - started < seconds:
@@ -277,6 +285,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch", type=int, default=16, help="sequences decoded together (both batchers) and saturation clients")
     parser.add_argument("--max-waiting", type=int, default=16, help="continuous server's queue; more get 429")
+    parser.add_argument("--max-step-tokens", type=int, default=128, help="continuous server's tokens per step (prefill chunk)")
     parser.add_argument("--saturation-s", type=float, default=60.0)
     parser.add_argument("--duration-s", type=float, default=60.0, help="arrivals per open-loop level")
     parser.add_argument("--drain-s", type=float, default=60.0)
@@ -305,9 +314,10 @@ def main() -> None:
             registry.add(path, name, base=resolved)
         models = [*adapters, "base"]
         requests = workload(models, 2000, args.seed)
+        mean_tokens = sum(r.max_tokens for r in requests) / len(requests)
         settings = dict(
             max_adapters=8, engine_num_cpus=0, engine_threads=args.threads, max_batch_size=args.batch, max_waiting=args.max_waiting,
-            max_tokens_cap=256, batch_wait_s=0.05,
+            max_tokens_cap=256, batch_wait_s=0.05, max_step_tokens=args.max_step_tokens,
         )
         handle = start_local_server(args.model, registry.root, free_port(), num_cpus=os.cpu_count() or 2, batching="continuous", **settings)
         url = handle.url
@@ -325,7 +335,7 @@ def main() -> None:
                 saturation[variant] = asyncio.run(closed_loop(url, requests, args.batch, args.saturation_s, True, variant))
                 runs.append(saturation[variant])
                 print(table(runs[-1:]), flush=True)
-                sat_rate = saturation["continuous"].requests_per_s()
+                sat_rate = saturation["continuous"].tokens_per_s() / mean_tokens  # requests/s the continuous server sustains
                 for level in LEVELS:
                     runs.append(asyncio.run(open_loop(url, requests, level * sat_rate, args.duration_s, args.drain_s, True, variant, f"{level:.1f}")))
                     print(table(runs[-1:]).splitlines()[1], flush=True)
@@ -350,7 +360,7 @@ def main() -> None:
     (OUT_DIR / "serving_load.json").write_text(json.dumps([r.figures() for r in runs], indent=1))
     picture = chart(runs, unloaded_itl, OUT_DIR / "serving_load.png")
     print()
-    print(f"{args.model}, {args.batch} sequences per batch, continuous queue {args.max_waiting}, {args.threads} torch thread(s), "
+    print(f"{args.model}, {args.batch} sequences per batch, continuous queue {args.max_waiting}, step budget {args.max_step_tokens} tokens, {args.threads} torch thread(s), "
           f"8 adapters + base, outputs 8-128 tokens, open-loop levels of {args.duration_s:.0f} s (drain {args.drain_s:.0f} s)")
     print(table(runs))
     print(f"unloaded inter-token p50 {1000 * unloaded_itl:.0f} ms; at 70%: continuous inter-token p99 {1000 * cb70['itl_p99']:.0f} ms "
