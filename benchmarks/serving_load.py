@@ -86,9 +86,11 @@ class Run:
     window: Optional[tuple[float, float]] = None  # closed loop: tokens/s counts the tokens streamed in this window
 
     def tokens_per_s(self) -> float:
-        if self.window is not None:
-            a, b = self.window
-            return sum(1 for o in self.outcomes for t in o.token_times if a <= t <= b) / (b - a)
+        if self.window is not None:  # steady state: from the first request's completion (clients now recycle) to the deadline
+            starts = [o.token_times[-1] for o in self.done() if o.token_times]
+            a, b = (min(starts) if starts else self.window[0]), self.window[1]
+            if b - a > 1.0:
+                return sum(1 for o in self.outcomes for t in o.token_times if a <= t <= b) / (b - a)
         return sum(o.tokens for o in self.done()) / self.elapsed if self.elapsed else 0.0
 
     def requests_per_s(self) -> float:
@@ -198,7 +200,7 @@ async def closed_loop(url: str, requests: list[Request], clients: int, seconds: 
     run = Run(label, "saturation", None)
     queue = iter(requests * 100)
     started = time.perf_counter()
-    run.window = (started + 0.25 * seconds, started + seconds)  # steady state: after the clients' first prefills
+    run.window = (started, started + seconds)
 
     async def client_loop(client: Any) -> None:
         while time.perf_counter() - started < seconds:

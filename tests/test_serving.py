@@ -322,3 +322,77 @@ def test_health_and_metrics(client):
     assert value(r'carve_routing_decisions_total\{mode="explicit",space="single",target="alpha"') >= 3
 
 # Keyed inference (CARVE_API_KEY) is tested with `carve serve` itself in test_serving_cli.py.
+
+
+# -- fuzzing ------------------------------------------------------------------------------------
+
+
+def _random_value(rng, depth: int = 0) -> Any:
+    """A random JSON value: every type, huge numbers, NUL bytes and odd text, nested a little."""
+    kinds = ["null", "bool", "int", "huge", "float", "text", "nul", "list", "object"][: 7 if depth > 2 else 9]
+    kind = rng.choice(kinds)
+    if kind == "null":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.choice([-1, 0, 1, 2, 7, 2**31, -(2**63)])
+    if kind == "huge":
+        return rng.choice([10**400, -(10**400), 1e308, -1e308, 2**64 + 1])
+    if kind == "float":
+        return rng.choice([0.5, -0.0, 3.7, 1e-320, 1e20])
+    if kind == "text":
+        return rng.choice(["", "base", "alpha", "user", "\u202e\u0000x", "🙂" * 50, "a" * 5000])
+    if kind == "nul":
+        return "\x00" * rng.randint(1, 40)
+    if kind == "list":
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(["model", "prompt", "messages", "role", "content", "x", "max_tokens", "n"]): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _fuzz_bodies(rng, valid: dict[str, Any], count: int) -> Iterator[bytes]:
+    """Bodies made from ``valid``: a field replaced, a field dropped, an unknown key, or a random document."""
+    for _ in range(count):
+        body = json.loads(json.dumps(valid))
+        action = rng.choice(["replace", "replace", "drop", "extra", "random"])
+        key = rng.choice(list(body))
+        if action == "replace":
+            body[key] = _random_value(rng)
+        elif action == "drop":
+            del body[key]
+        elif action == "extra":
+            body[rng.choice(["logprobs", "echo", "n", "stop", "seed", "carve", "tools", "zzz"])] = _random_value(rng)
+        else:
+            body = _random_value(rng)
+        yield json.dumps(body).encode()
+
+
+def test_fuzzed_bodies_get_only_4xx_and_the_server_keeps_serving(client):
+    import random
+
+    rng = random.Random(20261203)
+    valid = {
+        "/v1/completions": {"model": "alpha", "prompt": "The patient", "max_tokens": 3, "temperature": 0},
+        "/v1/chat/completions": {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        "/tokenize": {"prompt": "The patient"},
+        "/detokenize": {"tokens": [1, 2, 3]},
+        "/v1/adapters": {"name": "fuzzed", "path": "/nonexistent", "tags": ["x"]},
+    }
+    extremes = [
+        b"[" * 5000 + b"]" * 5000,  # nesting deeper than any parser's recursion
+        json.dumps({"model": "alpha", "prompt": "x" * (10 << 20), "max_tokens": 1}).encode(),  # a 10 MB string
+        json.dumps({"model": "alpha", "prompt": "a\x00b", "max_tokens": 2, "stop": ["\x00"]}).encode(),
+        b'{"model": "alpha", "prompt": "x", "max_tokens": NaN}', b"\xff\xfe not utf-8", b"", b"null", b"42",
+    ]
+    statuses: dict[int, int] = {}
+    for path, body in valid.items():
+        headers = {"Content-Type": "application/json", **(admin() if path == "/v1/adapters" else {})}
+        for raw in [*_fuzz_bodies(rng, body, 40), *extremes]:
+            reply = client.post(path, content=raw, headers=headers)
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            assert reply.status_code < 500, (path, raw[:200], reply.status_code, reply.text[:300])
+            if reply.status_code >= 400:
+                assert "error" in reply.json()
+    assert sum(n for s, n in statuses.items() if 400 <= s < 500) > 100, statuses
+    assert complete(client, "alpha", "The patient was").status_code == 200  # still serving
+    assert '"fuzzed"' not in client.get("/v1/adapters", headers=admin()).text  # nothing registered by a fuzzed body

@@ -56,6 +56,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise ApiError(422, f"malformed JSON body{where}: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(422, "malformed JSON body: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(422, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
