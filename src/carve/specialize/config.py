@@ -88,6 +88,11 @@ class RunConfig(BaseModel):
     seed: int = 0
     num_instructions: int = Field(5000, ge=1)
     iterations: Literal[1, 2] = 1
+    instances: Literal["generated", "corpus"] = Field(
+        "generated", description="where stage 1's task inputs come from: the model's own list continuations (the paper) or corpus sentences (carve.specialize.grounded)"
+    )
+    corpus_per_task: int = Field(12, ge=1, description="instances: corpus: inputs selected per sentence-input seed task")
+    corpus_shots: int = Field(2, ge=1, description="instances: corpus: seeds shown before each input, in each of the two views whose answers must agree")
     # instruction generation (Table 3, appendix B)
     prompt_style: Literal["raw", "chat"] = "chat"
     seeds_per_prompt: int = Field(3, ge=1)
@@ -136,6 +141,12 @@ class RunConfig(BaseModel):
     def _demonstrations_need_seeds(self) -> "RunConfig":
         if self.seed_demonstrations and not (self.train_on_seeds or self.uses_seed_adapter()):
             raise ValueError("seed_demonstrations needs train_on_seeds or a seed adapter: the demonstrated examples are seeds")
+        return self
+
+    @model_validator(mode="after")
+    def _corpus_instances_once(self) -> "RunConfig":
+        if self.instances == "corpus" and self.iterations != 1:
+            raise ValueError("instances 'corpus' runs one iteration: iteration 2 generates a fresh instruction set, which corpus instances do not have")
         return self
 
     def uses_seed_adapter(self) -> bool:

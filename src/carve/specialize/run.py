@@ -84,6 +84,8 @@ def prepare(config: RunConfig, seeds: Path, corpus: Path | None, out: Path, resu
         load_suite(Path(eval_tasks))  # a bad task file fails now, not after an hour of training
     if corpus is None and config.retrieval != "none":
         raise RunError("a corpus is needed for retrieval: give --corpus FILE, or --retrieval none")
+    if corpus is None and config.instances == "corpus":
+        raise RunError("instances 'corpus' takes its task inputs from a corpus: give --corpus FILE")
     loaded = load_corpus(corpus) if corpus is not None else None
     base = resolve_model(config.base)
     inputs = Inputs(config, seed_set, loaded, base, Path(out))
@@ -299,6 +301,40 @@ def _iteration(
     return trained.adapter_dir
 
 
+def _grounded_iteration(engine: Any, inputs: Inputs, manifest: Manifest, init_adapter: Path | None, responder: str | None) -> Path:
+    """Stages 1-4 with corpus sentences as the task inputs (carve.specialize.grounded); returns the trained adapter folder."""
+    from carve.specialize.grounded import grounded_instances, training_examples
+    from carve.specialize.training import train_lora
+
+    config, corpus = inputs.config, inputs.corpus
+    assert corpus is not None  # prepare() refuses corpus instances without one
+    made = manifest.timed(
+        "corpus_instances",
+        lambda: grounded_instances(engine, config, inputs.seed_set, corpus, inputs.out, inputs.out.parent / ".carve-bm25", responder),
+    )
+    examples = training_examples(made.kept, config.seed_demonstrations > 0)
+    if config.train_on_seeds:
+        examples += seed_examples(inputs.seed_set, config.seed_demonstrations)
+    write_jsonl_atomic(inputs.out / TRAINING_SET, examples)
+    manifest.data["counts"]["corpus_instances"] = {
+        "instances": made.instances, "kept": len(made.kept), "removed": made.counts, "kept_per_task": made.per_task,
+        "skipped_tasks": made.skipped_tasks, "generated_tokens": made.generated_tokens, "training_examples": len(examples),
+    }
+    manifest.save()
+    if not examples:
+        if init_adapter is None:
+            raise RunError(f"no corpus instance passed the filters and no seeds train: nothing to train on ({inputs.out})")
+        manifest.data["counts"]["training"] = {"examples": 0, "kept_adapter": str(init_adapter)}
+        manifest.save()
+        return init_adapter
+    trained = manifest.timed(
+        "training", lambda: train_lora(inputs.base.path, examples, config.training, inputs.out / "train", config.seed, init_adapter, label="training (corpus instances)")
+    )
+    manifest.data["counts"]["training"] = _training_counts(trained)
+    manifest.save()
+    return trained.adapter_dir
+
+
 def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage; returns the manifest data. Call :func:`prepare` first."""
     from carve.engine.loading import open_engine
@@ -315,7 +351,11 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
     if seed_adapter is not None and config.respond_with == "seed_adapter":
         engine.load_adapter(SEEDED, seed_adapter)
         responder = SEEDED
-    trained = _iteration(engine, inputs, manifest, inputs.out, 1, seed_adapter if config.train_from == "seed_adapter" else None, responder)
+    start_from = seed_adapter if config.train_from == "seed_adapter" else None
+    if config.instances == "corpus":
+        trained = _grounded_iteration(engine, inputs, manifest, start_from, responder)
+    else:
+        trained = _iteration(engine, inputs, manifest, inputs.out, 1, start_from, responder)
     if config.iterations == 2:
         if SPECIALIZED in engine.adapters:
             engine.unload_adapter(SPECIALIZED)
