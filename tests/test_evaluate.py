@@ -211,12 +211,14 @@ def engine(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
 
 
 def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, seed_dir: Path, tmp_path: Path) -> None:
-    from carve.evaluation.run import MACRO, EvalReport, evaluate_models
+    from carve.evaluation.run import MACRO, EvalError, EvalReport, evaluate_models
 
     out = tmp_path / "out"
     models = {"base": None, "alpha": "alpha", "beta": "beta"}
     # A small context (one demo fits, ~330 tokens) so the long example (~1300) loses its demo and has its input cut.
-    report = evaluate_models(engine, models, suite_dir, [0, 1], load_seed_set(seed_dir), None, out, max_new_tokens=8, batch_size=3, max_context=400)
+    report = evaluate_models(
+        engine, models, suite_dir, [0, 1], load_seed_set(seed_dir), None, out, max_new_tokens=8, batch_size=3, max_context=400, against=["alpha"]
+    )
 
     assert sorted(p.name for p in out.iterdir()) == ["chart.png", "predictions.jsonl", "report.md", "results.json"]
     assert EvalReport.model_validate_json((out / "results.json").read_text()) == report
@@ -248,14 +250,19 @@ def test_run_writes_results_predictions_report_chart(engine, suite_dir: Path, se
     text = (out / "report.md").read_text()
     assert "## Token F1" in text and "## ROUGE-L" in text and "| k=0 base | k=0 alpha | k=0 beta | k=1 base |" in text
     assert "| qa |" in text and "| **macro average** |" in text and "chart.png" in text
-    # each adapter against the base, per k and metric, its gain the macro difference of the table
-    assert {(g.model, g.k, g.metric) for g in report.gains} == {(m, k, x) for m in ("alpha", "beta") for k in (0, 1) for x in ("f1", "rouge_l")}
+    # each adapter against the base, and beta against alpha (--against), per k and metric, its gain the macro difference of the table
+    pairs = {("alpha", "base"), ("beta", "base"), ("beta", "alpha")}
+    assert {(g.model, g.baseline, g.k, g.metric) for g in report.gains} == {(m, b, k, x) for m, b in pairs for k in (0, 1) for x in ("f1", "rouge_l")}
     for g in report.gains:
-        table_gain = getattr(report.score(MACRO, g.model, g.k), g.metric) - getattr(report.score(MACRO, "base", g.k), g.metric)
+        table_gain = getattr(report.score(MACRO, g.model, g.k), g.metric) - getattr(report.score(MACRO, g.baseline, g.k), g.metric)
         assert g.gain == pytest.approx(table_gain, abs=1e-3) and g.low <= g.gain + 1e-9 and g.gain <= g.high + 1e-9
-    assert "## Against the base" in text and "| alpha | 0 |" in text
+    assert "## Paired gains" in text and "| alpha | base | 0 |" in text and "| beta | alpha | 1 |" in text
     short = report.summary()
     assert set(short["macro"]) == set(models) and set(short["f1_gain_over_base"]) == {f"{m} k={k}" for m in ("alpha", "beta") for k in (0, 1)}
+    assert set(short["f1_gain_over"]) == {"beta vs alpha k=0", "beta vs alpha k=1"}
+    with pytest.raises(EvalError, match="--against gamma"):
+        evaluate_models(engine, models, suite_dir, [0], None, None, tmp_path / "never", against=["gamma"])
+    assert not (tmp_path / "never").exists()
 
     # Mixed batches change nothing: the base alone, in another run, answers exactly as in the mixed run.
     alone = evaluate_models(engine, {"base": None}, suite_dir, [0, 1], load_seed_set(seed_dir), None, tmp_path / "alone", max_new_tokens=8, batch_size=3, max_context=400)

@@ -80,6 +80,9 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per batch (each decoded by every model)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Upper bound of new tokens per answer."),
     max_context: int = typer.Option(DEFAULT_MAX_CONTEXT, "--max-context", help="Cap on prompt + answer tokens."),
+    against: Optional[List[str]] = typer.Option(
+        None, "--against", help="Also pair every adapter against this one (its label: the folder name), e.g. the seeds-only adapter; repeatable."
+    ),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or int8 (CPU: decoding on int8 copies of the base weights)."),
 ) -> None:
     """Evaluate a base model and its adapters with the paper's protocol (token F1, ROUGE-L, k-shot)."""
@@ -106,7 +109,7 @@ def eval_command(
         engine, resolved, _ = open_engine(base, adapters, precision)
         models: dict[str, str | None] = {BASE_LABEL: None, **{label: label for label, _ in adapters}}
         identities = {BASE_LABEL: resolved.fingerprint, **{label: f"{resolved.fingerprint}+{fingerprint_weights(path)}" for label, path in adapters}}
-        report = evaluate_models(engine, models, tasks, k_values, seed_set, limit, out, max_new_tokens, batch_size, max_context, identities)
+        report = evaluate_models(engine, models, tasks, k_values, seed_set, limit, out, max_new_tokens, batch_size, max_context, identities, list(against or []))
     except (EvalError, SuiteError, PromptError, SeedSetError, ModelError, AdapterValidationError, EngineError) as exc:
         raise fail(str(exc))
     for table in rich_tables(report):

@@ -54,19 +54,21 @@ def markdown_table(report: EvalReport, metric: str) -> str:
 
 
 def gain_rows(report: EvalReport) -> list[list[str]]:
-    """model, k, F1 gain [interval], ROUGE-L gain [interval], tasks above / below the base, worst task: one row per adapter x k."""
-    by_key = {(g.model, g.k, g.metric): g for g in report.gains}
+    """model, against, k, F1 gain [interval], ROUGE-L gain [interval], tasks above / below, worst task: one row per pair x k."""
+    by_key = {(g.model, g.baseline, g.k, g.metric): g for g in report.gains}
     rows = []
-    for model, k in dict.fromkeys((g.model, g.k) for g in report.gains):
-        f1, rouge = by_key.get((model, k, "f1")), by_key.get((model, k, "rouge_l"))
+    for model, baseline, k in dict.fromkeys((g.model, g.baseline, g.k) for g in report.gains):
+        f1, rouge = by_key.get((model, baseline, k, "f1")), by_key.get((model, baseline, k, "rouge_l"))
         cells = [f"{g.gain:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" if g else "-" for g in (f1, rouge)]
         reference = f1 or rouge
         assert reference is not None
-        rows.append([model, str(k), *cells, f"{reference.tasks_better} / {reference.tasks_worse}", f"{reference.worst_task} ({reference.worst_task_gain:+.2f})"])
+        rows.append(
+            [model, baseline, str(k), *cells, f"{reference.tasks_better} / {reference.tasks_worse}", f"{reference.worst_task} ({reference.worst_task_gain:+.2f})"]
+        )
     return rows
 
 
-GAIN_HEADERS = ["model", "k", "token F1 gain [95% interval]", "ROUGE-L gain [95% interval]", "tasks above / below base (F1)", "worst task (F1 gain)"]
+GAIN_HEADERS = ["model", "against", "k", "token F1 gain [95% interval]", "ROUGE-L gain [95% interval]", "tasks above / below (F1)", "worst task (F1 gain)"]
 
 
 def markdown_report(report: EvalReport) -> str:
@@ -95,13 +97,13 @@ def markdown_report(report: EvalReport) -> str:
     if report.gains:
         parts += [
             "",
-            "## Against the base",
+            "## Paired gains",
             "",
-            "Macro-average difference to the base in points; the interval is a 95% paired bootstrap over the evaluated examples "
-            "(each task resampled, the same examples for both models).",
+            "Macro-average difference to the base (and to each `--against` adapter) in points; the interval is a 95% paired bootstrap "
+            "over the evaluated examples (each task resampled, the same examples for both models).",
             "",
             "| " + " | ".join(GAIN_HEADERS) + " |",
-            "|---|---:|---:|---:|---:|---|",
+            "|---|---|---:|---:|---:|---:|---|",
             *("| " + " | ".join(row) + " |" for row in gain_rows(report)),
         ]
     parts += [
@@ -132,7 +134,7 @@ def rich_tables(report: EvalReport) -> list["RenderableType"]:
             table.add_row(f"[bold]{task}[/bold]" if task == MACRO else task, *cells, end_section=task == report.tasks[-1].task)
         tables.append(table)
     if report.gains:
-        table = Table(*GAIN_HEADERS, title="against the base (points, 95% paired bootstrap interval)", title_justify="left")
+        table = Table(*GAIN_HEADERS, title="paired gains (points, 95% paired bootstrap interval)", title_justify="left")
         for row in gain_rows(report):
             table.add_row(*row)
         tables.append(table)

@@ -79,6 +79,7 @@ def evaluate_models(
     batch_size: int = 8,
     max_context: int = DEFAULT_MAX_CONTEXT,
     identities: dict[str, str] | None = None,
+    against: Sequence[str] = (),
 ) -> EvalReport:
     """Evaluate every model on every task at every k and write the four result files.
 
@@ -86,11 +87,16 @@ def evaluate_models(
     the base). ``batch_size`` counts examples; each batch decodes that many rows
     per model. ``identities`` (label -> weights fingerprint) decides which
     journaled predictions of an interrupted run may be reused; without it a
-    model is known by its label and adapter name only. Nothing is written
+    model is known by its label and adapter name only. Every adapter's paired
+    gain is measured against the base and against each label in ``against``
+    (the seeds-only adapter a self-specialized one must beat). Nothing is written
     unless the suite, models and settings are valid.
     """
 
     settings = EvalSettings(tuple(shots), limit, max_new_tokens, batch_size, max_context)
+    unknown = [label for label in against if label not in models or label == BASE_LABEL]
+    if unknown:
+        raise EvalError(f"--against {', '.join(unknown)}: not an adapter of this evaluation (adapters: {', '.join(m for m in models if m != BASE_LABEL) or 'none'})")
     suites = load_suite(Path(tasks_dir))
     _check(engine, models, settings, demos)
     started = time.monotonic()
@@ -99,7 +105,7 @@ def evaluate_models(
     journal = Journal(Path(out_dir) / JOURNAL)
     known = {label: (identities or {}).get(label) or f"{engine.base_label}/{label}/{adapter}" for label, adapter in models.items()}
     predictions = _run(engine, models, settings, plans, prompts, journal, known)
-    report = _aggregate(engine, models, settings, plans, predictions, demos, time.monotonic() - started)
+    report = _aggregate(engine, models, settings, plans, predictions, demos, time.monotonic() - started, against)
     write_outputs(report, predictions, Path(out_dir))
     journal.remove()
     return report
@@ -262,7 +268,8 @@ def _mean(values: Sequence[float]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def _aggregate(engine: "Engine", models: dict[str, str | None], settings: EvalSettings, plans: list[TaskPlan], predictions: list[Prediction], demos: "DemoSet | None", wall: float) -> EvalReport:
+def _aggregate(engine: "Engine", models: dict[str, str | None], settings: EvalSettings, plans: list[TaskPlan], predictions: list[Prediction], demos: "DemoSet | None", wall: float, against: Sequence[str] = ()
+) -> EvalReport:
     scores: list[Score] = []
     macro: list[Score] = []
     for k in settings.shots:
@@ -309,7 +316,7 @@ def _aggregate(engine: "Engine", models: dict[str, str | None], settings: EvalSe
         batch_size=settings.batch_size,
         scores=scores,
         macro=macro,
-        gains=paired_gains(predictions, BASE_LABEL),  # empty without a base or without adapters
+        gains=paired_gains(predictions, BASE_LABEL) + [g for label in against for g in paired_gains(predictions, label) if g.model != BASE_LABEL],
         generations=len(predictions),
         wall_time_s=round(wall, 2),
     )

@@ -78,8 +78,16 @@ class EvalReport(BaseModel):
             "tasks": [t.task for t in self.tasks],
             "shots": self.shots,
             "macro": {m: {f"k={s.k}": {"f1": s.f1, "rouge_l": s.rouge_l} for s in self.macro if s.model == m} for m in self.models},
-            "f1_gain_over_base": {f"{g.model} k={g.k}": {"gain": g.gain, "interval_95": [g.low, g.high], "tasks_worse": g.tasks_worse} for g in self.gains if g.metric == "f1"},
+            "f1_gain_over_base": {f"{g.model} k={g.k}": _short(g) for g in self.gains if g.metric == "f1" and g.baseline == BASE_LABEL},
+            "f1_gain_over": {f"{g.model} vs {g.baseline} k={g.k}": _short(g) for g in self.gains if g.metric == "f1" and g.baseline != BASE_LABEL},
         }
+
+    def gain(self, model: str, baseline: str, k: int, metric: str = "f1") -> Gain | None:
+        return next((g for g in self.gains if (g.model, g.baseline, g.k, g.metric) == (model, baseline, k, metric)), None)
+
+
+def _short(gain: Gain) -> dict[str, Any]:
+    return {"gain": gain.gain, "interval_95": [gain.low, gain.high], "tasks_worse": gain.tasks_worse}
 
 
 class Prediction(BaseModel):
