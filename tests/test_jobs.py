@@ -92,6 +92,15 @@ from carve.jobs.store import JobConflict, JobNotFound, JobStore  # noqa: E402
 FAST = JobSettings(num_cpus=1, heartbeat_s=0.5, stale_after_s=2.0)
 
 
+EVAL_TASKS = "".join(
+    json.dumps({"id": f"e{i}", "task": task, "instruction": instruction, "input": text, "output": answer, "answers": [answer]}) + "\n"
+    for i, (task, instruction, text, answer) in enumerate([
+        ("qa", "Is the drug used for diabetes?", "Insulin lowers blood sugar.", "yes"),
+        ("ner", "Name the disease in the sentence.", "The girl had mumps.", "mumps"),
+    ])
+)
+
+
 def request(tag: str = "tinybio", **extra: Any) -> dict[str, Any]:
     return {"tag": tag, "seeds": SEEDS, "domain": {"name": "biomedical"}, "corpus": {"jsonl": CORPUS}, "settings": SETTINGS, **extra}
 
@@ -118,6 +127,10 @@ def nothing_stored(root: Path) -> bool:
         ({"corpus": None}, "corpus", ["a corpus is needed for retrieval"]),
         ({"corpus": {"path": "a", "jsonl": "b"}}, "corpus", ["exactly one of corpus.path"]),
         ({"profile": "huge"}, "profile", ["Input should be 'quick' or 'paper'"]),
+        ({"evaluation": {"jsonl": EVAL_TASKS + '{"id": "x", "task": "qa"}\n'}}, "evaluation", ["line 3"]),
+        ({"evaluation": {"path": "/nowhere/tasks"}}, "evaluation", ["/nowhere/tasks: no such folder or file"]),
+        ({"evaluation": {"jsonl": EVAL_TASKS, "shots": [9]}}, "evaluation", ["k=9 needs that many seeds"]),
+        ({"evaluation": {"jsonl": EVAL_TASKS, "path": "/x"}}, "evaluation", ["exactly one of evaluation.path"]),
     ],
 )
 def test_bad_submission_is_refused_with_every_problem(tiny_model_dir: Path, tmp_path: Path, change: dict, param: str, words: list[str]) -> None:
@@ -273,6 +286,30 @@ def test_a_job_runs_and_registers_in_the_configured_database(tiny_model_dir: Pat
     record = Registry(root, database).resolve("tinybio")
     assert (done.adapter_name, done.adapter_version) == (record.name, record.version) == ("tinybio", 1)
     assert (record.path / "adapter_model.safetensors").is_file() and not (root / "registry.sqlite3").exists()
+
+
+def test_a_job_with_evaluation_tasks_registers_the_better_adapter_and_says_why(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The safety net: the seeds-only and the self-specialized adapter scored on the tasks, the better one registered, the choice in the view and the card."""
+    from carve.adapters.registry import Registry
+    from carve.jobs.api import JobView
+    from carve.specialize.run import SEED_ADAPTER
+
+    root = tmp_path / "registry"
+    service = JobService(root, str(tiny_model_dir), PreseededLauncher(InlineLauncher()), FAST, recover=False)
+    done = service.submit(request("tinyeval", evaluation={"jsonl": EVAL_TASKS, "shots": [0, 1]}))
+    assert done.status == "succeeded", done.error
+    view = JobView.of(done)
+    assert view.choice is not None and view.choice.chosen in ("seeds_only", "self_specialized")
+    scores = view.choice.macro_f1
+    assert set(scores) == {"base", "seeds_only", "self_specialized"} and "seeds-only" in view.choice.reason
+    assert view.choice.chosen == ("self_specialized" if scores["self_specialized"] >= scores["seeds_only"] else "seeds_only")
+    record = Registry(root).resolve("tinyeval")
+    card = json.loads((record.path / "carve-card.json").read_text())
+    assert card["evaluation"]["choice"] == view.choice.model_dump() | {"gain_over_seeds_only": card["evaluation"]["choice"]["gain_over_seeds_only"]}
+    assert {g["k"] for g in card["evaluation"]["choice"]["gain_over_seeds_only"]} == {0, 1}
+    chosen = done.run_dir / (SEED_ADAPTER + "/final" if view.choice.chosen == "seeds_only" else "train/final")
+    assert (record.path / "adapter_model.safetensors").read_bytes() == (chosen / "adapter_model.safetensors").read_bytes()
+    assert (done.run_dir / "evaluation" / "report.md").is_file()
 
 
 # -- the lifecycle on Ray --------------------------------------------------------------------

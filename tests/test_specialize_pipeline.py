@@ -257,15 +257,33 @@ def test_sigkill_mid_responses_then_resume(tiny_model_dir: Path, domain_files: t
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_evaluation_of_the_adapter_goes_into_the_card_summary(finished_run: tuple[Path, dict], tiny_model_dir: Path, domain_files: tuple[Path, Path]) -> None:
+def test_evaluation_compares_the_seeds_only_adapter_and_the_choice_follows_the_scores(
+    finished_run: tuple[Path, dict], tiny_model_dir: Path, domain_files: tuple[Path, Path]
+) -> None:
     from carve.engine.loading import open_engine
-    from carve.specialize.run import _evaluate
+    from carve.specialize.run import SEEDS_ONLY, SELF_SPECIALIZED, _evaluate, choose_adapter
 
     out, _ = finished_run
     seeds, corpus = domain_files
     tasks = Path(__file__).resolve().parent.parent / "data" / "eval" / "biomed" / "bioasq_yesno.jsonl"
     inputs = prepare(tiny_config(tiny_model_dir, iterations=2), seeds, corpus, out, resume=True, eval_tasks=tasks)
     engine, _, _ = open_engine(str(tiny_model_dir))
-    summary = _evaluate(engine, out / "adapter", inputs, tasks, {"shots": [0], "limit": 1})
-    assert {score["model"] for score in summary["macro"]} == {"base", "adapter"}
+    summary = _evaluate(engine, out / SEED_ADAPTER / "final", out / "adapter", inputs, tasks, {"shots": [0], "limit": 1})
+    assert {score["model"] for score in summary["macro"]} == {"base", SEEDS_ONLY, SELF_SPECIALIZED}
     assert all(0 <= score["f1"] <= 100 and score["k"] == 0 for score in summary["macro"])
+    assert {(g["model"], g["baseline"]) for g in summary["gains"]} == {(SEEDS_ONLY, "base"), (SELF_SPECIALIZED, "base"), (SELF_SPECIALIZED, SEEDS_ONLY)}
+
+    from carve.evaluation.schema import EvalReport, Gain, Score
+
+    def report(seeds_f1: float, ours_f1: float) -> EvalReport:
+        macro = [Score(task="macro average", model=m, k=k, f1=f, rouge_l=f, n=1, shots_used=0, inputs_trimmed=0)
+                 for k in (0, 5) for m, f in (("base", 10.0), (SEEDS_ONLY, seeds_f1), (SELF_SPECIALIZED, ours_f1))]
+        gains = [Gain(model=SELF_SPECIALIZED, baseline=SEEDS_ONLY, k=k, metric="f1", gain=ours_f1 - seeds_f1, low=-1, high=1,
+                      tasks_better=0, tasks_worse=0, worst_task="t", worst_task_gain=0) for k in (0, 5)]
+        return EvalReport(base_model="b", models={}, shots=[0, 5], tasks=[], demos=None, limit=None, max_context=1, batch_size=1,
+                          scores=[], macro=macro, gains=gains, generations=0, wall_time_s=0)
+
+    worse = choose_adapter(report(30.0, 28.0))
+    assert worse["chosen"] == SEEDS_ONLY and "below seeds-only 30.00" in worse["reason"] and worse["macro_f1"]["base"] == 10.0
+    assert choose_adapter(report(30.0, 30.0))["chosen"] == SELF_SPECIALIZED  # a tie keeps the self-specialized adapter
+    assert [g["k"] for g in choose_adapter(report(30.0, 33.0))["gain_over_seeds_only"]] == [0, 5]

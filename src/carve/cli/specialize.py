@@ -28,7 +28,7 @@ def specialize(
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed; every item's seed derives from it."),
     prompt_style: Optional[str] = typer.Option(None, "--prompt-style", help="chat (chat template when the model has one) or raw."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out, skipping finished items."),
-    eval_tasks: Optional[Path] = typer.Option(None, "--eval-tasks", help="Evaluate base vs adapter on these tasks at the end."),
+    eval_tasks: Optional[Path] = typer.Option(None, "--eval-tasks", help="Evaluate the base, the seeds-only and the final adapter on these tasks at the end, and package the better adapter."),
     eval_shots: List[int] = typer.Option([0], "--eval-shots", help="Seed demonstrations in evaluation prompts (repeatable)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Examples per evaluation task."),
 ) -> None:
@@ -96,6 +96,9 @@ def print_summary(result: dict[str, Any], out: Path, examples: int = 3) -> None:
             if record["input"]:
                 console.print(f"[bold]Input:[/bold] {record['input'][:300]}")
             console.print(f"[bold]Response:[/bold] {record['output'][:300]}\n")
+    choice = (result.get("evaluation") or {}).get("choice")
+    if choice:
+        console.print(f"[bold]packaged the {choice['chosen'].replace('_', '-')} adapter[/bold]: {choice['reason']}")
     console.print(f"adapter: {result.get('adapter')}")
 
 

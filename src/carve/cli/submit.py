@@ -31,6 +31,11 @@ def submit(
     name: Optional[str] = typer.Option(None, "--domain-name", help="The phrase prompts insert ('biomedical'); default: domain.json's, else the tag."),
     description: Optional[str] = typer.Option(None, "--description", help="One line about the domain."),
     settings: List[str] = typer.Option([], "--set", help="Override a profile setting: KEY=VALUE (JSON value), e.g. num_instructions=200, training.epochs=1."),
+    eval_tasks: Optional[Path] = typer.Option(
+        None, "--eval-tasks", help="Evaluation tasks (a JSONL file or a folder of them), sent with the job: the better of the seeds-only and the self-specialized adapter is registered."
+    ),
+    eval_shots: List[int] = typer.Option([0], "--eval-shots", help="Demonstrations per evaluation prompt (repeatable)."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="First N examples of each evaluation task."),
     server: Optional[str] = typer.Option(None, "--server", help="Carve server URL; without it the job runs here."),
     token: Optional[str] = typer.Option(None, "--token", envvar="CARVE_API_KEY", help="Bearer token for the server."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends (server mode)."),
@@ -42,6 +47,8 @@ def submit(
 
     try:
         body = build_request(seeds, tag, corpus, server_corpus, profile, name, description, settings)
+        if eval_tasks is not None:
+            body["evaluation"] = {"jsonl": read_tasks(eval_tasks), "shots": eval_shots, "limit": eval_limit}
     except ValueError as exc:
         raise fail(str(exc))
     if server:
@@ -87,6 +94,15 @@ def build_request(
     elif server_corpus is not None:
         body["corpus"] = {"path": server_corpus}
     return body
+
+
+def read_tasks(path: Path) -> str:
+    """The text of a task file, or of every ``*.jsonl`` of a folder joined (each line names its task)."""
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise ValueError(f"--eval-tasks {path}: no such file, or a folder without .jsonl task files")
+    texts = [f.read_text(encoding="utf-8") for f in files]
+    return "".join(t if t.endswith("\n") or not t else t + "\n" for t in texts)
 
 
 def parse_settings(pairs: List[str]) -> dict[str, Any]:
@@ -178,6 +194,8 @@ def _report(job: dict[str, Any]) -> int:
     if job["status"] == "succeeded":
         adapter = job.get("adapter") or {}
         typer.echo(f"{job['id']} succeeded: adapter {adapter.get('name')} v{adapter.get('version')} is registered under tag {job['tag']}")
+        if job.get("choice"):
+            typer.echo(f"registered the {job['choice']['chosen'].replace('_', '-')} adapter: {job['choice']['reason']}")
         return 0
     typer.secho(f"{job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""), fg=typer.colors.RED, err=True)
     return 1

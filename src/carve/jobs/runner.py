@@ -25,21 +25,23 @@ REPORT_EVERY_S = 0.5
 # Share of the whole run each stage takes, matched by name prefix: the SmolLM2 quick profile's
 # stage times on an idle machine (seed training 438 s, instructions 462, responses 252, training 77).
 STAGE_SHARES = (
-    ("load", 0.03), ("seed training", 0.30), ("instructions", 0.35), ("retrieval", 0.01), ("responses", 0.20), ("training", 0.09), ("register", 0.02),
+    ("load", 0.03), ("seed training", 0.30), ("instructions", 0.35), ("retrieval", 0.01), ("responses", 0.20), ("training", 0.09),
+    ("eval", 0.15), ("register", 0.02),
 )
-ONCE_PER_JOB = ("load", "seed training", "register")  # the others repeat in every iteration
+ONCE_PER_JOB = ("load", "seed training", "eval", "register")  # the others repeat in every iteration
 
 
 class JobCancelled(Exception):
     """The job was cancelled (or another runner took it over): stop without writing."""
 
 
-def stage_progress(stage: str, fraction: float, iteration: int, iterations: int, seed_stage: bool = False) -> float:
+def stage_progress(stage: str, fraction: float, iteration: int, iterations: int, seed_stage: bool = False, evaluating: bool = False) -> float:
     """Progress over the whole job of ``fraction`` of ``stage`` in ``iteration`` (1-based) of ``iterations``.
 
-    ``seed_stage``: the run trains on the seeds first (stage 0); without it that share is left out.
+    ``seed_stage``: the run trains on the seeds first (stage 0); ``evaluating``: it ends with an
+    evaluation; without them their shares are left out.
     """
-    shares = [(name, share) for name, share in STAGE_SHARES if seed_stage or name != "seed training"]
+    shares = [(name, share) for name, share in STAGE_SHARES if (seed_stage or name != "seed training") and (evaluating or name != "eval")]
     scale = sum(share for _, share in shares)
     names = [name for name, _ in shares]
     key = next((name for name in names if stage.startswith(name)), None)
@@ -62,14 +64,14 @@ class Reporter:
 
     def __init__(self, store: JobStore, job_id: str, token: str, iterations: int):
         self.store, self.job_id, self.token, self.iterations = store, job_id, token, iterations
-        self.seed_stage = False  # set once the job's settings are known
+        self.seed_stage = self.evaluating = False  # set once the job's settings are known
         self.thread = threading.get_ident()
         self.iteration = 1
         self.lost = threading.Event()
         self._last = 0.0
 
     def set_stage(self, stage: str, fraction: float = 0.0, detail: Optional[str] = None) -> None:
-        progress = stage_progress(stage, fraction, self.iteration, self.iterations, self.seed_stage)
+        progress = stage_progress(stage, fraction, self.iteration, self.iterations, self.seed_stage, self.evaluating)
         if not self.store.report(self.job_id, self.token, stage, progress, detail):
             self.lost.set()
         self.check()
@@ -160,14 +162,16 @@ def _run(job: JobRecord, reporter: Reporter, root: Path, database: str) -> Any:
     """The pipeline (resuming from the run folder), then registration under the job's tag."""
     from carve.adapters.registry import Registry
     from carve.specialize.config import build_config
-    from carve.specialize.run import ADAPTER, prepare, run_specialization
+    from carve.specialize.run import ADAPTER, prepare, run_specialization, runs_seed_stage
 
     reporter.set_stage("load model")
     request = job.request
     config = build_config(request["profile"], base=job.base, **request.get("settings", {}))
-    reporter.seed_stage = config.uses_seed_adapter()
-    inputs = prepare(config, job.seeds_dir, job.corpus, job.run_dir, resume=True)
-    run_specialization(inputs)
+    evaluation = request.get("evaluation")
+    tasks = Path(evaluation["tasks"]) if evaluation else None
+    reporter.seed_stage, reporter.evaluating = runs_seed_stage(config, tasks is not None), tasks is not None
+    inputs = prepare(config, job.seeds_dir, job.corpus, job.run_dir, resume=True, eval_tasks=tasks)
+    run_specialization(inputs, tasks, {"shots": evaluation["shots"], "limit": evaluation["limit"]} if evaluation else None)
     reporter.set_stage("register")
     registry = Registry(root, database)
     return registry.add(job.run_dir / ADAPTER, job.tag, tags=[job.tag], base=inputs.base)

@@ -178,7 +178,7 @@ class JobService:
         staging = self.store.jobs_dir / f".incoming-{job_id}"
         staging.mkdir(parents=True)
         try:
-            settings, corpus = self._validate(request, staging)
+            settings, corpus, evaluation = self._validate(request, staging)
             folder = self.store.jobs_dir / job_id
             os.rename(staging, folder)
         except BaseException:
@@ -186,12 +186,15 @@ class JobService:
             raise
         corpus_path = (folder / corpus.relative_to(staging)) if corpus is not None and corpus.is_relative_to(staging) else corpus
         stored = {"profile": request.profile, "settings": settings, "domain": request.domain.model_dump()}
+        if evaluation is not None:
+            tasks = Path(evaluation["tasks"])
+            stored["evaluation"] = {**evaluation, "tasks": str(folder / tasks.relative_to(staging) if tasks.is_relative_to(staging) else tasks)}
         job = self.store.create(job_id, request.tag, stored, self.base, folder, corpus_path)
         self.launcher.launch(self.root, job_id, self.settings, self.database)
         return self.store.get(job.id)
 
-    def _validate(self, request: SpecializationRequest, staging: Path) -> tuple[dict[str, Any], Optional[Path]]:
-        """Every check of a submission, writing only into ``staging``; returns (settings, corpus path)."""
+    def _validate(self, request: SpecializationRequest, staging: Path) -> tuple[dict[str, Any], Optional[Path], Optional[dict[str, Any]]]:
+        """Every check of a submission, writing only into ``staging``; returns (settings, corpus path, evaluation)."""
         from carve.adapters.registry import RegistryError, check_label
         from carve.engine.models import ModelError
         from carve.specialize.config import build_config
@@ -231,6 +234,7 @@ class JobService:
             else:
                 corpus = Path(str(request.corpus.path)).expanduser().resolve()
         write_seed_set(staging / "seeds", domain, seeds)
+        evaluation = self._evaluation(request, staging, seeds)
         try:  # the pipeline's own checks: corpus lines, retrieval without a corpus, the base model
             prepare(config, staging / "seeds", corpus, staging / "run", resume=True)
         except (CorpusError, SeedSetError) as exc:
@@ -239,7 +243,29 @@ class JobService:
             raise JobRejected([str(exc)], "corpus") from None
         except ModelError as exc:
             raise JobRejected([f"base model: {exc}"], "model", status=500) from None
-        return {k: v for k, v in request.settings.items()}, corpus
+        return {k: v for k, v in request.settings.items()}, corpus, evaluation
+
+    @staticmethod
+    def _evaluation(request: SpecializationRequest, staging: Path, seeds: list[Any]) -> Optional[dict[str, Any]]:
+        """The evaluation tasks, checked line by line (staged when sent inline); None when the request has none."""
+        from carve.evaluation.suite import SuiteError, load_suite
+
+        spec = request.evaluation
+        if spec is None:
+            return None
+        if spec.jsonl is not None:
+            tasks = staging / "eval_tasks.jsonl"
+            tasks.write_text(spec.jsonl, encoding="utf-8")
+        else:
+            tasks = Path(str(spec.path)).expanduser().resolve()
+        try:
+            load_suite(tasks)
+        except SuiteError as exc:  # an inline text is named as the request's field, not by its staging path
+            message = str(exc).replace(str(tasks), "evaluation.jsonl") if spec.jsonl is not None else str(exc)
+            raise JobRejected([message], "evaluation") from None
+        if max(spec.shots) > len(seeds):
+            raise JobRejected([f"evaluation.shots: k={max(spec.shots)} needs that many seeds, the job has {len(seeds)}"], "evaluation")
+        return {"tasks": str(tasks), "shots": spec.shots, "limit": spec.limit}
 
     # -- following and cancelling -------------------------------------------------
 

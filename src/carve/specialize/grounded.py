@@ -217,7 +217,7 @@ def grounded_instances(
     sampling = Sampling(max_new_tokens=config.response_max_new_tokens, temperature=0.0, stop=eval_stop_strings())
     store = JsonlStore(folder / ANSWERS)
     missing = [item for item in instances if item["id"] not in store]
-    with stage("answers to corpus inputs", len(instances), "inputs") as progress:
+    with stage("responses to corpus inputs", len(instances), "inputs") as progress:
         progress.resumed(len(instances) - len(missing))
         for start in range(0, len(missing), config.response_batch):
             chunk = missing[start : start + config.response_batch]

@@ -15,7 +15,9 @@ Layout of a run folder::
                           stage 4 continues (train_from)
     train/                checkpoints/ and final/ (stage 4)
     iter2/                the same for the second iteration (stage 5, --iterations 2)
-    adapter/              the packaged PEFT adapter with carve-card.json (stage 6)
+    evaluation/           with evaluation tasks: base, the seed adapter and the final adapter scored (results.json, report.md ...)
+    adapter/              the packaged PEFT adapter with carve-card.json (stage 6): the final adapter, or the seed adapter
+                          when the evaluation measured it higher (the card's evaluation.choice says which and why)
 
 Everything is validated (seeds, corpus, base model, an existing folder's
 manifest) before anything is written, so bad input leaves no folder behind.
@@ -45,6 +47,8 @@ SEED_ADAPTER = "seed_adapter"
 SEEDED = "seeded"
 ADAPTER = "adapter"
 SPECIALIZED = "specialized"
+SEEDS_ONLY = "seeds_only"  # the evaluation labels of the choice between the stage-0 adapter and the final one
+SELF_SPECIALIZED = "self_specialized"
 TRAINING_SET = "training_set.jsonl"
 REJECTED_RESPONSES = "rejected_responses.jsonl"
 
@@ -346,7 +350,7 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
     engine, _resolved, plan = manifest.timed("load_model", lambda: open_engine(str(inputs.base.path)))
     manifest.data["load_plan"] = plan.describe()
 
-    seed_adapter = _train_seed_adapter(inputs, manifest) if config.uses_seed_adapter() else None
+    seed_adapter = _train_seed_adapter(inputs, manifest) if runs_seed_stage(config, eval_tasks is not None) else None
     responder = None
     if seed_adapter is not None and config.respond_with == "seed_adapter":
         engine.load_adapter(SEEDED, seed_adapter)
@@ -364,8 +368,11 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
 
     evaluation = None
     if eval_tasks is not None:
-        evaluation = manifest.timed("evaluation", lambda: _evaluate(engine, trained, inputs, eval_tasks, eval_options or {}))
+        assert seed_adapter is not None  # runs_seed_stage: evaluating needs the seeds-only adapter to compare with
+        evaluation = manifest.timed("evaluation", lambda: _evaluate(engine, seed_adapter, trained, inputs, eval_tasks, eval_options or {}))
         manifest.data["evaluation"] = evaluation
+        if evaluation["choice"]["chosen"] == SEEDS_ONLY:
+            trained = seed_adapter
 
     domain = inputs.seed_set.domain
     card = AdapterCard(
@@ -396,28 +403,67 @@ def run_specialization(inputs: Inputs, eval_tasks: Path | None = None, eval_opti
     return manifest.data
 
 
-def _evaluate(engine: Any, adapter: Path, inputs: Inputs, tasks: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Base against the new adapter on the given tasks (carve.evaluation.run)."""
-    from carve.evaluation.run import evaluate_models  # type: ignore[import-not-found]
+def recorded_choice(run_dir: Path) -> dict[str, Any] | None:
+    """The evaluation's choice of adapter a finished run recorded in its manifest, if it evaluated."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    evaluation = json.loads(path.read_text()).get("evaluation") or {}
+    return evaluation.get("choice")
 
-    name = f"{inputs.seed_set.domain.tag}-eval"
-    if name not in engine.adapters:
-        engine.load_adapter(name, adapter)
+
+def runs_seed_stage(config: RunConfig, evaluating: bool) -> bool:
+    """Stage 0 runs when the profile uses the seed adapter, and whenever the run evaluates: it is what the result must beat."""
+    return config.uses_seed_adapter() or evaluating
+
+
+def _evaluate(engine: Any, seed_adapter: Path, trained: Path, inputs: Inputs, tasks: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Base, the seeds-only adapter and the self-specialized one on the given tasks (carve.evaluation.run), and the choice between the two."""
+    from carve.evaluation.run import evaluate_models
+
+    for label, folder in ((SEEDS_ONLY, seed_adapter), (SELF_SPECIALIZED, trained)):
+        if label not in engine.adapters:
+            engine.load_adapter(label, folder)
     report = evaluate_models(
         engine,
-        models={"base": None, "adapter": name},
+        models={"base": None, SEEDS_ONLY: SEEDS_ONLY, SELF_SPECIALIZED: SELF_SPECIALIZED},
         tasks_dir=tasks,
         shots=tuple(options.get("shots") or (0,)),
         demos=inputs.seed_set,
         limit=options.get("limit"),
         out_dir=inputs.out / "evaluation",
+        against=[SEEDS_ONLY],
     )
     return {
         "tasks_dir": str(tasks),
         "shots": report.shots,
         "limit": report.limit,
+        "choice": choose_adapter(report),
         "macro": [score.model_dump(mode="json") for score in report.macro],
         "gains": [gain.model_dump(mode="json") for gain in report.gains],
         "scores": [score.model_dump(mode="json") for score in report.scores],
         "details": str(inputs.out / "evaluation"),
     }
+
+
+def choose_adapter(report: Any) -> dict[str, Any]:
+    """The adapter a team receives: the self-specialized one unless the seeds-only adapter scored higher.
+
+    The measure is macro token F1, averaged over the evaluated k: a team never
+    receives an adapter that measured worse than training on its own seeds.
+    """
+    def mean_f1(label: str) -> float:
+        values = [s.f1 for s in report.macro if s.model == label]
+        return round(sum(values) / len(values), 4)
+
+    scores = {label: mean_f1(label) for label in ("base", SEEDS_ONLY, SELF_SPECIALIZED)}
+    chosen = SELF_SPECIALIZED if scores[SELF_SPECIALIZED] >= scores[SEEDS_ONLY] else SEEDS_ONLY
+    paired = [report.gain(SELF_SPECIALIZED, SEEDS_ONLY, k) for k in report.shots]
+    shown = "; ".join(f"k={g.k} {g.gain:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" for g in paired if g is not None)
+    verdict = "at least as high as" if chosen == SELF_SPECIALIZED else "below"
+    reason = (
+        f"macro token F1 over k={','.join(map(str, report.shots))}: self-specialized {scores[SELF_SPECIALIZED]:.2f}, "
+        f"{verdict} seeds-only {scores[SEEDS_ONLY]:.2f} (base {scores['base']:.2f}); paired gain over seeds-only {shown}"
+    )
+    gains = [{"k": g.k, "gain": g.gain, "interval_95": [g.low, g.high]} for g in paired if g is not None]
+    return {"chosen": chosen, "macro_f1": scores, "gain_over_seeds_only": gains, "reason": reason}
