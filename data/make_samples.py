@@ -7,6 +7,8 @@ fixed seed so the same files come out every time:
 * data/corpus/pubmed_sample.jsonl: PubMed abstracts ({id, title, text}) drawn
   at random until the file would pass CORPUS_BUDGET bytes (the repository
   flags tracked files over 2 MB), kept in the corpus's own order;
+* data/corpus/finance_sample.jsonl: the same for the finance corpus
+  (Financial PhraseBank and SEC-filings sentences), up to FINANCE_BUDGET bytes;
 * data/eval/<domain>/<task>.jsonl: PER_TASK examples per evaluation task,
   every line unchanged from the dev split, kept in the dev file's order.
 
@@ -25,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 20240611
 PER_TASK = 12
 CORPUS_BUDGET = 1_850_000  # bytes; under the 1.9 MB cap with room for a trailing newline
+FINANCE_BUDGET = 400_000
 CORPUS_FIELDS = ("id", "title", "text")
 DOMAINS = {"biomed": "biomed/dev", "finance": "finance/dev"}
 
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     docs = sample_corpus(corpus)
     _write(HERE / "corpus" / "pubmed_sample.jsonl", docs)
     print(f"corpus: {len(docs)} abstracts -> data/corpus/pubmed_sample.jsonl")
+    sentences = sample_corpus(args.shared / "finance" / "corpus" / "finance_corpus.jsonl", FINANCE_BUDGET)
+    _write(HERE / "corpus" / "finance_sample.jsonl", sentences)
+    print(f"corpus: {len(sentences)} finance sentences -> data/corpus/finance_sample.jsonl")
     for domain, dev in DOMAINS.items():
         for task_file in sorted((args.shared / dev).glob("*.jsonl")):
             lines = sample_task(task_file)
