@@ -41,14 +41,14 @@ REJECTED_INSTANCES = "rejected_instances.jsonl"
 GROUNDED_FILTERS = ("empty", "disagree", "not_in_input", "unknown_type", "unknown_label")
 
 AnswerForm = Literal["tagged", "label", "free"]
-_PARTS_INPUT = re.compile(r"^\s*\w+:", re.MULTILINE)  # "Context: ...", "Question: ..."
+_PARTS_INPUT = re.compile(r"^\s*[A-Z][A-Za-z]*\d*: ", re.MULTILINE)  # "Context: ...", "Context1: ...", "Question: ..."
 _SPACED_PUNCTUATION = re.compile(r"\s[.,;:)\]]")
-_PUNCTUATION = re.compile(r"\s*([.,;:()\[\]/-])\s*")
+_SPLIT_ALWAYS, _SPLIT_IF_SEEN = ".,;:()[]", "-/"  # hyphens and slashes only when the seeds split them ("caspase - dependent")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[])")
 _TAGGED_ITEM = r"[^<>,]+?\s*<[^<>,]+>"
 _TAGGED = re.compile(rf"\s*{_TAGGED_ITEM}(?:\s*,\s*{_TAGGED_ITEM})*\s*")
 _TAG = re.compile(r"\s*([^<>,]+?)\s*<([^<>,]+)>\s*(?:,|$)")
-MIN_WORDS, MAX_WORDS = 6, 60
+MIN_WORDS, MAX_WORDS = 6, 200
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class TaskShape:
     name: str
     instruction: str
     seeds: tuple[Seed, ...]
-    split_punctuation: bool
+    split_punctuation: str  # the characters the seeds' inputs set apart with spaces ("" when they are plain text)
+    max_words: int  # an input is at most as long as the task's longest seed input, and a half more
     form: AnswerForm
     types: frozenset[str] = frozenset()
     labels: frozenset[str] = frozenset()
@@ -86,8 +87,8 @@ def task_shapes(seed_set: SeedSet) -> tuple[list[TaskShape], dict[str, str]]:
         inputs = [s.input for s in seeds]
         if not all(i.strip() for i in inputs):
             skipped[name] = "a seed has no input"
-        elif any("\n" in i or _PARTS_INPUT.search(i) or len(i.split()) > MAX_WORDS for i in inputs):
-            skipped[name] = "inputs have parts or several sentences, which a corpus sentence cannot stand in for"
+        elif any("\n" in i or _PARTS_INPUT.search(i) for i in inputs):
+            skipped[name] = "inputs have parts (lines or 'Context:'-style labels), which a corpus sentence cannot stand in for"
         else:
             shapes.append(_shape(name, seeds))
     return shapes, skipped
@@ -95,28 +96,30 @@ def task_shapes(seed_set: SeedSet) -> tuple[list[TaskShape], dict[str, str]]:
 
 def _shape(name: str, seeds: list[Seed]) -> TaskShape:
     instruction = Counter(s.instruction for s in seeds).most_common(1)[0][0]
-    split = sum(bool(_SPACED_PUNCTUATION.search(s.input)) for s in seeds) * 2 >= len(seeds)
+    split = ""
+    if sum(bool(_SPACED_PUNCTUATION.search(s.input)) for s in seeds) * 2 >= len(seeds):
+        split = _SPLIT_ALWAYS + "".join(c for c in _SPLIT_IF_SEEN if any(f" {c} " in s.input for s in seeds))
+    common = dict(name=name, instruction=instruction, seeds=tuple(seeds), split_punctuation=split, max_words=max(len(s.input.split()) for s in seeds) * 3 // 2)
     tagged = [tagged_items(s.output) for s in seeds]
     if all(items for items in tagged):
-        types = frozenset(t for items in tagged for _, t in items or ())
-        return TaskShape(name, instruction, tuple(seeds), split, "tagged", types=types)
+        return TaskShape(**common, form="tagged", types=frozenset(t for items in tagged for _, t in items or ()))
     named = " ".join(s.instruction for s in seeds).lower()
     labels = frozenset(label.lower() for s in seeds for label in _labels(s.output))
     if all(label in named for label in labels) and len(labels) < len(seeds) * 2:
-        return TaskShape(name, instruction, tuple(seeds), split, "label", labels=labels)
-    return TaskShape(name, instruction, tuple(seeds), split, "free")
+        return TaskShape(**common, form="label", labels=labels)
+    return TaskShape(**common, form="free")
 
 
-def shaped(sentence: str, split_punctuation: bool) -> str:
+def shaped(sentence: str, split_punctuation: str) -> str:
     """A corpus sentence written as the task's seed inputs are ("a , b ( c ) ." when theirs are)."""
     text = " ".join(sentence.split())
     if split_punctuation:
-        text = " ".join(_PUNCTUATION.sub(r" \1 ", text).split())
+        text = " ".join(re.sub(f"\\s*([{re.escape(split_punctuation)}])\\s*", r" \1 ", text).split())
     return text
 
 
 def corpus_sentences(corpus: Corpus) -> Corpus:
-    """Every title and sentence of the corpus with 6-60 words, as a corpus of its own (ids ``<doc>#<n>``)."""
+    """Every title and sentence of the corpus with 6-200 words, as a corpus of its own (ids ``<doc>#<n>``)."""
     documents: list[Document] = []
     for doc in corpus.documents:
         pieces = ([doc.title] if doc.title.strip() else []) + _SENTENCE_END.split(doc.text)
@@ -141,7 +144,7 @@ def select_instances(shapes: Sequence[TaskShape], sentences: Corpus, index: BM25
                     continue
                 document = sentences.documents[ranking[rank][0]]
                 text = shaped(document.text, shape.split_punctuation)
-                if text.lower() in known or text in seen:
+                if text.lower() in known or text in seen or len(text.split()) > shape.max_words:
                     continue
                 seen.add(text)
                 taken.append(document.id)
