@@ -28,6 +28,7 @@ from carve.engine.text import context_length, encode_plain, encode_prompt
 from carve.platform import api as oa
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
+from carve.platform.engine_client import RetryPolicy, call_with_retries, next_event, open_stream
 from carve.platform.metrics import ServerMetrics
 from carve.platform.requests import ApiError, check_token_ids, parse_body, parse_json_object, plan_request, render_chat, validate
 from carve.platform.targets import UnknownModel, served_model_names, served_models
@@ -121,6 +122,7 @@ class Gateway:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
         self.context = context_length(self.base.path)
         self.metrics = ServerMetrics()
+        self.retry = RetryPolicy(on_retry=self.metrics.replica_retry)
         _check_database(self.config)
         from carve.adapters.registry import Registry
 
@@ -255,12 +257,8 @@ class Gateway:
         if body.stream:  # plan_request allowed it: one prompt, one choice
             job = prompts[0].jobs[0]
             self.metrics.adapter_request(_adapter_keys(job))
-            events = self.engine.options(stream=True).stream.remote(job)
-            try:
-                first = await events.__anext__()  # refusals and adapter load errors come before any token: HTTP errors
-            except BaseException:
-                events.cancel()
-                raise
+            # refusals and adapter load errors come before any token: HTTP errors; a replica lost before it is tried again
+            first, events = await open_stream(lambda: self.engine.options(stream=True).stream.remote(job), self.retry)
             self._observe_cache(first, job)
             if first.error:
                 events.cancel()
@@ -300,7 +298,7 @@ class Gateway:
         if job.max_new_tokens == 0 and job.prompt_logprobs is None:
             return JobResult(prompt_tokens=job.prompt_tokens, finish_reason="length")
         self.metrics.adapter_request(_adapter_keys(job))
-        result: JobResult = await self.engine.generate.remote(job)
+        result: JobResult = await call_with_retries(lambda: self.engine.generate.remote(job), self.retry)  # a lost replica: sent again
         self._observe_cache(result, job)
         self.metrics.scheduling(result.queue_s, result.token_times, result.load)
         if result.token_times:
@@ -402,9 +400,12 @@ class Gateway:
                     yield _sse(chunk(event.delta, event.finish_reason))
                 if event.final:
                     break
-                event = await events.__anext__()
+                event = await next_event(events)
         except StopAsyncIteration:
             finished = True
+        except ApiError as lost:  # the replica died mid-stream: the client has tokens already, so the stream ends with the error
+            finished = True
+            yield _sse(lost.body())
         finally:  # the client went away (the response is cancelled or closed here): free the job's row in the engine
             if not finished:
                 events.cancel()

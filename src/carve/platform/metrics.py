@@ -46,11 +46,17 @@ class ServerMetrics:
         self.step_tokens = Gauge("carve_engine_step_tokens", "Mean tokens run per decoding step (decoded plus prefill), per engine replica.", ["replica"], registry=self.registry)
         self.steps = Gauge("carve_engine_decode_steps", "Decoding steps run since the replica started.", ["replica"], registry=self.registry)
         self.cancelled = Gauge("carve_engine_cancelled_jobs", "Jobs cancelled because their callers went away, since the replica started.", ["replica"], registry=self.registry)
+        self.replica_retries = Counter(
+            "carve_replica_retries", "Engine calls sent again because the replica holding them went away, by Ray's error.", ["error"], registry=self.registry
+        )
         self.adapter_loads = Counter("carve_adapter_loads", "Adapters loaded into an engine replica.", ["adapter"], registry=self.registry)
         self.adapter_evictions = Counter("carve_adapter_evictions", "Adapters evicted from an engine replica (LRU).", ["adapter"], registry=self.registry)
         self.adapter_load_failures = Counter(
             "carve_adapter_load_failures", "Adapters whose files failed to load.", ["adapter"], registry=self.registry
         )
+
+    def replica_retry(self, exc: BaseException) -> None:
+        self.replica_retries.labels(type(exc).__name__).inc()
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
