@@ -386,3 +386,16 @@ def test_paired_gain_and_its_bootstrap_interval() -> None:
     noisy = [p.model_copy(update={"model": "noisy", "f1": p.f1 + (15 if int(p.id[1:]) % 2 else -5)}) for p in base]
     g = paired_gains(base + noisy, "base", metrics=("f1",))[0]
     assert g.gain == 5 and g.low < 5 < g.high and g.high - g.low < 10
+
+
+def test_label_tasks_get_the_constant_answer_baseline() -> None:
+    from carve.evaluation.constant import constant_answer
+    from carve.evaluation.suite import EvalExample
+
+    def examples(outputs: list[str]) -> list[EvalExample]:
+        return [EvalExample(id=f"e{i}", task="t", instruction="Yes or no?", input="x", output=o, answers=[o]) for i, o in enumerate(outputs)]
+
+    yes_no = constant_answer("t", examples(["yes", "no", "Yes", "yes", "no"]))
+    assert yes_no is not None and (yes_no.answer, yes_no.share, yes_no.f1, yes_no.n) == ("yes", 60.0, 60.0, 5)
+    assert constant_answer("t", examples(["a long free text answer here", "another one of them", "x", "y"])) is None  # not labels
+    assert constant_answer("t", examples(["a", "b", "c"])) is None  # fewer than two examples per label

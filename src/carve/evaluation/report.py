@@ -71,6 +71,25 @@ def gain_rows(report: EvalReport) -> list[list[str]]:
 GAIN_HEADERS = ["model", "against", "k", "token F1 gain [95% interval]", "ROUGE-L gain [95% interval]", "tasks above / below (F1)", "worst task (F1 gain)"]
 
 
+def constant_rows(report: EvalReport) -> list[str]:
+    """A markdown table: each label task's majority label, its token F1 answered throughout, and every model's F1 (marked when not above it)."""
+    header = ["task", "constant answer (share)", "its token F1", *[f"k={k} {m}" for k, m in columns(report)]]
+    rows = [
+        "A model that answers one label throughout scores that label's share; a gain on a label task means something only above this line. "
+        "Scores not above it are marked ≤.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|---:|" + "---:|" * len(columns(report)),
+    ]
+    for constant in report.constant_answers:
+        cells = []
+        for k, model in columns(report):
+            f1 = report.score(constant.task, model, k).f1
+            cells.append(f"{f1:.2f}" if f1 > constant.f1 else f"≤ {f1:.2f}")
+        rows.append(f"| {constant.task} | {constant.answer} ({constant.share:.0f}%) | {constant.f1:.2f} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown_report(report: EvalReport) -> str:
     models = "\n".join(f"- `{label}`: " + (f"adapter `{adapter}`" if adapter else "the base model alone") for label, adapter in report.models.items())
     first = next(iter(report.models))  # prompts are the same for every model
@@ -106,6 +125,8 @@ def markdown_report(report: EvalReport) -> str:
             "|---|---|---:|---:|---:|---:|---|",
             *("| " + " | ".join(row) + " |" for row in gain_rows(report)),
         ]
+    if report.constant_answers:
+        parts += ["", "## Label tasks against the constant answer", "", *constant_rows(report)]
     parts += [
         "",
         "## Tasks",

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 from carve.engine.decoding import base_model
 from carve.engine.text import encode_plain, max_positions
 from carve.evaluation.compare import paired_gains
+from carve.evaluation.constant import constant_answer
 from carve.evaluation.metrics import score_prediction
 from carve.evaluation.prompts import BuiltPrompt, Demo, DemoSet, PromptFitter, eval_stop_strings, pick_demos
 from carve.evaluation.report import write_outputs
@@ -316,6 +317,7 @@ def _aggregate(engine: "Engine", models: dict[str, str | None], settings: EvalSe
         batch_size=settings.batch_size,
         scores=scores,
         macro=macro,
+        constant_answers=[c for plan in plans if (c := constant_answer(plan.suite.task, plan.examples)) is not None],
         gains=paired_gains(predictions, BASE_LABEL) + [g for label in against for g in paired_gains(predictions, label) if g.model != BASE_LABEL],
         generations=len(predictions),
         wall_time_s=round(wall, 2),

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from carve.artifact import BASE_MODEL
+from carve.evaluation.constant import ConstantAnswer
 
 BASE_LABEL = BASE_MODEL  # the base model's label in reports
 MACRO = "macro average"
@@ -63,6 +64,7 @@ class EvalReport(BaseModel):
     scores: list[Score]  # one per task x model x k
     macro: list[Score]  # one per model x k, averaged over tasks
     gains: list[Gain] = []  # each adapter against the base, with a paired bootstrap interval
+    constant_answers: list[ConstantAnswer] = []  # label tasks: the score of answering the majority label throughout
     generations: int
     wall_time_s: float
 
