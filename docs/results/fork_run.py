@@ -35,10 +35,17 @@ def main(source: Path, out: Path, seeds: Path, corpus: Path, base: str, override
     print(f"{out}: run.json with {overrides or 'the quick profile'}; copied {', '.join(copies)} from {source}")
 
 
+def _value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a plain word: top1, corpus
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) < 5 or "--" not in args:
         sys.exit(__doc__)
     split = args.index("--")
-    settings = {key: json.loads(value) if value[:1] in "[{0123456789-tfn" else value for key, value in (a.split("=", 1) for a in args[5:split])}
+    settings = {key: _value(value) for key, value in (a.split("=", 1) for a in args[5:split])}
     main(Path(args[0]), Path(args[1]), Path(args[2]), Path(args[3]), args[4], settings, args[split + 1 :])
