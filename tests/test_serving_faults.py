@@ -113,7 +113,7 @@ def engine_replica_pids() -> dict[str, int]:
     return {
         actor_id: info["Pid"]
         for actor_id, info in state.actors().items()
-        if "EngineServer" in info.get("ActorClassName", "") and info.get("State") == "ALIVE" and info.get("Pid")
+        if info.get("ActorClassName", "").endswith(":CarveEngine") and info.get("State") == "ALIVE" and info.get("Pid")
     }
 
 
