@@ -47,3 +47,15 @@ def local_server(model: Path, registry_root: Path, **settings: Any) -> Iterator[
         yield handle.url
     finally:
         stop_local_server()
+
+
+@contextmanager
+def tiny_server(home: Path, model: Path, adapter: Path, **settings: Any) -> Iterator[str]:
+    """A server on the tiny model with one registered adapter, ``alpha``, in a private CARVE_HOME; its base URL."""
+    from carve.adapters.registry import Registry
+
+    with carve_home(home):
+        registry = Registry(home / "registry")
+        registry.add(adapter, "alpha", base=str(model))
+        with local_server(model, registry.root, **settings) as url:
+            yield url

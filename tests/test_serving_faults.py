@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 from ray import exceptions as ray_errors
-from serving import carve_home, local_server
+from serving import tiny_server
 
 from carve.platform.engine_client import RetryPolicy, call_with_retries, next_event, open_stream, replica_lost
 from carve.platform.requests import ApiError
@@ -119,15 +119,10 @@ def engine_replica_pids() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Iterator[str]:
-    from carve.adapters.registry import Registry
-
-    with carve_home(tmp_path_factory.mktemp("carve-home")) as home:
-        registry = Registry(home / "registry")
-        registry.add(tiny_adapters["alpha"], "alpha", base=str(tiny_model_dir))
-        with local_server(
-            tiny_model_dir, registry.root, num_cpus=2, engine_num_cpus=0, replicas=2, max_batch_size=2, max_waiting=64, max_tokens_cap=480,
-        ) as url:
-            yield url
+    home = tmp_path_factory.mktemp("carve-home")
+    settings = dict(num_cpus=2, engine_num_cpus=0, replicas=2, max_batch_size=2, max_waiting=64, max_tokens_cap=480)
+    with tiny_server(home, tiny_model_dir, tiny_adapters["alpha"], **settings) as url:
+        yield url
 
 
 def body(**extra: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from serving import carve_home, local_server
+from serving import tiny_server
 
 pytestmark = pytest.mark.ray
 
@@ -22,15 +22,9 @@ LONG = 400  # tokens: a request that holds the only row for a while
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Iterator[str]:
-    from carve.adapters.registry import Registry
-
-    with carve_home(tmp_path_factory.mktemp("carve-home")) as home:
-        registry = Registry(home / "registry")
-        registry.add(tiny_adapters["alpha"], "alpha", base=str(tiny_model_dir))
-        with local_server(
-            tiny_model_dir, registry.root, num_cpus=2, engine_num_cpus=0, max_batch_size=1, max_waiting=1, max_tokens_cap=480,
-        ) as url:
-            yield url
+    home = tmp_path_factory.mktemp("carve-home")
+    with tiny_server(home, tiny_model_dir, tiny_adapters["alpha"], num_cpus=2, engine_num_cpus=0, max_batch_size=1, max_waiting=1, max_tokens_cap=480) as url:
+        yield url
 
 
 def long_body(model: str = "alpha", **extra: object) -> dict[str, object]:

@@ -82,29 +82,22 @@ async def open_stream(start: Callable[[], Any], policy: RetryPolicy) -> tuple[An
 
     Returns ``(first event, the stream)``; the caller reads the rest from the stream.
     """
-    for attempt in range(policy.retries + 1):
+
+    async def first_event() -> tuple[Any, Any]:
         events = start()
         try:
             return await events.__anext__(), events
-        except Exception as exc:
-            events.cancel()
-            if not replica_lost(exc):
-                raise
-            if attempt == policy.retries:
-                raise lost_error(exc) from exc
-            await policy._wait(attempt, exc)
         except BaseException:
             events.cancel()
             raise
-    raise AssertionError("unreachable")
+
+    return await call_with_retries(first_event, policy)
 
 
 async def next_event(events: AsyncIterator[T]) -> T:
     """The stream's next event; a replica lost mid-stream is the 503 of :func:`lost_error` (the caller ends the stream with it)."""
     try:
         return await events.__anext__()
-    except StopAsyncIteration:
-        raise
     except Exception as exc:
         if replica_lost(exc):
             raise lost_error(exc) from exc
