@@ -5,6 +5,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -64,17 +65,14 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest) -> Iterator[Optional[str]]:
-    """The database of one test: None (the default, the registry folder's SQLite file) or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield None
-        return
+@contextmanager
+def postgres_database(server_url: str) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server at ``server_url``, dropped afterwards; its URL."""
     import sqlalchemy as sa
 
     from carve.common.database import dispose_engines, parse_url
 
-    admin = sa.create_engine(parse_url(request.getfixturevalue("postgres_server")), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    admin = sa.create_engine(parse_url(server_url), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
     name = f"carve_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
@@ -86,3 +84,20 @@ def database(request: pytest.FixtureRequest) -> Iterator[Optional[str]]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[Optional[str]]:
+    """The database of one test: None (the default, the registry folder's SQLite file) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with postgres_database(request.getfixturevalue("postgres_server")) as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh PostgreSQL database (a cluster's registry and jobs)."""
+    with postgres_database(postgres_server) as url:
+        yield url

@@ -234,6 +234,46 @@ def test_claims_heartbeats_and_conditional_writes(tmp_path: Path, database: Opti
     assert [j.id for j in store.list()] == ["job-c", "job-b", "job-a"] and [j.id for j in store.list("cancelled")] == ["job-b"]
 
 
+class CrashingLauncher:
+    """Launches nothing; reports the jobs in ``crashes`` as crashed once (their worker died: a lost node)."""
+
+    background = True
+
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+        self.crashes: dict[str, str] = {}
+
+    def launch(self, root: Path, job_id: str, settings: Any, database: str) -> None:
+        self.launched.append(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+    def crashed(self) -> dict[str, str]:
+        out, self.crashes = self.crashes, {}
+        return out
+
+
+def test_a_job_whose_worker_died_is_resumed_once_its_heartbeat_is_stale_until_out_of_attempts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    launcher = CrashingLauncher()
+    settings = JobSettings(heartbeat_s=0.1, stale_after_s=0.6, max_attempts=2)
+    service = JobService(tmp_path / "registry", str(tiny_model_dir), launcher, settings)
+    job = service.submit(request())
+    assert launcher.launched == [job.id]
+    assert service.store.claim(job.id, "runner-1", settings.stale_after_s) is not None  # the first runner starts on a node
+
+    launcher.crashes = {job.id: "NodeDiedError: the node running it died"}
+    assert service.get(job.id).status == "running" and launcher.launched == [job.id]  # its heartbeat is fresh: no second runner yet
+    time.sleep(settings.stale_after_s)
+    assert service.get(job.id).status == "running" and launcher.launched == [job.id, job.id]  # relaunched, resuming its run folder
+
+    assert service.store.claim(job.id, "runner-2", settings.stale_after_s).attempt == 2
+    launcher.crashes = {job.id: "ActorDiedError: the worker was killed"}
+    failed = service.get(job.id)
+    assert failed.status == "failed" and "worker died (ActorDiedError" in failed.error and "attempt 2 of 2" in failed.error
+    assert launcher.launched == [job.id, job.id]
+
+
 def _claim(root: str, database: str, job_id: str, token: str, barrier: Any, won: Any) -> None:
     store = JobStore(Path(root), database)
     barrier.wait()

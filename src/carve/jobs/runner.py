@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from carve.common.database import database_url
+from carve.jobs.settings import HEARTBEAT_S, STALE_AFTER_S
 from carve.jobs.store import JobRecord, JobStore
 
-HEARTBEAT_S = 5.0
-STALE_AFTER_S = 30.0
 REPORT_EVERY_S = 0.5
 # Share of the whole run each stage takes, matched by name prefix: the SmolLM2 quick profile's
 # stage times on an idle machine (seed training 438 s, instructions 462, responses 252, training 77).

@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from carve.common.database import database_url
 from carve.common.errors import error_field, error_lines
 from carve.jobs.api import SpecializationRequest
-from carve.jobs.runner import HEARTBEAT_S, STALE_AFTER_S, execute_job
+from carve.jobs.runner import execute_job
+from carve.jobs.settings import JobSettings
 from carve.jobs.store import ACTIVE, JobRecord, JobStore, new_job_id
 
 FORBIDDEN_SETTINGS = ("base", "profile")  # the server's model, and the request's own field
@@ -38,18 +39,6 @@ class JobRejected(ValueError):
         self.problems, self.param, self.status = list(problems), param, status
         count = len(self.problems)
         super().__init__(f"submission refused ({count} problem{'s' if count != 1 else ''}): " + "; ".join(self.problems[:10]))
-
-
-class JobSettings(BaseModel):
-    """How jobs run on this server."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves for each job's task (one engine + training).")
-    num_gpus: float = Field(0.0, ge=0.0)
-    heartbeat_s: float = Field(HEARTBEAT_S, gt=0.0)
-    stale_after_s: float = Field(STALE_AFTER_S, gt=0.0, description="A running job without a heartbeat this long is resumed.")
-    max_attempts: int = Field(3, ge=1, description="Runs of one job (the first and its resumptions) before it is marked failed.")
 
 
 class Launcher(Protocol):
@@ -284,9 +273,17 @@ class JobService:
         return job
 
     def refresh(self) -> None:
-        """Record the jobs whose worker died under this service (an OOM kill, a lost node), then resume stalled ones."""
-        for job_id, error in self.launcher.crashed().items():
-            self.store.fail(job_id, None, f"the job's worker died: {error}; resubmit, or restart the server to resume it")
+        """Resume the jobs whose runner is gone (a lost node, a killed worker), failing those out of attempts.
+
+        A runner whose worker died (its launch ended in an error outside the job)
+        is resumed like one that stopped beating: once its last heartbeat is
+        ``stale_after_s`` old, so that no live runner can still hold the job.
+        """
+        crashed = self.launcher.crashed()
+        for job_id, error in crashed.items():
+            job = self.store.get(job_id)
+            if job.status in ACTIVE and job.attempt >= self.settings.max_attempts:
+                self.store.fail(job_id, None, f"the job's worker died ({error}) on attempt {job.attempt} of {self.settings.max_attempts}")
         if self.launcher.background:
             self.recover()
 

@@ -11,6 +11,7 @@ from typing import Any, Union
 from carve.platform.config import ServeConfig
 
 APP_NAME = "carve"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
 
 
 def build_app(args: Union[ServeConfig, dict[str, Any], None] = None) -> Any:
@@ -34,4 +35,7 @@ def build_app(args: Union[ServeConfig, dict[str, Any], None] = None) -> Any:
             request_router_class=AdapterAffinityRouter, request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=5.0
         )
     engine = EngineServer.options(**engine_options).bind(shipped)
-    return Gateway.options(ray_actor_options={"num_cpus": config.gateway_num_cpus}).bind(engine, shipped)
+    gateway_actor: dict[str, Any] = {"num_cpus": config.gateway_num_cpus}
+    if config.proxy_location == "HeadOnly":  # beside the one proxy: a lost worker node never takes the ingress with it
+        gateway_actor["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    return Gateway.options(ray_actor_options=gateway_actor).bind(engine, shipped)

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from carve.engine.models import DEFAULT_MODEL
+from carve.jobs.settings import JobSettings
 
 ADMIN_TOKEN_ENV = "CARVE_ADMIN_TOKEN"
 API_KEY_ENV = "CARVE_API_KEY"
@@ -49,6 +50,11 @@ class ServeConfig(BaseModel):
     engine_threads: Optional[int] = Field(None, ge=1, description="torch threads per engine replica (default: Ray's, from num_cpus).")
     engine_num_gpus: float = Field(0.0, ge=0.0, description="GPUs Ray reserves for each engine replica.")
     gateway_num_cpus: float = Field(0.0, ge=0.0, description="CPUs Ray reserves for the HTTP gateway.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Where Serve runs its HTTP proxies: EveryNode (Ray's default), or HeadOnly: one proxy "
+        "on the head node with the gateway beside it (one ingress address; nodes that share an IP).",
+    )
+    jobs: JobSettings = Field(default_factory=JobSettings, description="How specialization jobs submitted over HTTP run.")
     admin_token: Optional[str] = Field(None, min_length=8, description="Bearer token of the operator API (/v1/adapters).")
     api_key: Optional[str] = Field(None, min_length=1, description="When set, inference needs this bearer token.")
     max_upload_mb: int = Field(512, ge=1, description="Largest adapter archive accepted by POST /v1/adapters.")

@@ -128,14 +128,14 @@ class Gateway:
 
         self.registry = Registry(self.config.registry_path(), self.config.database())  # a connection per call: thread-safe
         from carve.jobs.http import JobsHttp
-        from carve.jobs.service import JobService, JobSettings, RayLauncher
+        from carve.jobs.service import JobService, RayLauncher
         from carve.router import Router, RouterConfig
         from carve.router.metrics import RoutingMetrics
 
         self.router = Router(self.registry, RouterConfig(), base_fingerprint=self.base.fingerprint)
         self.routing_metrics = RoutingMetrics(self.metrics.registry)
         self.jobs = JobsHttp(
-            JobService(self.config.registry_path(), self.config.model, RayLauncher(), JobSettings(num_cpus=1), database=self.config.database())
+            JobService(self.config.registry_path(), self.config.model, RayLauncher(), self.config.jobs, database=self.config.database())
         )
         self._warm_lock = threading.Lock()  # one warm-up at a time (start, then after each registration)
         # Auto routing embeds every adapter's profile once (10-25 s with the embedding model): start now, not on the first request.
@@ -300,7 +300,7 @@ class Gateway:
         self.metrics.adapter_request(_adapter_keys(job))
         result: JobResult = await call_with_retries(lambda: self.engine.generate.remote(job), self.retry)  # a lost replica: sent again
         self._observe_cache(result, job)
-        self.metrics.scheduling(result.queue_s, result.token_times, result.load)
+        self.metrics.scheduling(result.queue_s, result.token_times, result.load, _adapter_keys(job))
         if result.token_times:
             self.metrics.first_token.labels(endpoint).observe(max(0.0, result.token_times[0] - started_wall))
         if result.error:
@@ -395,7 +395,7 @@ class Gateway:
                     token_times.append(event.emitted_at)
                 if event.final:
                     finished = True
-                    self.metrics.scheduling(first.queue_s, token_times, event.load)
+                    self.metrics.scheduling(first.queue_s, token_times, event.load, _adapter_keys(job))
                 if event.delta or event.finish_reason:
                     yield _sse(chunk(event.delta, event.finish_reason))
                 if event.final:

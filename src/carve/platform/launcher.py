@@ -85,7 +85,7 @@ def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool, warnings
 
     from carve.platform.app import APP_NAME, build_app
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=config.proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return ServerHandle(f"http://{shown_host}:{port}", config, local_ray, warnings)

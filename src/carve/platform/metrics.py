@@ -40,6 +40,9 @@ class ServerMetrics:
             "carve_inter_token_latency_seconds", "Time between consecutive tokens of one job.", buckets=TOKEN_GAP_BUCKETS, registry=self.registry
         )
         self.adapter_requests = Counter("carve_adapter_requests", "Engine jobs by adapter (base: the base model).", ["adapter"], registry=self.registry)
+        self.replica_jobs = Counter(
+            "carve_replica_jobs", "Engine jobs finished, by the replica that ran them and adapter (where the traffic went).", ["replica", "adapter"], registry=self.registry
+        )
         self.running = Gauge("carve_engine_running_sequences", "Sequences decoding, per engine replica (as of its last finished job).", ["replica"], registry=self.registry)
         self.waiting = Gauge("carve_engine_waiting_requests", "Requests queued, per engine replica (as of its last finished job).", ["replica"], registry=self.registry)
         self.step_time = Gauge("carve_engine_step_seconds", "Mean time of one decoding step, per engine replica.", ["replica"], registry=self.registry)
@@ -75,13 +78,15 @@ class ServerMetrics:
         for key in keys:
             self.adapter_requests.labels(key).inc()
 
-    def scheduling(self, queue_s: Optional[float], token_times: Sequence[float], load: "Optional[EngineLoad]") -> None:
-        """What a job's events tell about scheduling: its queue time, gaps between its tokens, its replica's load."""
+    def scheduling(self, queue_s: Optional[float], token_times: Sequence[float], load: "Optional[EngineLoad]", adapters: Iterable[str] = ()) -> None:
+        """What a finished job's events tell about scheduling: its queue time, gaps between its tokens, which replica ran it and its load."""
         if queue_s is not None:
             self.queue_time.observe(queue_s)
         for before, after in zip(token_times, token_times[1:]):
             self.inter_token.observe(max(0.0, after - before))
         if load is not None:
+            for key in adapters:
+                self.replica_jobs.labels(load.replica, key).inc()
             self.running.labels(load.replica).set(load.running)
             self.waiting.labels(load.replica).set(load.waiting)
             self.step_time.labels(load.replica).set(load.step_s)

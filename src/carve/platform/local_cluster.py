@@ -1,0 +1,204 @@
+"""A Ray cluster of several nodes on one machine, each started with `ray start` (for tests, benchmarks, trying a deployment).
+
+Every node is one `ray start --block` process in a process group of its own,
+with its own CPUs and custom resources, all on 127.0.0.1. Stopping a node
+(SIGTERM to its group) stops its Ray processes; killing its raylet (SIGKILL) is
+what the loss of a machine looks like to the rest of the cluster: the GCS marks
+the node dead and its actors with it. The cluster holds one driver connection
+(``ray.init``) for looking at nodes and actors. Linux only (/proc); run it under
+the offline wrapper where there is one, as everything that starts Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from carve.platform.app import HEAD_NODE_RESOURCE
+
+START_TIMEOUT_S = 90.0
+
+
+class ClusterError(RuntimeError):
+    """A node did not start (its log's last lines say why) or the cluster is not as expected."""
+
+
+@dataclass
+class LocalNode:
+    """One node: its `ray start --block` process, its Ray node id, its log."""
+
+    process: subprocess.Popen
+    node_id: str
+    head: bool
+    log: Path
+
+    def raylet_pid(self) -> int:
+        """The node's raylet: a child of its `ray start` process."""
+        for pid, (parent, name) in _processes().items():
+            if parent == self.process.pid and name == "raylet":
+                return pid
+        raise ClusterError(f"node {self.node_id[:8]} has no raylet (its log: {self.log})")
+
+    def kill(self) -> None:
+        """Lose the node: SIGKILL its raylet (its `ray start --block` then stops what is left of it)."""
+        os.kill(self.raylet_pid(), signal.SIGKILL)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop every Ray process of this node: SIGTERM to its group, SIGKILL to what is left after ``timeout_s``."""
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.process.pid, signal.SIGKILL)  # workers the node started and left behind
+        self.process.wait()
+
+
+class LocalCluster:
+    """A head node and worker nodes on this machine; ``address`` is what `carve serve --address` and ``ray.init`` take."""
+
+    def __init__(self, temp_dir: Path, object_store_mb: int = 256):
+        # Ray's socket paths live under the temp dir and must stay short (107 bytes): give a short folder.
+        self.temp_dir = Path(temp_dir)
+        self.object_store_bytes = object_store_mb * 1024 * 1024
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[LocalNode] = []
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def head(self) -> LocalNode:
+        return self.nodes[0]
+
+    def start_head(self, num_cpus: float, resources: Optional[dict[str, float]] = None) -> LocalNode:
+        """Start the head node and connect this process to it as a driver."""
+        import ray
+
+        if self.nodes:
+            raise ClusterError("the head node is already started")
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
+        process, log = self._start("head", args, num_cpus, resources)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                ray.init(address=self.address, log_to_driver=False)
+                break
+            except ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    _stop_process(process)
+                    raise ClusterError(f"the head node did not start: {_tail(log)}") from None
+                time.sleep(0.5)
+        node = LocalNode(process, self._wait_for_new_node(process, log, known=set()), True, log)
+        self.nodes.append(node)
+        return node
+
+    def add_worker(self, num_cpus: float, resources: Optional[dict[str, float]] = None) -> LocalNode:
+        """Start a worker node joined to the head; returns once the cluster sees it alive."""
+        if not self.nodes:
+            raise ClusterError("start the head node first")
+        known = {n.node_id for n in self.nodes}
+        process, log = self._start(f"worker{len(self.nodes)}", [f"--address={self.address}"], num_cpus, resources)
+        node = LocalNode(process, self._wait_for_new_node(process, log, known), False, log)
+        self.nodes.append(node)
+        return node
+
+    def alive(self) -> dict[str, bool]:
+        """Node id -> alive, as the GCS sees it."""
+        import ray
+
+        return {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+
+    def stop(self) -> None:
+        """Disconnect the driver, then stop the workers and the head."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        for node in reversed(self.nodes):
+            node.stop()
+        self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _start(self, name: str, args: list[str], num_cpus: float, resources: Optional[dict[str, float]]) -> tuple[subprocess.Popen, Path]:
+        import json
+
+        log = self.temp_dir / f"{name}.log"
+        ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+        command = [
+            ray_cli, "start", "--block", *args, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus:g}", "--num-gpus=0",
+            f"--object-store-memory={self.object_store_bytes}", f"--resources={json.dumps(resources or {})}",
+        ]
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return process, log
+
+    def _wait_for_new_node(self, process: subprocess.Popen, log: Path, known: set[str]) -> str:
+        import ray
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ClusterError(f"the node exited while starting: {_tail(log)}")
+            fresh = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in known]
+            if fresh:
+                head = [n for n in fresh if HEAD_NODE_RESOURCE in n["Resources"]]
+                return (head or fresh)[0]["NodeID"]
+            time.sleep(0.5)
+        _stop_process(process)
+        raise ClusterError(f"no new node joined within {START_TIMEOUT_S:.0f} s: {_tail(log)}")
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command name) of every process, from /proc."""
+    out: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        out[int(entry.name)] = (parent, name)
+    return out
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {log})"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
