@@ -11,9 +11,10 @@ gateway with the one HTTP proxy on the head.
    router gives each its own replica, so each node serves one of them.
 2. Two specialization jobs are submitted over HTTP (1 CPU each): each runs on
    the node that has room, one per node.
-3. ``--clients`` clients send requests in a closed loop (half of them
-   streamed, alternating the adapters). After ``--before-s`` seconds the
-   worker node's raylet is SIGKILLed, while its job runs.
+3. ``--clients`` clients send requests in a closed loop, each to one
+   adapter (so each node always holds requests), half of them streamed. After ``--before-s`` seconds the
+   worker node's raylet is SIGKILLed while its job runs (``--fault node``:
+   every process of the node at once, as when its machine goes down).
 4. Measured: requests/s completed before, during and after the fault
    (recovery: until Serve runs two engine replicas again, both on the head);
    the requests the clients lost against those in flight on the killed node
@@ -112,6 +113,17 @@ class FaultReport:
     def job_resumed(self) -> bool:
         return self.victim_status == "succeeded" and self.victim_attempt >= 2 and self.victim_resumed_on == "head"
 
+    def figures(self, before_s: float, after_s: float) -> dict[str, Any]:
+        kill, recovered = self.kill_at, self.recovered_at or self.kill_at
+        return {
+            "sent": len(self.requests), "lost": self.lost, "in_flight_at_kill": self.in_flight_at_kill, "resent": self.resent,
+            "cut_streams": self.cut_streams, "replica_outlived_s": self.replica_outlived_s, "recovery_s": self.recovery_s,
+            "longest_gap_s": self.longest_gap_s(), "rps_before": self.rate(kill - before_s, kill), "rps_during": self.rate(kill, recovered),
+            "rps_after": self.rate(recovered, recovered + after_s), "job_resumed": self.job_resumed, "victim_attempt": self.victim_attempt,
+            "replicas_before": self.replicas_before, "adapter_nodes": self.adapter_nodes, "job_nodes": self.job_nodes,
+            "registered_after": self.registered_after, "served_after": self.served_after,
+        }
+
     def rate(self, start: float, end: float) -> float:
         """Requests completed per second in [start, end)."""
         done = sum(1 for r in self.requests if r.outcome.completed and start <= r.end < end)
@@ -130,7 +142,7 @@ class FaultReport:
 def run_fault_scenario(
     model: str, adapters: dict[str, Path], database_url: str, work: Path, job: dict[str, Any], prompts: list[str], *,
     clients: int = 4, max_tokens: int = 32, before_s: float = 10.0, after_s: float = 10.0, timeout_s: float = 600.0,
-    log: Callable[[str], None] = print,
+    fault: str = "raylet", log: Callable[[str], None] = print,
 ) -> FaultReport:
     """Deploy onto a fresh two-node cluster, kill the worker under load, and measure (see the module docstring)."""
     import httpx
@@ -172,10 +184,10 @@ def run_fault_scenario(
                 retries = metric(client, "carve_replica_retries_total")
                 (doomed,) = [pid for rid, pid in replica_pids().items() if replicas[rid] == "worker"]
                 report.kill_at = time.perf_counter()
-                worker.kill()
+                worker.kill(everything=fault == "node")
                 wait_for(lambda: not pid_alive(doomed), timeout_s, "the worker's replica process exiting", every_s=0.05)
                 report.replica_outlived_s = time.perf_counter() - report.kill_at
-                log(f"killed the worker's raylet; its replica process exited {report.replica_outlived_s:.2f} s later")
+                log(f"killed the worker ({fault}); its replica process exited {report.replica_outlived_s:.2f} s later")
                 wait_for(lambda: cluster.alive().get(worker.node_id) is False or None, timeout_s, "the worker marked dead")
                 follow_recovery(client, report, nodes, timeout_s)
                 log(f"two replicas again after {report.recovery_s:.1f} s; job {victim} resumed on the {report.victim_resumed_on}")
@@ -203,23 +215,29 @@ def run_fault_scenario(
         cluster.stop()
 
 
-def deploy(address: str, model: str, registry: Path, database_url: str, log: Callable[[str], None]) -> int:
-    """`carve serve --address` onto the cluster (it returns once deployed); the HTTP port."""
-    from carve.platform.local_cluster import _free_port
+def deploy_command(address: str, model: str, registry: Path, database_url: Optional[str], settings: list[str]) -> list[str]:
+    """`carve serve --address ...` onto the cluster on a free port (HeadOnly proxy: the nodes share 127.0.0.1)."""
+    from carve.platform.local_cluster import free_port
 
-    port = _free_port()
     carve = shutil.which("carve") or str(Path(sys.executable).with_name("carve"))
-    command = [
-        carve, "serve", "--address", address, "--model", model, "--registry", str(registry), "--database", database_url,
-        "--port", str(port), "--replicas", "2", "--engine-cpus", "0.5", "--max-adapters", "1", "--max-batch-size", "4",
-        "--proxy-location", "HeadOnly", "--job-cpus", "1", "--job-resume-after", "5",
+    database = ["--database", database_url] if database_url else []
+    return [
+        carve, "serve", "--address", address, "--model", model, "--registry", str(registry), *database,
+        "--port", str(free_port()), "--proxy-location", "HeadOnly", *settings,
     ]
+
+
+def deploy(address: str, model: str, registry: Path, database_url: str, log: Callable[[str], None]) -> int:
+    """Deploy the scenario's server (it returns once deployed); the HTTP port."""
+    command = deploy_command(address, model, registry, database_url, [
+        "--replicas", "2", "--engine-cpus", "0.5", "--max-adapters", "1", "--max-batch-size", "4", "--job-cpus", "1", "--job-resume-after", "5",
+    ])
     env = {**os.environ, "CARVE_ADMIN_TOKEN": ADMIN_TOKEN, "CARVE_HOME": str(registry.parent / "home")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"carve serve --address failed ({done.returncode}): {done.stderr[-2000:]}")
     log(done.stdout.strip().splitlines()[0])
-    return port
+    return int(command[command.index("--port") + 1])
 
 
 def follow_recovery(client: Any, report: FaultReport, nodes: dict[str, str], timeout_s: float) -> None:
@@ -276,11 +294,12 @@ def replica_pids() -> dict[str, int]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for its parent to reap it does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def job_node(job_id: str, nodes: dict[str, str]) -> Optional[str]:
@@ -350,15 +369,20 @@ def replica_jobs(client: Any) -> dict[str, float]:
 async def closed_loop(
     base_url: Any, adapters: list[str], prompts: list[str], clients: int, max_tokens: int, stop: threading.Event, out: list[Timed]
 ) -> None:
-    """``clients`` clients, each sending its next request when the previous ends, until ``stop``; odd clients stream."""
+    """``clients`` clients, each sending its next request when the previous ends, until ``stop``.
+
+    Client i always asks for adapter ``i % len(adapters)`` (so each replica always holds requests) and streams
+    when ``i // len(adapters)`` is odd (so each replica serves plain and streamed requests).
+    """
     import httpx
 
     async def client_loop(index: int, client: Any) -> None:
         turn = 0
+        adapter, stream = adapters[index % len(adapters)], (index // len(adapters)) % 2 == 1
         while not stop.is_set():
-            request = Request(adapters[(index + turn) % len(adapters)], prompts[(index + turn) % len(prompts)], max_tokens)
+            request = Request(adapter, prompts[(index + turn) % len(prompts)], max_tokens)
             start = time.perf_counter()
-            outcome = await send(client, request, stream=index % 2 == 1)
+            outcome = await send(client, request, stream=stream)
             out.append(Timed(start, start + outcome.e2e, request.model, outcome))
             turn += 1
 
@@ -370,26 +394,23 @@ async def closed_loop(
 
 
 def chart(report: FaultReport, path: Path) -> Path:
-    """Requests completed per second over time, the kill and the recovery marked."""
+    """Requests completed (and lost) over time, cumulative, with the kill and the recovery marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t0 = min(r.start for r in report.requests)
-    ends = [r.end - t0 for r in report.requests if r.outcome.completed]
-    failed = [r.end - t0 for r in report.requests if not r.outcome.completed]
-    width = 1.0
-    bins = [i * width for i in range(int(max(ends + failed, default=1) / width) + 2)]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.hist(ends, bins=bins, color="#4C72B0", label="completed")
-    if failed:
-        ax.hist(failed, bins=bins, color="#C44E52", label="lost")
+    for label, color, done in (("completed", "#4C72B0", True), ("lost", "#C44E52", False)):
+        ends = sorted(r.end - t0 for r in report.requests if r.outcome.completed is done)
+        if ends:
+            ax.step([0.0, *ends], range(len(ends) + 1), where="post", color=color, label=label)
     ax.axvline(report.kill_at - t0, color="black", linestyle="--", label="worker node killed")
     if report.recovered_at is not None:
         ax.axvline(report.recovered_at - t0, color="green", linestyle=":", label="two replicas again (on the head)")
     ax.set_xlabel("seconds")
-    ax.set_ylabel("requests per second")
+    ax.set_ylabel("requests (cumulative)")
     ax.set_title("Carve on two Ray nodes: the worker node lost under load")
     ax.legend()
     fig.tight_layout()
@@ -400,21 +421,18 @@ def chart(report: FaultReport, path: Path) -> Path:
 
 
 def summary(report: FaultReport, before_s: float, after_s: float) -> str:
-    kill, recovered = report.kill_at, report.recovered_at or report.kill_at
-    lines = [
-        f"engine replicas before the fault: {report.replicas_before}",
-        f"adapters first served by: {report.adapter_nodes}; jobs ran on: {report.job_nodes}",
-        f"requests/s completed: before {report.rate(kill - before_s, kill):.2f}, during {report.rate(kill, recovered):.2f}, "
-        f"after {report.rate(recovered, recovered + after_s):.2f}",
-        f"requests sent {len(report.requests)}, lost {report.lost}; in flight at the kill {report.in_flight_by_adapter()}, "
-        f"on the killed node {report.in_flight_at_kill}; "
-        f"its replica process exited {report.replica_outlived_s:.2f} s after the raylet; engine calls sent again {report.resent:.0f}, "
-        f"streams cut {report.cut_streams}; longest gap without a completion {report.longest_gap_s():.1f} s",
-        f"recovery {report.recovery_s:.1f} s; job {report.victim_job}: {report.victim_status} after {report.victim_attempt} attempts, "
+    f = report.figures(before_s, after_s)
+    return "\n".join([
+        f"engine replicas before the fault: {f['replicas_before']}",
+        f"adapters first served by: {f['adapter_nodes']}; jobs ran on: {f['job_nodes']}",
+        f"requests/s completed: before {f['rps_before']:.2f}, during {f['rps_during']:.2f}, after {f['rps_after']:.2f}",
+        f"requests sent {f['sent']}, lost {f['lost']}; in flight at the kill {report.in_flight_by_adapter()}, on the killed node "
+        f"{f['in_flight_at_kill']}; its replica process exited {f['replica_outlived_s']:.2f} s after the kill; engine calls sent again "
+        f"{f['resent']:.0f}, streams cut {f['cut_streams']}; longest gap without a completion {f['longest_gap_s']:.1f} s",
+        f"recovery {f['recovery_s']:.1f} s; job {report.victim_job}: {report.victim_status} after {f['victim_attempt']} attempts, "
         f"resumed on the {report.victim_resumed_on}",
-        f"registered after the fault: {report.registered_after}; served after: {report.served_after}",
-    ]
-    return "\n".join(lines)
+        f"registered after the fault: {f['registered_after']}; served after: {f['served_after']}",
+    ])
 
 
 def main() -> None:
@@ -424,6 +442,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--before-s", type=float, default=15.0)
     parser.add_argument("--after-s", type=float, default=15.0)
+    parser.add_argument("--fault", choices=("raylet", "node"), default="raylet", help="SIGKILL the worker's raylet, or every process of the node at once.")
     args = parser.parse_args()
 
     import pgserver
@@ -446,14 +465,16 @@ def main() -> None:
         prompts = [" ".join(s["input"].split()[:40]) for s in few]
         report = run_fault_scenario(
             args.model, adapters, server.get_uri(), work, job, prompts, clients=args.clients, max_tokens=args.max_tokens,
-            before_s=args.before_s, after_s=args.after_s,
+            before_s=args.before_s, after_s=args.after_s, fault=args.fault,
         )
     finally:
         server.cleanup()
         shutil.rmtree(pg_folder, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     print(summary(report, args.before_s, args.after_s))
-    print(f"chart: {chart(report, OUT_DIR / 'cluster_faults.png')}")
+    print(f"chart: {chart(report, OUT_DIR / f'cluster_faults-{args.fault}.png')}")
+    figures = {"fault": args.fault, "model": args.model, "clients": args.clients, "max_tokens": args.max_tokens, **report.figures(args.before_s, args.after_s)}
+    (OUT_DIR / f"cluster_faults-{args.fault}.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(f"RESULT lost={report.lost} in_flight_at_kill={report.in_flight_at_kill} recovery_s={report.recovery_s:.1f} job_resumed={int(report.job_resumed)}")
 
 

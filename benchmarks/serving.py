@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import make_random_adapters  # noqa: E402
+
+from carve.platform.local_cluster import free_port  # noqa: E402  (also what serving_load imports from here)
 
 TOPICS = [
     "the history of the printing press", "how vaccines train the immune system", "a day in the life of a lighthouse keeper",
@@ -63,12 +64,6 @@ class Run:
             return float("nan")
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def messages(i: int) -> list[dict[str, str]]:

@@ -6,18 +6,13 @@ Run those tests under the offline wrapper (../shared/tools/offline).
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from carve.platform.local_cluster import free_port
+
 CARVE_ENV = ("CARVE_HOME", "CARVE_REGISTRY", "CARVE_ADMIN_TOKEN", "CARVE_API_KEY")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

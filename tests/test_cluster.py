@@ -49,3 +49,23 @@ def test_a_lost_worker_node_costs_only_what_it_held(tiny_model_dir: Path, tiny_a
     assert report.job_resumed, (report.victim_status, report.victim_attempt, report.victim_resumed_on)
     assert set(report.registered_after) >= {"alpha", "beta", "job-0", "job-1"}
     assert set(report.served_after.values()) == {200}, report.served_after
+
+
+def test_carve_serve_onto_two_nodes_warns_that_a_local_sqlite_file_is_not_shared(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import tempfile
+
+    from cluster_faults import deploy_command
+
+    from carve.platform.local_cluster import LocalCluster
+
+    with LocalCluster(Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))) as cluster:
+        cluster.start_head(num_cpus=1)
+        cluster.add_worker(num_cpus=1)
+        command = deploy_command(cluster.address, str(tiny_model_dir), tmp_path / "registry", None, ["--engine-cpus", "0", "--replicas", "1"])
+        env = {**os.environ, "CARVE_HOME": str(tmp_path / "home"), "CARVE_ADMIN_TOKEN": "cluster-test-admin-token"}
+        env.pop("CARVE_DATABASE_URL", None)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: the SQLite database" in done.stderr and "the Ray cluster has 2 nodes" in done.stderr and "use PostgreSQL" in done.stderr

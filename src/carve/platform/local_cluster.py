@@ -47,19 +47,27 @@ class LocalNode:
                 return pid
         raise ClusterError(f"node {self.node_id[:8]} has no raylet (its log: {self.log})")
 
-    def kill(self) -> None:
-        """Lose the node: SIGKILL its raylet (its `ray start --block` then stops what is left of it)."""
-        os.kill(self.raylet_pid(), signal.SIGKILL)
+    def kill(self, everything: bool = False) -> None:
+        """Lose the node: SIGKILL its raylet (its workers notice within seconds and exit; `ray start --block` stops
+        the rest), or with ``everything`` every process of the node at once, as when its machine goes down."""
+        if everything:  # Ray starts its workers in sessions of their own: every descendant, not the process group
+            for pid in [self.process.pid, *_descendants(self.process.pid)]:
+                _kill(pid)
+        else:
+            os.kill(self.raylet_pid(), signal.SIGKILL)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every Ray process of this node: SIGTERM to its group, SIGKILL to what is left after ``timeout_s``."""
+        left = _descendants(self.process.pid)
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(self.process.pid, signal.SIGKILL)  # workers the node started and left behind
+        _signal_group(self.process.pid, signal.SIGKILL)
+        for pid in left:  # workers the node started in sessions of their own and left behind
+            _kill(pid)
         self.process.wait()
 
 
@@ -70,7 +78,7 @@ class LocalCluster:
         # Ray's socket paths live under the temp dir and must stay short (107 bytes): give a short folder.
         self.temp_dir = Path(temp_dir)
         self.object_store_bytes = object_store_mb * 1024 * 1024
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[LocalNode] = []
 
@@ -179,6 +187,26 @@ def _processes() -> dict[int, tuple[int, str]]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in _processes().items():
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -198,7 +226,7 @@ def _tail(log: Path, lines: int = 8) -> str:
         return f"(no log at {log})"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
