@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from live_server import carve_home, local_server
 from lm_eval_run import GEN, MC, assert_matches, evaluate
-from serving import carve_home, local_server
 
 pytestmark = pytest.mark.ray
 lm_eval = pytest.importorskip("lm_eval")

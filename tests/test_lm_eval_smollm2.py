@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from live_server import carve_home, local_server
 from lm_eval_run import GEN, MC, assert_matches, evaluate
-from serving import carve_home, local_server
 from tiny import build_adapter
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]

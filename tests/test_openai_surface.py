@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from serving import carve_home, local_server
+from live_server import carve_home, local_server
 
 from carve.platform.responses import token_bytes, token_text
 

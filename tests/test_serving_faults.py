@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+from live_server import tiny_server
 from ray import exceptions as ray_errors
-from serving import tiny_server
 
 from carve.platform.engine_client import RetryPolicy, call_with_retries, next_event, open_stream, replica_lost
 from carve.platform.requests import ApiError

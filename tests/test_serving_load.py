@@ -13,7 +13,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from serving import tiny_server
+from live_server import tiny_server
 
 pytestmark = pytest.mark.ray
 
