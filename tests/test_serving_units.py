@@ -261,3 +261,33 @@ def test_rank_prefers_holders_then_free_slots():
     assert rank_for_adapter("d@v1", replicas, {}) == [["r2", "r3"], ["r1"]]
     assert rank_for_adapter("d@v1", replicas, {"d@v1": "r3"}) == [["r3"], ["r2"], ["r1"]]
     assert rank_for_adapter(None, replicas, {}) == [["r1", "r2", "r3"]]
+
+
+def test_a_prompt_far_over_the_context_is_refused_before_it_is_tokenized(tokenizer):
+    from carve.engine.text import longest_token_chars
+
+    longest = longest_token_chars(tokenizer)
+    assert longest >= max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))  # an upper bound on what one token decodes to
+
+    class Counting:  # the real tokenizer, counting how often it tokenizes
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __len__(self):
+            return len(tokenizer)
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return tokenizer(*args, **kwargs)
+
+    counting = Counting()
+    huge = "x" * (512 * longest + 1)
+    for body, param in ((CompletionRequest(model="base", prompt=["hi", huge]), "prompt.1"),
+                        (ChatCompletionRequest(model="base", messages=[{"role": "user", "content": huge}]), "messages")):
+        with pytest.raises(ApiError) as info:
+            plan_request(body, None, counting, 512, config(), token_chars=longest)
+        assert (info.value.status, info.value.code, info.value.param) == (400, "context_length_exceeded", param)
+        assert "more than this model's context of 512 tokens" in info.value.message
+    assert Counting.calls == 1  # only "hi"; the huge prompts never reached the tokenizer

@@ -48,6 +48,16 @@ def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int]) -> int:
     return len(encode_prompt(tokenizer, prompt))
 
 
+def longest_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token decodes to: its longest vocabulary entry.
+
+    A text of C characters has at least C / this many tokens, so a prompt far
+    over the context can be refused without tokenizing it.
+    """
+    entries = [*tokenizer.get_vocab(), *getattr(tokenizer, "all_special_tokens", [])]
+    return max((len(entry) for entry in entries), default=1) or 1
+
+
 def encode_plain(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a piece of text inside a prompt (no special tokens), for cutting it at a token boundary."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -24,7 +24,7 @@ from ray import serve
 
 from carve.artifact import BASE_MODEL
 from carve.engine.batching import Job, JobEvent, JobResult
-from carve.engine.text import context_length, encode_plain, encode_prompt
+from carve.engine.text import context_length, encode_plain, encode_prompt, longest_token_chars
 from carve.platform import api as oa
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
@@ -121,6 +121,7 @@ class Gateway:
         self.base = resolve_model(self.config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
         self.context = context_length(self.base.path)
+        self.token_chars = longest_token_chars(self.tokenizer)  # refuses a prompt far over the context before tokenizing it
         self.metrics = ServerMetrics()
         self.retry = RetryPolicy(on_retry=self.metrics.replica_retry)
         _check_database(self.config)
@@ -248,6 +249,7 @@ class Gateway:
         target = branches[0][0] if len(branches) == 1 else None
         prompts = plan_request(
             body, target, self.tokenizer, self.context, self.config, mixture=branches if len(branches) > 1 else (), space=decision.space,
+            token_chars=self.token_chars,
         )
         carve = oa.CarveInfo(
             adapters=[oa.AdapterUse(**u) for u in decision.uses()], mode=decision.mode, space=decision.space if decision.is_mixture else None,

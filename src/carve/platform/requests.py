@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from carve.artifact import AdapterRef
 from carve.common.errors import error_field, error_lines
 from carve.engine.batching import Job
-from carve.engine.text import chat_prompt, encode_prompt, has_chat_template
+from carve.engine.text import chat_prompt, encode_prompt, has_chat_template, longest_token_chars
 from carve.platform.api import ChatCompletionRequest, CompletionRequest
 from carve.platform.config import ServeConfig
 
@@ -115,16 +115,29 @@ def render_chat(tokenizer: Any, messages: Sequence[Any], add_generation_prompt: 
         raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
 
 
-def render_prompts(body: GenerationBody, tokenizer: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """(text, token ids) of each prompt: /v1/completions' as given (ids used exactly), /v1/chat/completions' chat template."""
+def render_prompts(body: GenerationBody, tokenizer: Any, context: int, token_chars: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(text, token ids) of each prompt: /v1/completions' as given (ids used exactly), /v1/chat/completions' chat template.
+
+    A text longer than ``context`` tokens of ``token_chars`` characters (the longest a token decodes to) is a 400
+    before it is tokenized: a 10 MB prompt costs no tokenizer time.
+    """
+
+    def encoded(text: str, where: str) -> tuple[int, ...]:
+        if len(text) > context * token_chars:
+            raise ApiError(
+                400, f"the {where} has {len(text)} characters, so at least {len(text) // token_chars} tokens: more than this model's "
+                f"context of {context} tokens", param=where, code="context_length_exceeded",
+            )
+        return tuple(encode_prompt(tokenizer, text))
+
     if isinstance(body, ChatCompletionRequest):
         text = render_chat(tokenizer, body.messages)
-        return [(text, tuple(encode_prompt(tokenizer, text)))]
+        return [(text, encoded(text, "messages"))]
     prompts = body.prompt_list()
     rendered = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            rendered.append((prompt, tuple(encode_prompt(tokenizer, prompt))))
+            rendered.append((prompt, encoded(prompt, "prompt" if len(prompts) == 1 else f"prompt.{i}")))
         else:
             check_token_ids(prompt, len(tokenizer), "prompt" if len(prompts) == 1 else f"prompt.{i}")
             rendered.append((tokenizer.decode(list(prompt)), tuple(prompt)))
@@ -133,7 +146,7 @@ def render_prompts(body: GenerationBody, tokenizer: Any) -> list[tuple[str, tupl
 
 def plan_request(
     body: GenerationBody, target: Optional[AdapterRef], tokenizer: Any, context: int, config: ServeConfig,
-    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = (), space: str = "output",
+    mixture: tuple[tuple[Optional[AdapterRef], float], ...] = (), space: str = "output", token_chars: Optional[int] = None,
 ) -> list[PlannedPrompt]:
     """The engine jobs of a request, by prompt (``mixture``: its output-space branches).
 
@@ -148,7 +161,7 @@ def plan_request(
         raise ApiError(400, f"{field}={max_tokens} exceeds this server's cap of {config.max_tokens_cap}", param=field, code="max_tokens_over_cap")
     bias = body.logit_bias_pairs()
     check_token_ids([t for t, _ in bias], len(tokenizer), "logit_bias")
-    rendered = render_prompts(body, tokenizer)
+    rendered = render_prompts(body, tokenizer, context, token_chars or longest_token_chars(tokenizer))
     if len(rendered) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(rendered)} prompts x n={body.n} is {len(rendered) * body.n} choices; at most {MAX_CHOICES} per request", param="n")
     echo = isinstance(body, CompletionRequest) and body.echo
