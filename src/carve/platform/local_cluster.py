@@ -25,6 +25,7 @@ from typing import Any, Optional
 from carve.platform.app import HEAD_NODE_RESOURCE
 
 START_TIMEOUT_S = 90.0
+READY_LINE = "Ray runtime started"  # what `ray start` prints once its node runs
 
 
 class ClusterError(RuntimeError):
@@ -102,6 +103,13 @@ class LocalCluster:
         args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
         process, log = self._start("head", args, num_cpus, resources)
         deadline = time.monotonic() + START_TIMEOUT_S
+        # Connect only once `ray start` says the node runs: a driver that reached the GCS while it was still
+        # starting keeps failing its authentication afterwards.
+        while READY_LINE not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                _stop_process(process)
+                raise ClusterError(f"the head node did not start: {_tail(log)}")
+            time.sleep(0.5)
         while True:
             try:
                 ray.init(address=self.address, log_to_driver=False)
