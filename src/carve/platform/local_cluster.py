@@ -26,6 +26,9 @@ from carve.platform.app import HEAD_NODE_RESOURCE
 
 START_TIMEOUT_S = 90.0
 READY_LINE = "Ray runtime started"  # what `ray start` prints once its node runs
+# Loopback only: every process of the cluster (nodes, this driver, `carve serve --address`) runs without Ray's
+# token authentication; with it, a driver whose cached token differs from ~/.ray/auth_token's was refused.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 class ClusterError(RuntimeError):
@@ -82,6 +85,7 @@ class LocalCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[LocalNode] = []
+        self._auth_mode: Optional[str] = None
 
     def __enter__(self) -> "LocalCluster":
         return self
@@ -99,6 +103,8 @@ class LocalCluster:
 
         if self.nodes:
             raise ClusterError("the head node is already started")
+        self._auth_mode = os.environ.get(AUTH_MODE_ENV)
+        _set_auth_mode("disabled")
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
         process, log = self._start("head", args, num_cpus, resources)
@@ -147,6 +153,8 @@ class LocalCluster:
             ray.shutdown()
         for node in reversed(self.nodes):
             node.stop()
+        if self.nodes:
+            _set_auth_mode(self._auth_mode)
         self.nodes.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -193,6 +201,17 @@ def _processes() -> dict[int, tuple[int, str]]:
         parent = int(stat[stat.rindex(")") + 2 :].split()[1])
         out[int(entry.name)] = (parent, name)
     return out
+
+
+def _set_auth_mode(mode: Optional[str]) -> None:
+    """Ray's token authentication for this process and the ones it starts (None: Ray's default)."""
+    from ray._raylet import Config
+
+    if mode is None:
+        os.environ.pop(AUTH_MODE_ENV, None)
+    else:
+        os.environ[AUTH_MODE_ENV] = mode
+    Config.initialize("")  # Ray caches its config: read the mode again
 
 
 def _descendants(pid: int) -> list[int]:
