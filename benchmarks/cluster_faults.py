@@ -215,21 +215,22 @@ def run_fault_scenario(
         cluster.stop()
 
 
-def deploy_command(address: str, model: str, registry: Path, database_url: Optional[str], settings: list[str]) -> list[str]:
-    """`carve serve --address ...` onto the cluster on a free port (HeadOnly proxy: the nodes share 127.0.0.1)."""
-    from carve.platform.local_cluster import free_port
-
+def deploy_command(address: str, model: str, registry: Path, database_url: Optional[str], port: int, settings: list[str]) -> list[str]:
+    """`carve serve --address ...` onto the cluster on ``port`` (HeadOnly proxy: the nodes share 127.0.0.1)."""
     carve = shutil.which("carve") or str(Path(sys.executable).with_name("carve"))
     database = ["--database", database_url] if database_url else []
     return [
         carve, "serve", "--address", address, "--model", model, "--registry", str(registry), *database,
-        "--port", str(free_port()), "--proxy-location", "HeadOnly", *settings,
+        "--port", str(port), "--proxy-location", "HeadOnly", *settings,
     ]
 
 
 def deploy(address: str, model: str, registry: Path, database_url: str, log: Callable[[str], None]) -> int:
     """Deploy the scenario's server (it returns once deployed); the HTTP port."""
-    command = deploy_command(address, model, registry, database_url, [
+    from carve.platform.local_cluster import free_port
+
+    port = free_port()
+    command = deploy_command(address, model, registry, database_url, port, [
         "--replicas", "2", "--engine-cpus", "0.5", "--max-adapters", "1", "--max-batch-size", "4", "--job-cpus", "1", "--job-resume-after", "5",
     ])
     env = {**os.environ, "CARVE_ADMIN_TOKEN": ADMIN_TOKEN, "CARVE_HOME": str(registry.parent / "home")}
@@ -237,7 +238,7 @@ def deploy(address: str, model: str, registry: Path, database_url: str, log: Cal
     if done.returncode != 0:
         raise RuntimeError(f"carve serve --address failed ({done.returncode}): {done.stderr[-2000:]}")
     log(done.stdout.strip().splitlines()[0])
-    return int(command[command.index("--port") + 1])
+    return port
 
 
 def follow_recovery(client: Any, report: FaultReport, nodes: dict[str, str], timeout_s: float) -> None:
@@ -278,9 +279,14 @@ def live_actors() -> list[dict[str, Any]]:
     return [a for a in state.actors().values() if a.get("State") == "ALIVE"]
 
 
+def engine_actors() -> dict[str, dict[str, Any]]:
+    """Engine replica id (Serve's, as in the metrics) -> its live actor's entry."""
+    return {a["Name"].rsplit("#", 1)[-1]: a for a in live_actors() if a.get("ActorClassName", "").endswith(ENGINE_ACTOR)}
+
+
 def placed_replicas(nodes: dict[str, str], count: int, only: Optional[str] = None) -> Optional[dict[str, str]]:
     """Engine replica id -> node name, once ``count`` replicas are alive (on node ``only`` when given, else on distinct nodes)."""
-    replicas = {a["Name"].rsplit("#", 1)[-1]: nodes.get(a["Address"]["NodeID"], "?") for a in live_actors() if a.get("ActorClassName", "").endswith(ENGINE_ACTOR)}
+    replicas = {replica: nodes.get(actor["Address"]["NodeID"], "?") for replica, actor in engine_actors().items()}
     if len(replicas) != count:
         return None
     if only is not None:
@@ -290,7 +296,7 @@ def placed_replicas(nodes: dict[str, str], count: int, only: Optional[str] = Non
 
 def replica_pids() -> dict[str, int]:
     """Engine replica id -> its worker process."""
-    return {a["Name"].rsplit("#", 1)[-1]: a["Pid"] for a in live_actors() if a.get("ActorClassName", "").endswith(ENGINE_ACTOR)}
+    return {replica: actor["Pid"] for replica, actor in engine_actors().items()}
 
 
 def pid_alive(pid: int) -> bool:

@@ -58,12 +58,12 @@ def test_carve_serve_onto_two_nodes_warns_that_a_local_sqlite_file_is_not_shared
 
     from cluster_faults import deploy_command
 
-    from carve.platform.local_cluster import LocalCluster
+    from carve.platform.local_cluster import LocalCluster, free_port
 
     with LocalCluster(Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))) as cluster:
         cluster.start_head(num_cpus=1)
         cluster.add_worker(num_cpus=1)
-        command = deploy_command(cluster.address, str(tiny_model_dir), tmp_path / "registry", None, ["--engine-cpus", "0", "--replicas", "1"])
+        command = deploy_command(cluster.address, str(tiny_model_dir), tmp_path / "registry", None, free_port(), ["--engine-cpus", "0", "--replicas", "1"])
         env = {**os.environ, "CARVE_HOME": str(tmp_path / "home"), "CARVE_ADMIN_TOKEN": "cluster-test-admin-token"}
         env.pop("CARVE_DATABASE_URL", None)
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -85,7 +85,7 @@ class LocalCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[LocalNode] = []
-        self._auth_mode: Optional[str] = None
+        self._saved_auth_mode: Optional[tuple[Optional[str]]] = None  # set while the cluster has changed RAY_AUTH_MODE
 
     def __enter__(self) -> "LocalCluster":
         return self
@@ -103,28 +103,22 @@ class LocalCluster:
 
         if self.nodes:
             raise ClusterError("the head node is already started")
-        self._auth_mode = os.environ.get(AUTH_MODE_ENV)
+        self._saved_auth_mode = (os.environ.get(AUTH_MODE_ENV),)
         _set_auth_mode("disabled")
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
         process, log = self._start("head", args, num_cpus, resources)
         deadline = time.monotonic() + START_TIMEOUT_S
-        # Connect only once `ray start` says the node runs: a driver that reached the GCS while it was still
-        # starting keeps failing its authentication afterwards.
-        while READY_LINE not in log.read_text(errors="replace"):
+        while READY_LINE not in log.read_text(errors="replace"):  # connect only once `ray start` says the node runs
             if process.poll() is not None or time.monotonic() > deadline:
                 _stop_process(process)
                 raise ClusterError(f"the head node did not start: {_tail(log)}")
             time.sleep(0.5)
-        while True:
-            try:
-                ray.init(address=self.address, log_to_driver=False)
-                break
-            except ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    _stop_process(process)
-                    raise ClusterError(f"the head node did not start: {_tail(log)}") from None
-                time.sleep(0.5)
+        try:
+            ray.init(address=self.address, log_to_driver=False)
+        except ConnectionError as exc:
+            _stop_process(process)
+            raise ClusterError(f"cannot connect to the head node ({exc}): {_tail(log)}") from None
         node = LocalNode(process, self._wait_for_new_node(process, log, known=set()), True, log)
         self.nodes.append(node)
         return node
@@ -153,9 +147,10 @@ class LocalCluster:
             ray.shutdown()
         for node in reversed(self.nodes):
             node.stop()
-        if self.nodes:
-            _set_auth_mode(self._auth_mode)
         self.nodes.clear()
+        if self._saved_auth_mode is not None:
+            _set_auth_mode(self._saved_auth_mode[0])
+            self._saved_auth_mode = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _start(self, name: str, args: list[str], num_cpus: float, resources: Optional[dict[str, float]]) -> tuple[subprocess.Popen, Path]:
