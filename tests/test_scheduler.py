@@ -12,7 +12,7 @@ import pytest
 from carve.artifact import AdapterRef
 from carve.engine.adapter_cache import AdapterCache
 from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
-from carve.engine.scheduler import Limits, QueueFull, Scheduler
+from carve.engine.scheduler import Limits, PrefillCost, QueueFull, Scheduler, prefill_budget
 
 PROMPTS = ["The patient was", "Revenue rose", "Gene expression", "Question: Is", "The company said", "### Instruction:"]
 
@@ -59,7 +59,7 @@ def direct(reference, jobs: list[Job]) -> list[JobResult]:
 def scheduler(engine):
     made: list[Scheduler] = []
 
-    def make(capacity: int = 4, **limits: int) -> Scheduler:
+    def make(capacity: int = 4, **limits: float) -> Scheduler:
         made.append(Scheduler(engine, AdapterCache(engine, capacity), Limits(**limits)))
         return made[-1]
 
@@ -101,6 +101,45 @@ def test_jobs_joining_while_others_decode_give_the_direct_tokens(scheduler, refe
     assert sched.steps > 0 and sched.load().running == 0
     assert sorted({k for r in got for k in r.loaded}) == ["alpha@v1", "beta@v1", "gamma@v1"]
     assert got[0].load is not None and got[0].load.replica == "engine"
+
+
+def test_the_prefill_chunk_is_cut_to_the_step_target_by_the_measured_costs():
+    target = Limits(max_step_tokens=512, max_step_s=0.2)
+    assert prefill_budget(target, rows=8, decode_s=0.1, cost=(0.02, 0.001)) == 80  # (0.2 - 0.1 - 0.02) / 0.001
+    assert prefill_budget(target, rows=8, decode_s=0.01, cost=(0.0, 0.0001)) == 504  # the token budget still bounds it
+    assert prefill_budget(target, rows=8, decode_s=0.3, cost=(0.02, 0.001)) == 16  # over target already: the floor
+    assert prefill_budget(target, rows=0, decode_s=0.1, cost=(0.02, 0.001)) == 512  # nobody waits on this step
+    assert prefill_budget(target, rows=8, decode_s=0.1, cost=(0.0, 0.0)) == 504  # no cost measured yet
+    assert prefill_budget(Limits(max_step_tokens=512), rows=8, decode_s=0.1, cost=(0.02, 0.001)) == 504  # no target
+    with pytest.raises(ValueError):
+        Limits(max_step_s=0)
+
+
+def test_prefill_cost_separates_a_forward_s_fixed_cost_from_its_cost_per_token():
+    cost = PrefillCost()
+    assert cost.line() == (0.0, 0.0)
+    for tokens in (16, 128, 40, 300, 16, 77):
+        cost.observe(tokens, 0.03 + 0.002 * tokens)
+    fixed, per_token = cost.line()
+    assert fixed == pytest.approx(0.03) and per_token == pytest.approx(0.002)
+    same = PrefillCost()
+    for _ in range(3):
+        same.observe(32, 0.064)
+    assert same.line() == pytest.approx((0.0, 0.002))  # one width only: no slope to fit
+
+
+def test_under_a_step_target_prompts_join_in_small_chunks_and_give_the_direct_tokens(scheduler, reference):
+    long_prompt = " ".join(PROMPTS * 3)
+    jobs = [Job(PROMPTS[0], 1, None, 30, ignore_eos=True), Job(long_prompt, 1, None, 8, ignore_eos=True), Job(long_prompt[5:], 1, None, 5, ignore_eos=True)]
+    sched = scheduler(max_running=4, max_step_s=1e-6, min_prefill_tokens=2)  # every step over target: 2-token chunks
+    collectors = [Collector() for _ in jobs]
+    for job, collector in zip(jobs, collectors):
+        sched.submit(job, collector)
+        time.sleep(0.05)
+    got, want = [c.result() for c in collectors], direct(reference, jobs)
+    assert [(g.text, g.completion_tokens) for g in got] == [(w.text, w.completion_tokens) for w in want]
+    assert all(g.completion_tokens == j.max_new_tokens for g, j in zip(got, jobs))
+    assert sched.prefill_cost.line()[1] > 0 and sched.decode_s > 0
 
 
 def test_a_full_queue_refuses_at_once_and_accepted_jobs_complete(scheduler):

@@ -32,6 +32,7 @@ def serve_command(
     batching: str = _option("batching", "--batching"),
     max_batch_size: int = _option("max_batch_size", "--max-batch-size", min=1),
     max_step_tokens: int = _option("max_step_tokens", "--max-step-tokens", min=1),
+    max_step_ms: Optional[float] = _option("max_step_ms", "--max-step-ms", min=0.001),
     max_waiting: int = _option("max_waiting", "--max-waiting", min=0),
     engine_cpus: float = _option("engine_num_cpus", "--engine-cpus", min=0.0),
     engine_gpus: float = _option("engine_num_gpus", "--engine-gpus", min=0.0),
@@ -50,7 +51,7 @@ def serve_command(
     try:
         config = ServeConfig.from_env(
             model=model, registry_root=registry, database_url=database, replicas=replicas, max_adapters=max_adapters, max_tokens_cap=max_tokens_cap,
-            batching=batching, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, max_waiting=max_waiting, engine_num_cpus=engine_cpus, engine_num_gpus=engine_gpus,
+            batching=batching, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, max_step_ms=max_step_ms, max_waiting=max_waiting, engine_num_cpus=engine_cpus, engine_num_gpus=engine_gpus,
             proxy_location=proxy_location, jobs=JobSettings.resuming_after(job_resume_after, num_cpus=job_cpus), default_max_tokens=min(128, max_tokens_cap),
         )
     except ValidationError as exc:

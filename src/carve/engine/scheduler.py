@@ -11,7 +11,11 @@ loop
    finish), prompts that need logprobs are scored, and the rest join the
    running batch's prefill (carve.engine.session),
 3. runs prefill chunks within the step's token budget, so running rows keep
-   streaming while a long prompt is read,
+   streaming while a long prompt is read; with a step-time target
+   (``Limits.max_step_s``) the chunk is also cut to what fits beside the
+   decode in that time, by the prefill and decode costs the loop measures
+   (Sarathi-Serve's token budget from the inter-token SLO, measured live
+   rather than profiled once),
 4. decodes one token for every running row and retires the finished at once.
 
 Jobs decode the same tokens as alone (the session's guarantee). A full queue
@@ -43,10 +47,65 @@ class Limits:
     max_running: int = 32  # sequences (KV rows; a mixture job has one per branch)
     max_step_tokens: int = 512  # decoded rows plus prefill tokens per step; a prompt longer than the rest is read in chunks
     max_waiting: int = 128  # jobs queued for admission; more are refused (HTTP 429)
+    max_step_s: Optional[float] = None  # inter-token target while rows decode: prefill chunks cut to fit beside the decode (None: tokens only)
+    min_prefill_tokens: int = 16  # prefill tokens a step runs at least, whatever the target (a prompt always progresses)
 
     def __post_init__(self) -> None:
-        if self.max_running < 1 or self.max_step_tokens < 1 or self.max_waiting < 0:
+        if self.max_running < 1 or self.max_step_tokens < 1 or self.max_waiting < 0 or self.min_prefill_tokens < 1:
             raise ValueError(f"limits must be positive: {self}")
+        if self.max_step_s is not None and self.max_step_s <= 0:
+            raise ValueError(f"max_step_s must be positive: {self.max_step_s}")
+
+
+class PrefillCost:
+    """A prefill forward's time as ``fixed + per_token * tokens``, fitted to the steps seen (recent ones weigh more).
+
+    A forward has a cost of its own whatever its width (launching every layer),
+    so time per token alone would overrate small chunks and keep shrinking them.
+    """
+
+    def __init__(self) -> None:
+        self.n = self.t = self.nn = self.nt = 0.0  # running means of tokens, seconds and their products
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            for name, value in (("n", tokens), ("t", seconds), ("nn", tokens * tokens), ("nt", tokens * seconds)):
+                setattr(self, name, _mean(getattr(self, name), value))
+
+    def line(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per token); (0, 0) before any prefill was timed."""
+        if self.n <= 0:
+            return 0.0, 0.0
+        spread = self.nn - self.n * self.n
+        if spread <= 1e-9 * self.nn:  # every chunk the same width: no slope to fit, all of it per token
+            return 0.0, self.t / self.n
+        per_token = (self.nt - self.n * self.t) / spread
+        if per_token <= 0:
+            return 0.0, self.t / self.n
+        return max(0.0, self.t - per_token * self.n), per_token
+
+
+def prefill_budget(limits: Limits, rows: int, decode_s: float, cost: tuple[float, float]) -> int:
+    """Prefill tokens one step may run beside ``rows`` decoding rows.
+
+    The token budget leaves the decoded rows their share (at least a quarter
+    for prefill). With a step-time target and rows waiting on this step, the
+    chunk is also cut to what fits in ``max_step_s`` beside a decode step of
+    ``decode_s``, by the prefill ``cost`` line (fixed, per token), but never
+    below ``min_prefill_tokens``. Nothing decoding (or no cost measured yet):
+    the token budget alone.
+    """
+    budget = max(limits.max_step_tokens - rows, limits.max_step_tokens // 4)
+    fixed, per_token = cost
+    if limits.max_step_s is None or rows == 0 or per_token <= 0:
+        return budget
+    fits = int((limits.max_step_s - decode_s - fixed) / per_token)
+    return max(min(limits.min_prefill_tokens, budget), min(budget, fits))
+
+
+def _mean(mean: float, value: float) -> float:
+    """A running mean leaning on recent steps (the first value taken as it is)."""
+    return value if mean == 0 else (1 - _RECENT) * mean + _RECENT * value
 
 
 class QueueFull(RuntimeError):
@@ -103,6 +162,8 @@ class Scheduler:
         self.step_s = 0.0
         self.step_tokens = 0.0
         self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
+        self.decode_s = 0.0  # running mean of one decode step (every running row one token)
+        self.prefill_cost = PrefillCost()
         self._thread = threading.Thread(target=self._loop, name=f"carve-scheduler-{replica}", daemon=True)
         self._thread.start()
 
@@ -165,8 +226,15 @@ class Scheduler:
                 started = time.perf_counter()
                 tokens = self._admit()
                 if self.session.prefilling:
-                    tokens += self.session.prefill(self._prefill_budget())
+                    budget = prefill_budget(self.limits, self.session.rows, self.decode_s, self.prefill_cost.line())
+                    prefill_started = time.perf_counter()
+                    prefilled = self.session.prefill(budget)
+                    self.prefill_cost.observe(prefilled, time.perf_counter() - prefill_started)
+                    tokens += prefilled
+                decode_started = time.perf_counter()
                 events = self.session.step()
+                if events:
+                    self.decode_s = _mean(self.decode_s, time.perf_counter() - decode_started)
                 tokens += len(events)
                 if tokens:
                     self._record_step(time.perf_counter() - started, tokens)
@@ -181,15 +249,10 @@ class Scheduler:
             self._send(ticket, JobEvent(error="the engine replica is shutting down", error_kind="internal"))
         self._live.clear()
 
-    def _prefill_budget(self) -> int:
-        """Prefill tokens this step may run: what the decoded rows leave of the step's budget, at least a quarter of it."""
-        return max(self.limits.max_step_tokens - self.session.rows, self.limits.max_step_tokens // 4)
-
     def _record_step(self, seconds: float, tokens: int) -> None:
         self.steps += 1
-        first = self.steps == 1
-        self.step_s = seconds if first else (1 - _RECENT) * self.step_s + _RECENT * seconds
-        self.step_tokens = tokens if first else (1 - _RECENT) * self.step_tokens + _RECENT * tokens
+        self.step_s = _mean(self.step_s, seconds)
+        self.step_tokens = _mean(self.step_tokens, tokens)
 
     # -- admission -----------------------------------------------------------------
 

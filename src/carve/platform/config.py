@@ -42,6 +42,10 @@ class ServeConfig(BaseModel):
     )
     max_batch_size: int = Field(32, ge=1, le=512, description="Sequences decoded together per replica (a mixture has one per adapter).")
     max_step_tokens: int = Field(512, ge=1, le=65536, description="Tokens run per decoding step (continuous): longer prompts are read in chunks.")
+    max_step_ms: Optional[float] = Field(
+        None, gt=0, le=600000, description="Inter-token target while rows decode (continuous): a step's prefill chunk is cut to what fits beside "
+        "the decode in this time, by the costs the replica measures (at least 16 prompt tokens a step); default: the token budget alone.",
+    )
     max_waiting: int = Field(128, ge=0, le=100000, description="Requests queued per replica (continuous); more get 429 with Retry-After.")
     batch_wait_s: float = Field(0.02, ge=0.0, le=5.0, description="How long a static batch waits to fill after its first request.")
     default_max_tokens: int = Field(128, ge=1)

@@ -63,7 +63,8 @@ class EngineServer:
         self.cache = AdapterCache(self.engine, self.config.max_adapters)
         self.scheduler: Optional[Scheduler] = None
         if self.config.batching == "continuous":
-            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting)
+            step_s = self.config.max_step_ms / 1000 if self.config.max_step_ms is not None else None
+            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting, max_step_s=step_s)
             self.scheduler = Scheduler(self.engine, self.cache, limits, replica=_replica_name())
         self.runner = BatchRunner(self.engine, self.cache)
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
