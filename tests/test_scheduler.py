@@ -12,7 +12,7 @@ import pytest
 from carve.artifact import AdapterRef
 from carve.engine.adapter_cache import AdapterCache
 from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
-from carve.engine.scheduler import Limits, PrefillCost, QueueFull, Scheduler, prefill_budget
+from carve.engine.scheduler import ForwardCost, Limits, QueueFull, Scheduler, prefill_budget
 
 PROMPTS = ["The patient was", "Revenue rose", "Gene expression", "Question: Is", "The company said", "### Instruction:"]
 
@@ -115,14 +115,14 @@ def test_the_prefill_chunk_is_cut_to_the_step_target_by_the_measured_costs():
         Limits(max_step_s=0)
 
 
-def test_prefill_cost_separates_a_forward_s_fixed_cost_from_its_cost_per_token():
-    cost = PrefillCost()
+def test_forward_cost_separates_a_forward_s_fixed_cost_from_its_cost_per_token():
+    cost = ForwardCost()
     assert cost.line() == (0.0, 0.0)
     for tokens in (16, 128, 40, 300, 16, 77):
         cost.observe(tokens, 0.03 + 0.002 * tokens)
     fixed, per_token = cost.line()
     assert fixed == pytest.approx(0.03) and per_token == pytest.approx(0.002)
-    same = PrefillCost()
+    same = ForwardCost()
     for _ in range(3):
         same.observe(32, 0.064)
     assert same.line() == pytest.approx((0.0, 0.002))  # one width only: no slope to fit
@@ -139,7 +139,7 @@ def test_under_a_step_target_prompts_join_in_small_chunks_and_give_the_direct_to
     got, want = [c.result() for c in collectors], direct(reference, jobs)
     assert [(g.text, g.completion_tokens) for g in got] == [(w.text, w.completion_tokens) for w in want]
     assert all(g.completion_tokens == j.max_new_tokens for g, j in zip(got, jobs))
-    assert sched.prefill_cost.line()[1] > 0 and sched.decode_s > 0
+    assert sched.forward_cost.line()[1] > 0 and sched.decode_s > 0
 
 
 def test_a_full_queue_refuses_at_once_and_accepted_jobs_complete(scheduler):

@@ -57,11 +57,13 @@ class Limits:
             raise ValueError(f"max_step_s must be positive: {self.max_step_s}")
 
 
-class PrefillCost:
-    """A prefill forward's time as ``fixed + per_token * tokens``, fitted to the steps seen (recent ones weigh more).
+class ForwardCost:
+    """A forward pass's time as ``fixed + per_token * tokens``, fitted to the passes seen (recent ones weigh more).
 
-    A forward has a cost of its own whatever its width (launching every layer),
-    so time per token alone would overrate small chunks and keep shrinking them.
+    Decode steps (a token per row) and prefill chunks (many per row) are both
+    observed: a forward costs by the tokens it runs, plus a cost of its own
+    whatever its width (every layer launched once), so time per token alone
+    would overrate small chunks and keep shrinking them.
     """
 
     def __init__(self) -> None:
@@ -163,7 +165,7 @@ class Scheduler:
         self.step_tokens = 0.0
         self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
         self.decode_s = 0.0  # running mean of one decode step (every running row one token)
-        self.prefill_cost = PrefillCost()
+        self.forward_cost = ForwardCost()
         self._thread = threading.Thread(target=self._loop, name=f"carve-scheduler-{replica}", daemon=True)
         self._thread.start()
 
@@ -226,15 +228,17 @@ class Scheduler:
                 started = time.perf_counter()
                 tokens = self._admit()
                 if self.session.prefilling:
-                    budget = prefill_budget(self.limits, self.session.rows, self.decode_s, self.prefill_cost.line())
+                    budget = prefill_budget(self.limits, self.session.rows, self.decode_s, self.forward_cost.line())
                     prefill_started = time.perf_counter()
                     prefilled = self.session.prefill(budget)
-                    self.prefill_cost.observe(prefilled, time.perf_counter() - prefill_started)
+                    self.forward_cost.observe(prefilled, time.perf_counter() - prefill_started)
                     tokens += prefilled
                 decode_started = time.perf_counter()
+                rows = self.session.rows
                 events = self.session.step()
                 if events:
                     self.decode_s = _mean(self.decode_s, time.perf_counter() - decode_started)
+                    self.forward_cost.observe(rows, time.perf_counter() - decode_started)
                 tokens += len(events)
                 if tokens:
                     self._record_step(time.perf_counter() - started, tokens)

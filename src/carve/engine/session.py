@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
 
-from carve.engine.kv_cache import KVCache
+from carve.engine.kv_cache import KVCache, joined
 from carve.engine.multi_lora import PEFT_BASE
 from carve.engine.picking import TextTracker, combine, new_generator, pick_token
 from carve.engine.requests import EngineError, FinishReason, GenerationRequest, StreamEvent
@@ -396,8 +396,12 @@ def _merged(cache_a: Any, rows_a: _Rows, cache_b: Any, rows_b: _Rows, remaining:
     import torch
 
     if isinstance(cache_a, KVCache):
-        dead_a, dead_b = rows_a.dead_columns(), rows_b.dead_columns()
-        cache = _merged_kv(cache_a, dead_a, cache_b, dead_b, remaining)
+        dead_b = rows_b.dead_columns()
+        if cache_a.append(cache_b, dead_b, remaining):  # into spare rows: the running rows stay where they are
+            cache, dead_a = cache_a, 0
+        else:
+            dead_a = rows_a.dead_columns()
+            cache = joined(cache_a, dead_a, cache_b, dead_b, remaining)
     else:
         dead_a = dead_b = 0  # Hugging Face's layers keep their own column counts (sliding windows): no trimming
         cache = _merged_dynamic(cache_a, cache_b)
@@ -414,27 +418,6 @@ def _merged(cache_a: Any, rows_a: _Rows, cache_b: Any, rows_b: _Rows, remaining:
         rows_a.row_request + rows_b.row_request,
     )
     return cache, rows
-
-
-def _merged_kv(a: KVCache, dead_a: int, b: KVCache, dead_b: int, remaining: int) -> KVCache:
-    """The engine's preallocated caches side by side, each without its dead leading columns, padding zeroed."""
-    import torch
-
-    assert a.keys is not None and a.values is not None and b.keys is not None and b.values is not None
-    used_a, used_b = a.length - dead_a, b.length - dead_b
-    width = max(used_a, used_b)
-    rows_a, rows_b = a.keys.shape[1], b.keys.shape[1]
-    out = KVCache(a.layers, a.kv_heads, a.head_dim, width + remaining, a.dtype, a.device)
-    shape = (a.layers, rows_a + rows_b, a.kv_heads, out.capacity, a.head_dim)
-    out.keys = torch.empty(shape, dtype=a.dtype, device=a.device)
-    out.values = torch.empty_like(out.keys)
-    for target, src_a, src_b in ((out.keys, a.keys, b.keys), (out.values, a.values, b.values)):
-        target[:, :rows_a, :, : width - used_a] = 0  # padding keys are masked, but must be finite (0 * NaN is NaN)
-        target[:, rows_a:, :, : width - used_b] = 0
-        target[:, :rows_a, :, width - used_a : width] = src_a[:, :, :, dead_a : a.length]
-        target[:, rows_a:, :, width - used_b : width] = src_b[:, :, :, dead_b : b.length]
-    out.length = width
-    return out
 
 
 def _merged_dynamic(a: Any, b: Any) -> Any:
