@@ -43,8 +43,13 @@ def requests() -> list[GenerationRequest]:
     ]
 
 
-def drive(engine: Engine, arrivals: dict[int, list[GenerationRequest]], budget: int | None, cancel: dict[int, int] | None = None) -> dict[int, list[int]]:
-    """Step a session, admitting ``arrivals[step]`` before that step and cancelling ``cancel[step]`` (by arrival order); tokens per arrival order."""
+def drive(
+    engine: Engine, arrivals: dict[int, list[GenerationRequest]], budget: int | None, cancel: dict[int, int] | None = None, fused: bool = False
+) -> dict[int, list[int]]:
+    """Step a session, admitting ``arrivals[step]`` before that step and cancelling ``cancel[step]`` (by arrival order); tokens per arrival order.
+
+    ``fused``: while rows decode, prompt chunks run in the step's own forward pass (``step(prefill_budget=budget)``).
+    """
     session = engine.session()
     ids: list[int] = []
     tokens: dict[int, list[int]] = {}
@@ -53,8 +58,12 @@ def drive(engine: Engine, arrivals: dict[int, list[GenerationRequest]], budget: 
         ids += session.admit(arrivals.get(step, []))
         if cancel and step in cancel:
             assert session.cancel(ids[cancel[step]])
-        session.prefill(budget)
-        for event in session.step():
+        if fused and session.rows and budget:
+            events = session.step(prefill_budget=budget)
+        else:
+            session.prefill(budget)
+            events = session.step()
+        for event in events:
             tokens.setdefault(ids.index(event.index), []).append(event.token_id)  # type: ignore[arg-type]
         step += 1
     return tokens
@@ -64,10 +73,10 @@ def alone(engine: Engine, request: GenerationRequest) -> list[int]:
     return engine.generate([request])[0].token_ids
 
 
-@pytest.mark.parametrize("budget", [None, 7])
-def test_requests_joining_a_running_batch_decode_as_alone(engine: Engine, budget: int | None) -> None:
+@pytest.mark.parametrize("budget,fused", [(None, False), (7, False), (7, True), (3, True)])
+def test_requests_joining_a_running_batch_decode_as_alone(engine: Engine, budget: int | None, fused: bool) -> None:
     reqs = requests()
-    got = drive(engine, {0: reqs[:2], 2: reqs[2:4], 3: [reqs[4]], 9: [reqs[5]]}, budget)
+    got = drive(engine, {0: reqs[:2], 2: reqs[2:4], 3: [reqs[4]], 9: [reqs[5]]}, budget, fused=fused)
     for i, request in enumerate(reqs):
         assert got[i] == alone(engine, request), f"request {i}"
 

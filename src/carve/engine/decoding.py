@@ -28,8 +28,8 @@ from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
 from carve.engine.picking import adjust_scores, combine, nucleus_candidates, pick_token
 from carve.engine.requests import Branch, Completion, EngineError, FinishReason, GenerationRequest, Rule, Sampling, StreamEvent
-from carve.engine.runner import LlamaRunner, WeightFormat, unsupported_reason
-from carve.engine.session import DecodeSession, ForwardPath
+from carve.engine.runner import LlamaRunner, Part, WeightFormat, unsupported_reason
+from carve.engine.session import DecodeSession, ForwardPath, PartInput
 from carve.engine.text import encode_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -219,13 +219,30 @@ class Engine:
         self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: ForwardPath
     ) -> "torch.Tensor":
         """Run ``input_ids`` [rows, q] after the cached columns, row i under adapter ``adapters[i]``; the last position's logits."""
-        if path != "peft" and self._multi is None and any(name != PEFT_BASE for name in adapters):
-            raise EngineError(f"the {path} forward needs the concatenated-factor LoRA, which the loaded adapters do not allow")
-        lora = self._multi.batch(adapters, hooks=path == "multi") if self._multi is not None and path != "peft" else contextlib.nullcontext()
+        return self.forward_parts([(input_ids, attention, positions, adapters, cache)], path)[0]
+
+    def forward_parts(self, parts: Sequence[PartInput], path: ForwardPath) -> list["torch.Tensor"]:
+        """Several batches (input ids, mask, positions, row adapters, cache), each after its own cache; the last position's logits of each.
+
+        The runner runs them in one pass (the weights read once for all their
+        tokens); Hugging Face's forward runs them one after the other.
+        """
+        for _, _, _, adapters, _ in parts:
+            if path != "peft" and self._multi is None and any(name != PEFT_BASE for name in adapters):
+                raise EngineError(f"the {path} forward needs the concatenated-factor LoRA, which the loaded adapters do not allow")
+        if path == "runner":
+            assert self.runner is not None
+            rows = LlamaRunner.token_rows([(ids, adapters) for ids, _, _, adapters, _ in parts])
+            with self._multi.batch(rows, hooks=False) if self._multi is not None else contextlib.nullcontext():
+                return self.runner.forward_parts([Part(ids, attention, positions, cache) for ids, attention, positions, _, cache in parts], self._multi)
+        return [self._hf_forward(*part, path) for part in parts]
+
+    def _hf_forward(
+        self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: ForwardPath
+    ) -> "torch.Tensor":
+        """Hugging Face's forward: LoRA rows through MultiLora's hooks ("multi") or peft's mixed batches ("peft")."""
+        lora = self._multi.batch(adapters) if self._multi is not None and path == "multi" else contextlib.nullcontext()
         with lora:
-            if path == "runner":
-                assert self.runner is not None
-                return self.runner.forward(input_ids, attention, positions, cache, self._multi)
             kwargs: dict[str, Any] = dict(
                 input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
             )

@@ -23,7 +23,7 @@ refused by :func:`unsupported_reason` and the engine keeps Hugging Face's forwar
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, Sequence
 
 from carve.engine.kv_cache import KVCache
 
@@ -32,6 +32,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 WeightFormat = Literal["native", "int8"]
 WEIGHT_FORMATS: tuple[str, ...] = ("native", "int8")
+
+
+class Part(NamedTuple):
+    """One batch of a forward pass: input ids [rows, q] after ``cache``'s columns, its mask and positions."""
+
+    input_ids: "torch.Tensor"
+    attention: "torch.Tensor"
+    positions: "torch.Tensor"
+    cache: KVCache
 
 
 class LoraDeltas(Protocol):
@@ -168,36 +177,69 @@ class LlamaRunner:
         ``attention`` [rows, cached + q] marks real tokens (0 = left padding),
         ``positions`` [rows, q] their position ids.
         """
+        return self.forward_parts([Part(input_ids, attention, positions, cache)], lora)[0]
+
+    def forward_parts(self, parts: Sequence["Part"], lora: LoraDeltas | None) -> list["torch.Tensor"]:
+        """Several batches in one pass, each after its own cache: the last position's logits of each.
+
+        Every token of every part goes through each linear product together, so
+        the weights are read once per layer for all of them (a decode step and a
+        prefill chunk cost one pass, not two); attention runs per part, on its
+        own cache and mask. LoRA sees one row per token, parts in order, each
+        part's tokens row by row (what :meth:`token_rows` lists).
+        """
+        import torch
         import torch.nn.functional as F
 
-        rows, q_len = input_ids.shape
-        if attention.shape[1] != cache.length + q_len:
-            raise RuntimeError(f"attention mask covers {attention.shape[1]} columns, the cache and input {cache.length + q_len}")
-        x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        mask = _attention_mask(attention, cache.length, q_len)
+        sizes = []
+        for part in parts:
+            rows, q_len = part.input_ids.shape
+            if part.attention.shape[1] != part.cache.length + q_len:
+                raise RuntimeError(f"attention mask covers {part.attention.shape[1]} columns, the cache and input {part.cache.length + q_len}")
+            sizes.append(rows * q_len)
+        x = F.embedding(torch.cat([part.input_ids.reshape(-1) for part in parts]), self.embed).unsqueeze(1)  # [tokens, 1, hidden]
+        turns = [self.rotary(x, part.positions) for part in parts]
+        cos = torch.cat([c.reshape(-1, self.head_dim) for c, _ in turns]).unsqueeze(1)  # [tokens, 1, head_dim]
+        sin = torch.cat([s.reshape(-1, self.head_dim) for _, s in turns]).unsqueeze(1)
+        masks = [_attention_mask(part.attention, part.cache.length, part.input_ids.shape[1]) for part in parts]
+        tokens = x.shape[0]
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.module.self_attn, layer.module.mlp
             h = F.rms_norm(x, (self.hidden,), layer.input_norm, self.eps)
             qkv = _plus(layer.qkv(h), lora.delta((attn.q_proj, attn.k_proj, attn.v_proj), h) if lora else None)
             qk, v = qkv.split(self.qk_v_split, dim=-1)
-            qk = qk.view(rows, q_len, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
+            qk = qk.view(tokens, self.heads + self.kv_heads, self.head_dim)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys at once
-            q, k = qk.split((self.heads, self.kv_heads), dim=1)
-            v = v.view(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys, values = cache.write(index, k, v)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-            a = a.transpose(1, 2).reshape(rows, q_len, self.heads * self.head_dim)
+            queries, keys = qk.split((self.heads, self.kv_heads), dim=1)
+            v = v.view(tokens, self.kv_heads, self.head_dim)
+            outputs = []
+            for part, mask, q_slice, k_slice, v_slice in zip(parts, masks, queries.split(sizes), keys.split(sizes), v.split(sizes)):
+                rows, q_len = part.input_ids.shape
+                q = q_slice.reshape(rows, q_len, self.heads, self.head_dim).transpose(1, 2)
+                cached_keys, cached_values = part.cache.write(
+                    index, k_slice.reshape(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2), v_slice.reshape(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+                )
+                a = F.scaled_dot_product_attention(q, cached_keys, cached_values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+                outputs.append(a.transpose(1, 2).reshape(rows * q_len, self.heads * self.head_dim))
+            a = torch.cat(outputs).unsqueeze(1)
             x = x + _plus(layer.o(a), lora.delta((attn.o_proj,), a) if lora else None)
             h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
             gate_up = _plus(layer.gate_up(h), lora.delta((mlp.gate_proj, mlp.up_proj), h) if lora else None)
             gate, up = gate_up.chunk(2, dim=-1)
             inner = F.silu(gate) * up
             x = x + _plus(layer.down(inner), lora.delta((mlp.down_proj,), inner) if lora else None)
-        cache.advance(q_len)
-        last = F.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
-        return self.lm_head(last)
+        last, start = [], 0
+        for part, size in zip(parts, sizes):
+            part.cache.advance(part.input_ids.shape[1])
+            last.append(torch.arange(start + part.input_ids.shape[1] - 1, start + size, part.input_ids.shape[1], device=x.device))
+            start += size
+        logits = self.lm_head(F.rms_norm(x[torch.cat(last), 0], (self.hidden,), self.final_norm, self.eps))
+        return list(logits.split([part.input_ids.shape[0] for part in parts]))
+
+    @staticmethod
+    def token_rows(parts: Sequence[tuple["torch.Tensor", Sequence[str]]]) -> list[str]:
+        """The adapter of each token :meth:`forward_parts` runs, from each part's input ids and row adapters."""
+        return [adapter for ids, adapters in parts for adapter in adapters for _ in range(ids.shape[1])]
 
 
 def _plus(out: "torch.Tensor", delta: "torch.Tensor | None") -> "torch.Tensor":

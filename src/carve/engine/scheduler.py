@@ -10,13 +10,14 @@ loop
    decodes with; when every held adapter is in use the job waits for a row to
    finish), prompts that need logprobs are scored, and the rest join the
    running batch's prefill (carve.engine.session),
-3. runs prefill chunks within the step's token budget, so running rows keep
-   streaming while a long prompt is read; with a step-time target
-   (``Limits.max_step_s``) the chunk is also cut to what fits beside the
-   decode in that time, by the prefill and decode costs the loop measures
+3. decodes one token for every running row, retires the finished at once,
+   and in the same forward pass reads the next chunk of an admitted prompt
+   within the step's token budget (the weights are read once for both), so
+   running rows keep streaming while a long prompt is read; with a step-time
+   target (``Limits.max_step_s``) the chunk is also cut to what fits beside
+   the rows in that time, by the forward cost the loop measures
    (Sarathi-Serve's token budget from the inter-token SLO, measured live
-   rather than profiled once),
-4. decodes one token for every running row and retires the finished at once.
+   rather than profiled once).
 
 Jobs decode the same tokens as alone (the session's guarantee). A full queue
 refuses new jobs at once (QueueFull, with a retry hint); an accepted job always
@@ -87,21 +88,21 @@ class ForwardCost:
         return max(0.0, self.t - per_token * self.n), per_token
 
 
-def prefill_budget(limits: Limits, rows: int, decode_s: float, cost: tuple[float, float]) -> int:
-    """Prefill tokens one step may run beside ``rows`` decoding rows.
+def prefill_budget(limits: Limits, rows: int, cost: tuple[float, float]) -> int:
+    """Prompt tokens one step may run in the pass that decodes ``rows`` rows.
 
     The token budget leaves the decoded rows their share (at least a quarter
-    for prefill). With a step-time target and rows waiting on this step, the
-    chunk is also cut to what fits in ``max_step_s`` beside a decode step of
-    ``decode_s``, by the prefill ``cost`` line (fixed, per token), but never
-    below ``min_prefill_tokens``. Nothing decoding (or no cost measured yet):
-    the token budget alone.
+    for prompts). With a step-time target and rows waiting on this step, the
+    chunk is also cut to what the forward ``cost`` line (fixed, per token)
+    says fits in ``max_step_s`` beside the rows, but never below
+    ``min_prefill_tokens``. Nothing decoding (or no cost measured yet): the
+    token budget alone.
     """
     budget = max(limits.max_step_tokens - rows, limits.max_step_tokens // 4)
     fixed, per_token = cost
     if limits.max_step_s is None or rows == 0 or per_token <= 0:
         return budget
-    fits = int((limits.max_step_s - decode_s - fixed) / per_token)
+    fits = int((limits.max_step_s - fixed) / per_token) - rows
     return max(min(limits.min_prefill_tokens, budget), min(budget, fits))
 
 
@@ -164,7 +165,6 @@ class Scheduler:
         self.step_s = 0.0
         self.step_tokens = 0.0
         self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
-        self.decode_s = 0.0  # running mean of one decode step (every running row one token)
         self.forward_cost = ForwardCost()
         self._thread = threading.Thread(target=self._loop, name=f"carve-scheduler-{replica}", daemon=True)
         self._thread.start()
@@ -227,19 +227,18 @@ class Scheduler:
                     self._drop(ticket)
                 started = time.perf_counter()
                 tokens = self._admit()
-                if self.session.prefilling:
-                    budget = prefill_budget(self.limits, self.session.rows, self.decode_s, self.forward_cost.line())
+                budget = prefill_budget(self.limits, self.session.rows, self.forward_cost.line()) if self.session.prefilling else 0
+                if budget and not self.session.rows:  # nothing decoding: prompts alone, as many as the budget holds
                     prefill_started = time.perf_counter()
                     prefilled = self.session.prefill(budget)
                     self.forward_cost.observe(prefilled, time.perf_counter() - prefill_started)
                     tokens += prefilled
-                decode_started = time.perf_counter()
-                rows = self.session.rows
-                events = self.session.step()
+                    budget = 0
+                rows, step_started = self.session.rows, time.perf_counter()
+                events = self.session.step(prefill_budget=budget)  # decoded rows and a prompt chunk in one pass
                 if events:
-                    self.decode_s = _mean(self.decode_s, time.perf_counter() - decode_started)
-                    self.forward_cost.observe(rows, time.perf_counter() - decode_started)
-                tokens += len(events)
+                    self.forward_cost.observe(rows + self.session.prefilled, time.perf_counter() - step_started)
+                tokens += len(events) + self.session.prefilled
                 if tokens:
                     self._record_step(time.perf_counter() - started, tokens)
                 self._dispatch(events)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # How a call's forward passes run: the engine's own runner (carve.engine.runner), Hugging Face's
 # forward with the concatenated-factor LoRA hooks, or Hugging Face's forward with peft's mixed batches.
 ForwardPath = Literal["runner", "multi", "peft"]
+# One batch of a forward pass: input ids [rows, q], attention mask, positions, each row's adapter, its cache.
+PartInput = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", list[str], Any]
 
 
 class EngineCore(Protocol):
@@ -47,6 +49,7 @@ class EngineCore(Protocol):
     def forward(
         self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: ForwardPath
     ) -> "torch.Tensor": ...
+    def forward_parts(self, parts: Sequence[PartInput], path: ForwardPath) -> list["torch.Tensor"]: ...
 
 
 @dataclass
@@ -144,29 +147,44 @@ class _Prefill:
 
     def run(self, budget: int | None) -> int:
         """Run the shared prefix or the next chunk of columns within ``budget`` tokens (None: all); the tokens run."""
+        if self.needs_prefix:
+            spent = self.run_prefix()
+            if budget is not None:
+                return spent
+        part, columns = self.chunk(budget)
+        self.ran(self.engine.forward_parts([part], self.path)[0], columns)
+        return len(self.adapters) * columns
+
+    @property
+    def needs_prefix(self) -> bool:
+        return bool(self.shared_ids) and self.done == 0 and self.cache_length() == 0
+
+    def run_prefix(self) -> int:
+        """The prompt prefix every row shares, run once per distinct adapter and copied to the rows; the tokens run."""
         import torch
 
-        engine, rows = self.engine, len(self.adapters)
-        if self.shared_ids and self.done == 0 and self.cache_length() == 0:
-            distinct = list(dict.fromkeys(self.adapters))
-            ids = torch.tensor([self.shared_ids] * len(distinct), device=self.input_ids.device)
-            positions = torch.arange(len(self.shared_ids), device=ids.device).expand_as(ids)
-            engine.forward(ids, torch.ones_like(ids), positions, distinct, self.cache, self.path)
-            self.cache.batch_select_indices(torch.tensor([distinct.index(a) for a in self.adapters], device=ids.device))
-            engine.shared_prefix_tokens += len(self.shared_ids) * (rows - len(distinct))
-            if budget is not None:
-                return len(self.shared_ids) * len(distinct)
-        width = self.input_ids.shape[1]
+        rows = len(self.adapters)
+        distinct = list(dict.fromkeys(self.adapters))
+        ids = torch.tensor([self.shared_ids] * len(distinct), device=self.input_ids.device)
+        positions = torch.arange(len(self.shared_ids), device=ids.device).expand_as(ids)
+        self.engine.forward(ids, torch.ones_like(ids), positions, distinct, self.cache, self.path)
+        self.cache.batch_select_indices(torch.tensor([distinct.index(a) for a in self.adapters], device=ids.device))
+        self.engine.shared_prefix_tokens += len(self.shared_ids) * (rows - len(distinct))
+        return len(self.shared_ids) * len(distinct)
+
+    def chunk(self, budget: int | None) -> tuple[PartInput, int]:
+        """The forward input of the next columns within ``budget`` tokens (None: all the rest), and how many columns."""
+        rows, width = len(self.adapters), self.input_ids.shape[1]
         columns = width - self.done if budget is None else max(1, min(width - self.done, budget // rows))
-        end = self.done + columns
-        shared = len(self.shared_ids)
-        logits = engine.forward(
-            self.input_ids[:, self.done : end], self.attention[:, : shared + end], self.positions[:, self.done : end], self.adapters, self.cache, self.path
-        )
-        self.done = end
-        if end == width:
+        end, shared = self.done + columns, len(self.shared_ids)
+        part = (self.input_ids[:, self.done : end], self.attention[:, : shared + end], self.positions[:, self.done : end], self.adapters, self.cache)
+        return part, columns
+
+    def ran(self, logits: "torch.Tensor", columns: int) -> None:
+        """The chunk :meth:`chunk` gave has run: its columns are in the cache (the last one's logits kept)."""
+        self.done += columns
+        if self.done == self.input_ids.shape[1]:
             self.logits = logits
-        return rows * columns
 
     def cache_length(self) -> int:
         return _cache_length(self.cache)
@@ -191,6 +209,7 @@ class DecodeSession:
         self._rows: _Rows | None = None
         self._cache: Any = None
         self._logits: "torch.Tensor | None" = None
+        self.prefilled = 0  # prompt tokens the last step ran beside its decoded rows
 
     # -- what is in it ------------------------------------------------------
 
@@ -297,45 +316,80 @@ class DecodeSession:
 
     # -- decoding -------------------------------------------------------------
 
-    def step(self) -> list[StreamEvent]:
-        """One token for every running request: pick, report, retire the finished, run the rest one position on."""
+    def step(self, prefill_budget: int = 0) -> list[StreamEvent]:
+        """One token for every running request: pick, report, retire the finished, run the rest one position on.
+
+        With a ``prefill_budget``, the oldest admitted prompt's next chunk (up to
+        that many tokens) runs in the same forward pass as the decoded rows,
+        and joins the batch once read whole; ``prefilled`` tells how many tokens it ran.
+        """
         import torch
 
-        if self._rows is None:
+        self.prefilled = 0
+        if self._rows is None and not (prefill_budget and self._prefills):
             return []
-        assert self._logits is not None
-        rows = self._rows
+        events: list[StreamEvent] = []
+        parts: list[PartInput] = []
         with self.lock, torch.inference_mode():
-            logprobs = torch.log_softmax(self._logits.float(), dim=-1)
-            events: list[StreamEvent] = []
-            next_token: dict[int, int] = {}
-            for req, positions in rows.rows_of.items():
-                state = self.requests[req]
-                request = state.request
-                scores = combine(logprobs[positions], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
-                token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
-                state.steps += 1
-                reason: FinishReason | None = None
-                if token in self.engine.eos_ids and not request.sampling.ignore_eos:
-                    reason = "eos"
-                elif state.tracker.add(token):
-                    reason = "stop"
-                elif state.steps >= request.sampling.max_new_tokens:
-                    reason = "length"
-                events.append(StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if request.record_scores else None))
-                if reason:
-                    del self.requests[req]
-                else:
-                    next_token[req] = token
-            if not next_token:
-                self._clear_running()
+            if self._rows is not None:
+                events = self._pick()
+            if self._rows is not None:
+                rows = self._rows
+                step_ids = torch.tensor([[ids[-1]] for ids in (self.requests[req].tracker.ids for req in rows.row_request)], device=rows.attention.device)
+                rows.advance()
+                parts.append((step_ids, rows.attention, rows.positions, rows.adapters, self._cache))
+            group = self._prefills[0] if prefill_budget and self._prefills else None
+            if group is not None and group.needs_prefix:  # rare (rows sharing a prompt prefix): a pass of its own
+                self.prefilled = group.run_prefix()
+                group = None
+            chunk = group.chunk(prefill_budget) if group is not None else None
+            if chunk is not None:
+                parts.append(chunk[0])
+            if not parts:
                 return events
-            if len(next_token) < len(rows.rows_of):
-                self._cache.batch_select_indices(rows.keep(next_token))
-            step_ids = torch.tensor([[next_token[req]] for req in rows.row_request], device=rows.attention.device)
-            rows.advance()
             assert self.path is not None
-            self._logits = self.engine.forward(step_ids, rows.attention, rows.positions, rows.adapters, self._cache, self.path)
+            logits = self.engine.forward_parts(parts, self.path)
+            if self._rows is not None:
+                self._logits = logits[0]
+            if group is not None and chunk is not None:
+                group.ran(logits[-1], chunk[1])
+                self.prefilled = len(group.adapters) * chunk[1]
+                if group.finished:
+                    self._prefills.pop(0)
+                    self._merge(group)
+        return events
+
+    def _pick(self) -> list[StreamEvent]:
+        """Each running request's next token from the last logits; the finished leave (their rows with them)."""
+        import torch
+
+        rows = self._rows
+        assert rows is not None and self._logits is not None
+        logprobs = torch.log_softmax(self._logits.float(), dim=-1)
+        events: list[StreamEvent] = []
+        staying: list[int] = []
+        for req, positions in rows.rows_of.items():
+            state = self.requests[req]
+            request = state.request
+            scores = combine(logprobs[positions], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+            token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
+            state.steps += 1
+            reason: FinishReason | None = None
+            if token in self.engine.eos_ids and not request.sampling.ignore_eos:
+                reason = "eos"
+            elif state.tracker.add(token):
+                reason = "stop"
+            elif state.steps >= request.sampling.max_new_tokens:
+                reason = "length"
+            events.append(StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if request.record_scores else None))
+            if reason:
+                del self.requests[req]
+            else:
+                staying.append(req)
+        if not staying:
+            self._clear_running()
+        elif len(staying) < len(rows.rows_of):
+            self._cache.batch_select_indices(rows.keep(staying))
         return events
 
     def cancel(self, request_id: int) -> bool:
