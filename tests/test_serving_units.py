@@ -291,3 +291,20 @@ def test_a_prompt_far_over_the_context_is_refused_before_it_is_tokenized(tokeniz
         assert (info.value.status, info.value.code, info.value.param) == (400, "context_length_exceeded", param)
         assert "more than this model's context of 512 tokens" in info.value.message
     assert Counting.calls == 1  # only "hi"; the huge prompts never reached the tokenizer
+
+
+def test_the_gateway_admits_up_to_its_capacity_and_refuses_the_rest_at_once_with_retry_after():
+    from carve.platform.engine_client import Admission
+    from carve.platform.requests import ApiError
+
+    admission = Admission(2)
+    first, second = admission.enter(), admission.enter()
+    with pytest.raises(ApiError) as refused:
+        admission.enter()
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"} and "at capacity" in str(refused.value)
+    first()
+    first()  # a release counts once
+    assert admission.held == 1
+    third = admission.enter()
+    second(), third()
+    assert admission.held == 0

@@ -51,6 +51,39 @@ def lost_error(exc: BaseException) -> ApiError:
     )
 
 
+class Admission:
+    """Inference requests this gateway has in progress, refused at once past what the engine replicas can hold.
+
+    The replicas' own queues stay the authority (each refuses what it cannot
+    hold); this is the gateway's fast path: in a burst beyond ``capacity``
+    (replicas x (rows + queue)) the excess gets its 429 before its body is
+    parsed, routed or tokenized, so a refusal costs milliseconds rather than
+    the backlog's tokenization. Used from the gateway's event loop only.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held = 0
+
+    def enter(self) -> Callable[[], None]:
+        """Take a place (ApiError 429 when none is left); returns its release, which frees it once however often called."""
+        if self.held >= self.capacity:
+            raise ApiError(
+                429, f"the server is at capacity ({self.held} requests in progress); retry shortly", kind="server_overloaded",
+                code="engine_overloaded", headers={"Retry-After": "1"},
+            )
+        self.held += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.held -= 1
+
+        return release
+
+
 @dataclass
 class RetryPolicy:
     retries: int = RETRIES

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
@@ -28,7 +29,7 @@ from carve.engine.text import context_length, encode_plain, encode_prompt, longe
 from carve.platform import api as oa
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
-from carve.platform.engine_client import RetryPolicy, call_with_retries, next_event, open_stream
+from carve.platform.engine_client import Admission, RetryPolicy, call_with_retries, next_event, open_stream
 from carve.platform.metrics import ServerMetrics
 from carve.platform.requests import ApiError, check_token_ids, parse_body, parse_json_object, plan_request, render_chat, validate
 from carve.platform.targets import UnknownModel, served_model_names, served_models
@@ -124,6 +125,7 @@ class Gateway:
         self.token_chars = longest_token_chars(self.tokenizer)  # refuses a prompt far over the context before tokenizing it
         self.metrics = ServerMetrics()
         self.retry = RetryPolicy(on_retry=self.metrics.replica_retry)
+        self.admission = Admission(self.config.replicas * (self.config.max_batch_size + self.config.max_waiting))
         _check_database(self.config)
         from carve.adapters.registry import Registry
 
@@ -239,10 +241,24 @@ class Gateway:
         return await self._counted("chat_completions", lambda: self._generate(request, oa.ChatCompletionRequest, "chat_completions"))
 
     async def _generate(self, request: Request, model: type[oa._Request], endpoint: str) -> Response:
+        """One inference request, holding a place in ``admission`` until its last token is sent (a stream: until it ends or is collected)."""
+        self._check_inference_auth(request)
+        release = self.admission.enter()
+        try:
+            response = await self._generate_admitted(request, model, endpoint)
+        except BaseException:
+            release()
+            raise
+        if isinstance(response, StreamingResponse):
+            weakref.finalize(response.body_iterator, release)  # the stream's end, a client gone before it began included
+        else:
+            release()
+        return response
+
+    async def _generate_admitted(self, request: Request, model: type[oa._Request], endpoint: str) -> Response:
         from carve.platform import responses
 
         started = time.perf_counter()
-        self._check_inference_auth(request)
         body = parse_body(await request.body(), model)
         decision = await self._route(body)
         branches = tuple(decision.weighted())
