@@ -123,19 +123,10 @@ def joined(a: KVCache, skip_a: int, b: KVCache, skip_b: int, new_columns: int) -
     It is made with room to spare (as many rows again, twice ``new_columns``
     more columns), so that the rows joining after it are appended in place.
     """
-    import torch
-
-    assert a.keys is not None and a.values is not None and b.keys is not None and b.values is not None
-    used_a, used_b = a.length - skip_a, b.length - skip_b
-    width = max(used_a, used_b)
-    out = KVCache(a.layers, a.kv_heads, a.head_dim, width + 2 * new_columns, a.dtype, a.device, spare_rows=a.rows + b.rows)
-    out.allocate(a.rows + b.rows)
-    with torch.inference_mode():
-        for target, src_a, src_b in ((out.keys, a.keys, b.keys), (out.values, a.values, b.values)):
-            assert target is not None
-            target[:, : a.rows, :, : width - used_a] = 0  # padding keys are masked, but must be finite (0 * NaN is NaN)
-            target[:, a.rows :, :, : width - used_b] = 0
-            target[:, : a.rows, :, width - used_a : width] = src_a[:, :, :, skip_a : a.length]
-            target[:, a.rows :, :, width - used_b : width] = src_b[:, :, :, skip_b : b.length]
+    width = max(a.length - skip_a, b.length - skip_b)
+    out = KVCache(a.layers, a.kv_heads, a.head_dim, width + 2 * new_columns, a.dtype, a.device, spare_rows=2 * (a.rows + b.rows))
+    out.allocate(0)
     out.length = width
+    placed = out.append(a, skip_a, 0) and out.append(b, skip_b, 0)
+    assert placed, "a new cache with room for both holds both"
     return out

@@ -35,7 +35,11 @@ WEIGHT_FORMATS: tuple[str, ...] = ("native", "int8")
 
 
 class Part(NamedTuple):
-    """One batch of a forward pass: input ids [rows, q] after ``cache``'s columns, its mask and positions."""
+    """One batch of a forward pass: ``input_ids`` [rows, q] run after ``cache``'s columns.
+
+    ``attention`` [rows, cached + q] marks real tokens (0 = left padding),
+    ``positions`` [rows, q] are their position ids.
+    """
 
     input_ids: "torch.Tensor"
     attention: "torch.Tensor"
@@ -170,14 +174,6 @@ class LlamaRunner:
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
-
-    def forward(self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", cache: KVCache, lora: LoraDeltas | None) -> "torch.Tensor":
-        """Run ``input_ids`` [rows, q] after the cached columns; the last position's logits [rows, vocab].
-
-        ``attention`` [rows, cached + q] marks real tokens (0 = left padding),
-        ``positions`` [rows, q] their position ids.
-        """
-        return self.forward_parts([Part(input_ids, attention, positions, cache)], lora)[0]
 
     def forward_parts(self, parts: Sequence["Part"], lora: LoraDeltas | None) -> list["torch.Tensor"]:
         """Several batches in one pass, each after its own cache: the last position's logits of each.

@@ -76,11 +76,11 @@ class ForwardCost:
                 setattr(self, name, _mean(getattr(self, name), value))
 
     def line(self) -> tuple[float, float]:
-        """(fixed seconds, seconds per token); (0, 0) before any prefill was timed."""
+        """(fixed seconds, seconds per token); (0, 0) before any pass was timed."""
         if self.n <= 0:
             return 0.0, 0.0
         spread = self.nn - self.n * self.n
-        if spread <= 1e-9 * self.nn:  # every chunk the same width: no slope to fit, all of it per token
+        if spread <= 1e-9 * self.nn:  # every pass the same width: no slope to fit, all of it per token
             return 0.0, self.t / self.n
         per_token = (self.nt - self.n * self.t) / spread
         if per_token <= 0:
@@ -379,7 +379,7 @@ class Scheduler:
             if out.finish_reason:
                 del self._live[event.index]
                 started = ticket.submitted + (out.queue_s or 0.0)
-                self.job_s = (1 - _RECENT) * self.job_s + _RECENT * (time.monotonic() - started)
+                self.job_s = _mean(self.job_s, time.monotonic() - started)
                 out.load = self.load()
             self._send(ticket, out)
 

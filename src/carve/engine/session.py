@@ -333,7 +333,7 @@ class DecodeSession:
         with self.lock, torch.inference_mode():
             if self._rows is not None:
                 events = self._pick()
-            if self._rows is not None:
+            if self._rows is not None:  # rows still decoding (the pick may have retired them all)
                 rows = self._rows
                 step_ids = torch.tensor([[ids[-1]] for ids in (self.requests[req].tracker.ids for req in rows.row_request)], device=rows.attention.device)
                 rows.advance()
