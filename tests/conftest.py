@@ -27,6 +27,18 @@ def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return {name: build_adapter(tiny_model_dir, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta", "gamma"])}
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 3 (sliding-window layers with a window shorter than the test prompts)."""
+    return build_model_folder(tmp_path_factory.mktemp("tiny-gemma") / "tiny-gemma3", seed=5, layers=3, architecture="gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_adapters(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-gemma-adapters")
+    return {name: build_adapter(tiny_gemma_dir, root / name, seed=i + 7) for i, name in enumerate(["alpha", "beta", "gamma"])}
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path, tiny_adapters: dict[str, Path]):
     """The tiny engine run directly with every adapter loaded: what a server or scheduler must answer."""

@@ -27,12 +27,23 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Engine:
-    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+ARCHITECTURES = {"llama": ("tiny_model_dir", "tiny_adapters"), "gemma3": ("tiny_gemma_dir", "tiny_gemma_adapters")}
+
+
+def _model_and_adapters(request: pytest.FixtureRequest, architecture: str) -> tuple[Path, dict[str, Path]]:
+    folder, adapters = ARCHITECTURES[architecture]
+    return request.getfixturevalue(folder), request.getfixturevalue(adapters)
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """The engine on its own forward (the runner), for a Llama and a Gemma 3 (sliding-window layers)."""
+    folder, adapters = _model_and_adapters(request, request.param)
+    model, tokenizer = load_base(resolve_model(str(folder)), plan_load(False))
     eng = Engine(model, tokenizer, base_label="tiny")
-    for name, path in tiny_adapters.items():
+    for name, path in adapters.items():
         eng.load_adapter(name, path)
+    assert eng.forward_path() == "runner"
     return eng
 
 
@@ -230,12 +241,17 @@ def test_concatenated_lora_equals_peft_mixed_batches(tiny_model_dir: Path, tiny_
             assert torch.allclose(a, b, atol=FP32_LOGPROB_ATOL)
 
 
-@pytest.mark.parametrize("multi_lora", [True, False])
-def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(tiny_model_dir: Path, tiny_adapters: dict[str, Path], multi_lora: bool) -> None:
-    """k-shot prompts share their demonstrations: prefilled once per adapter, same scores as without sharing."""
-    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
+@pytest.mark.parametrize("architecture,multi_lora", [("llama", True), ("llama", False), ("gemma3", True)])
+def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(request: pytest.FixtureRequest, architecture: str, multi_lora: bool) -> None:
+    """k-shot prompts share their demonstrations: prefilled once per adapter, same scores as without sharing.
+
+    On the Gemma the demonstrations are longer than its sliding window, and the
+    rows' own tokens sit after padding: the window must count positions.
+    """
+    folder, adapters = _model_and_adapters(request, architecture)
+    model, tokenizer = load_base(resolve_model(str(folder)), plan_load(False))
     eng = Engine(model, tokenizer, multi_lora=multi_lora)
-    for name, path in tiny_adapters.items():
+    for name, path in adapters.items():
         eng.load_adapter(name, path)
     demos = "Instruction: Name the gene.\nInput: BRCA1 rose in the samples.\nResponse: BRCA1\n\n" * 3
     queries = ["Instruction: Name the drug.\nInput: Aspirin.", "Instruction: Name it.\nInput: A much longer input sentence about IL-6 levels.\nResponse:"]

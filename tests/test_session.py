@@ -3,8 +3,6 @@ and requests cancelled mid-way decode exactly as each request does alone, on eve
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
@@ -19,15 +17,21 @@ PROMPTS = [
     "A long clinical note: the patient, a 54 year old man with a history of hypertension and type 2 diabetes, presented with",
 ]
 PATHS = {"runner": dict(), "multi": dict(runner=False), "peft": dict(runner=False, multi_lora=False)}
+# (forward path, model): every path on the Llama; the runner also on the Gemma 3, whose sliding-window masks
+# must follow rows that join, leave and merge
+ENGINES = [(path, "llama") for path in PATHS] + [("runner", "gemma3")]
 
 
-@pytest.fixture(scope="module", params=list(PATHS))
-def engine(request: pytest.FixtureRequest, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Engine:
-    model, tokenizer = load_base(resolve_model(str(tiny_model_dir)), plan_load(False))
-    eng = Engine(model, tokenizer, base_label="tiny", **PATHS[request.param])
-    for name, path in tiny_adapters.items():
-        eng.load_adapter(name, path)
-    assert eng.forward_path() == request.param
+@pytest.fixture(scope="module", params=ENGINES, ids=[f"{path}-{model}" for path, model in ENGINES])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    path, architecture = request.param
+    folder = request.getfixturevalue("tiny_gemma_dir" if architecture == "gemma3" else "tiny_model_dir")
+    adapters = request.getfixturevalue("tiny_gemma_adapters" if architecture == "gemma3" else "tiny_adapters")
+    model, tokenizer = load_base(resolve_model(str(folder)), plan_load(False))
+    eng = Engine(model, tokenizer, base_label="tiny", **PATHS[path])
+    for name, adapter in adapters.items():
+        eng.load_adapter(name, adapter)
+    assert eng.forward_path() == path
     return eng
 
 

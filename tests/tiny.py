@@ -35,27 +35,32 @@ def build_tokenizer(vocab_size: int = 400):
     return tokenizer
 
 
-def build_model_folder(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """Save a tiny random llama and its tokenizer as a Hugging Face folder."""
+def build_model_folder(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2, architecture: str = "llama") -> Path:
+    """Save a tiny random model and its tokenizer as a Hugging Face folder.
+
+    ``architecture`` "gemma3": Gemma 3's layer kinds (sliding-window layers with a
+    window of 8 positions, shorter than the test prompts, and a full-attention one).
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    if architecture == "gemma3":
+        kinds = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        config = Gemma3TextConfig(**common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 2, sliding_window=8, layer_types=kinds)
+        model = Gemma3ForCausalLM(config)
+        with torch.no_grad():  # Gemma's norms multiply by 1 + weight: random weights make them do something
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.normal_(0.0, 0.3)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # sharper logits than the default init, so greedy choices are far from ties
         model.lm_head.weight.mul_(8.0)
     folder.mkdir(parents=True, exist_ok=True)

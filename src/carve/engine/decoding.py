@@ -28,7 +28,7 @@ from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
 from carve.engine.picking import adjust_scores, combine, nucleus_candidates, pick_token
 from carve.engine.requests import Branch, Completion, EngineError, FinishReason, GenerationRequest, Rule, Sampling, StreamEvent
-from carve.engine.runner import LlamaRunner, Part, WeightFormat, unsupported_reason
+from carve.engine.runner import Part, Runner, WeightFormat, unsupported_reason
 from carve.engine.session import DecodeSession, ForwardPath, PartInput
 from carve.engine.text import encode_prompt
 
@@ -60,7 +60,8 @@ class Engine:
         self.lock = threading.RLock()
         self.use_multi_lora = multi_lora  # concatenated-factor LoRA (carve.engine.multi_lora) when it applies
         self._multi: Any = None
-        self.share_prefixes = not _has_sliding_window(model)
+        self.share_prefixes = True  # k-shot prompts' common prefix prefilled once (off: every row runs its whole prompt)
+        self.sliding_window = _has_sliding_window(model)  # prefix sharing is exact for such a model on the runner only
         self.min_shared_prefix = 16  # below this an extra forward pass costs more than it saves
         self.shared_prefix_tokens = 0  # prompt tokens not recomputed thanks to shared prefixes
         if getattr(tokenizer, "pad_token_id", None) is None:
@@ -70,11 +71,11 @@ class Engine:
         if weight_format != "native" and self.runner is None:
             raise EngineError(f"weight format {weight_format!r} needs the engine's runner, which is off")
 
-    def _build_runner(self, weight_format: WeightFormat) -> LlamaRunner | None:
+    def _build_runner(self, weight_format: WeightFormat) -> Runner | None:
         """The engine's own forward when the model allows it; None keeps Hugging Face's."""
         reason = unsupported_reason(self.model)
         if reason is None:
-            return LlamaRunner(self.model, weight_format)
+            return Runner(self.model, weight_format)
         if weight_format != "native":
             raise EngineError(f"weight format {weight_format!r} needs the engine's runner, which cannot run this model: {reason}")
         return None
@@ -232,7 +233,7 @@ class Engine:
                 raise EngineError(f"the {path} forward needs the concatenated-factor LoRA, which the loaded adapters do not allow")
         if path == "runner":
             assert self.runner is not None
-            rows = LlamaRunner.token_rows([(ids, adapters) for ids, _, _, adapters, _ in parts])
+            rows = Runner.token_rows([(ids, adapters) for ids, _, _, adapters, _ in parts])
             with self._multi.batch(rows, hooks=False) if self._multi is not None else contextlib.nullcontext():
                 return self.runner.forward_parts([Part(ids, attention, positions, cache) for ids, attention, positions, _, cache in parts], self._multi)
         return [self._hf_forward(*part, path) for part in parts]

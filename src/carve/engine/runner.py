@@ -1,4 +1,4 @@
-"""The engine's own forward pass for Llama-architecture models (SmolLM2, the test models).
+"""The engine's own forward pass for Llama- and Gemma-3-architecture models (SmolLM2, gemma3-270m, the test models).
 
 Hugging Face's forward is general, and at 135M parameters its generality is
 the cost: per layer and step a dozen module calls, three separate q/k/v
@@ -16,8 +16,16 @@ the model's own weights and fewer, larger steps:
   channel; activations quantized per token at run time, an exact int32
   product), a quarter of the bytes per step; LoRA stays in fp32.
 
-Anything else (another architecture, 4-bit bitsandbytes layers, biases) is
-refused by :func:`unsupported_reason` and the engine keeps Hugging Face's forward.
+Gemma 3 differs in its arithmetic, not its shape: a scaled embedding, norms
+that multiply by 1 + weight, q/k norms per head, norms after attention and the
+MLP, gelu, RoPE per layer type and sliding-window layers. Its cache keeps every
+column and the window is a mask over *positions* (not columns), so a k-shot
+prompt's shared prefix, padded apart from each row's own tokens, sees exactly
+the window it would see alone: prefix sharing stays exact.
+
+Anything else (another architecture, 4-bit bitsandbytes layers, biases, logit
+soft-capping in attention) is refused by :func:`unsupported_reason` and the
+engine keeps Hugging Face's forward.
 """
 
 from __future__ import annotations
@@ -53,18 +61,27 @@ class LoraDeltas(Protocol):
     def delta(self, modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor | None": ...
 
 
+ACTIVATIONS = {"llama": "silu", "gemma3_text": "gelu_pytorch_tanh"}
+
+
 def unsupported_reason(model: Any) -> str | None:
     """Why the runner cannot run this model (None: it can)."""
     import torch
 
     base = _causal_lm(model)
     config = base.config
-    if getattr(config, "model_type", None) != "llama":
-        return f"architecture {getattr(config, 'model_type', None)!r} (the runner knows llama)"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ACTIVATIONS:
+        return f"architecture {model_type!r} (the runner knows {', '.join(ACTIVATIONS)})"
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         return "linear layers with biases"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r}"
+    activation = getattr(config, "hidden_act", None) if model_type == "llama" else getattr(config, "hidden_activation", None)
+    if activation != ACTIVATIONS[model_type]:
+        return f"activation {activation!r}"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
     for layer in base.model.layers:
         for module in _layer_linears(layer).values():
             if type(module) is not torch.nn.Linear or not module.weight.is_floating_point():
@@ -135,19 +152,45 @@ def _fused(modules: list[Any], weight_format: WeightFormat) -> _Product:
 
 
 class _Layer:
-    def __init__(self, layer: Any, weight_format: WeightFormat):
+    """One decoder layer's fused products, norm weights and attention kind.
+
+    Norm weights are as F.rms_norm takes them: Gemma's ``1 + weight`` is folded
+    in once. Llama has no norm after attention or the MLP (None) and calls its
+    pre-MLP norm ``post_attention_layernorm``.
+    """
+
+    def __init__(self, layer: Any, weight_format: WeightFormat, gemma: bool, layer_type: str | None, heads: int, kv_heads: int):
         linears = _layer_linears(layer)
         self.module = layer  # peft may wrap its linears later: LoRA modules are looked up at each call
         self.qkv = _fused([linears["q"], linears["k"], linears["v"]], weight_format)
         self.o = _Product(linears["o"].weight.detach(), weight_format)
         self.gate_up = _fused([linears["gate"], linears["up"]], weight_format)
         self.down = _Product(linears["down"].weight.detach(), weight_format)
-        self.input_norm = layer.input_layernorm.weight
-        self.post_norm = layer.post_attention_layernorm.weight
+        self.layer_type = layer_type
+        self.qk_norm: "torch.Tensor | None" = None
+        self.post_attention_norm: "torch.Tensor | None" = None
+        self.post_mlp_norm: "torch.Tensor | None" = None
+        if gemma:
+            import torch
+
+            attn = layer.self_attn
+            self.input_norm = _gemma_norm(layer.input_layernorm.weight)
+            self.post_attention_norm = _gemma_norm(layer.post_attention_layernorm.weight)
+            self.pre_mlp_norm = _gemma_norm(layer.pre_feedforward_layernorm.weight)
+            self.post_mlp_norm = _gemma_norm(layer.post_feedforward_layernorm.weight)
+            q_norm, k_norm = _gemma_norm(attn.q_norm.weight), _gemma_norm(attn.k_norm.weight)
+            self.qk_norm = torch.cat([q_norm.expand(heads, -1), k_norm.expand(kv_heads, -1)])  # [heads + kv_heads, head_dim]
+        else:
+            self.input_norm = layer.input_layernorm.weight
+            self.pre_mlp_norm = layer.post_attention_layernorm.weight
 
 
-class LlamaRunner:
-    """Prefill and decode steps of a Llama-architecture causal LM, LoRA rows included."""
+def _gemma_norm(weight: "torch.Tensor") -> "torch.Tensor":
+    return (1.0 + weight.detach().float()).to(weight.dtype)
+
+
+class Runner:
+    """Prefill and decode steps of a Llama- or Gemma-3-architecture causal LM, LoRA rows included."""
 
     def __init__(self, model: Any, weight_format: WeightFormat = "native"):
         reason = unsupported_reason(model)
@@ -157,6 +200,7 @@ class LlamaRunner:
             raise ValueError(f"unknown weight format {weight_format!r}: use {', '.join(WEIGHT_FORMATS)}")
         lm = _causal_lm(model)
         config = lm.config
+        self.gemma = config.model_type == "gemma3_text"
         self.weight_format = weight_format
         self.hidden = int(config.hidden_size)
         self.heads = int(config.num_attention_heads)
@@ -164,9 +208,15 @@ class LlamaRunner:
         self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
         self.eps = float(config.rms_norm_eps)
         self.embed = lm.model.embed_tokens.weight
+        self.embed_scale = float(lm.model.embed_tokens.embed_scale) if self.gemma else None
+        self.attention_scale = float(config.query_pre_attn_scalar) ** -0.5 if self.gemma else None  # None: 1/sqrt(head_dim)
+        self.sliding_window = int(config.sliding_window) if self.gemma else None
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.rotary = lm.model.rotary_emb
-        self.final_norm = lm.model.norm.weight
-        self.layers = [_Layer(layer, weight_format) for layer in lm.model.layers]
+        self.final_norm = _gemma_norm(lm.model.norm.weight) if self.gemma else lm.model.norm.weight
+        layer_types = list(config.layer_types) if self.gemma else [None] * len(lm.model.layers)
+        self.layers = [_Layer(layer, weight_format, self.gemma, kind, self.heads, self.kv_heads) for layer, kind in zip(lm.model.layers, layer_types)]
+        self.layer_types = sorted(set(layer_types), key=str)
         self.qk_v_split = [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim]
         self.lm_head = _Product(lm.lm_head.weight.detach(), weight_format)
         self.dtype = self.embed.dtype
@@ -175,7 +225,7 @@ class LlamaRunner:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
-    def forward_parts(self, parts: Sequence["Part"], lora: LoraDeltas | None) -> list["torch.Tensor"]:
+    def forward_parts(self, parts: Sequence[Part], lora: LoraDeltas | None) -> list["torch.Tensor"]:
         """Several batches in one pass, each after its own cache: the last position's logits of each.
 
         Every token of every part goes through each linear product together, so
@@ -194,43 +244,76 @@ class LlamaRunner:
                 raise RuntimeError(f"attention mask covers {part.attention.shape[1]} columns, the cache and input {part.cache.length + q_len}")
             sizes.append(rows * q_len)
         x = F.embedding(torch.cat([part.input_ids.reshape(-1) for part in parts]), self.embed).unsqueeze(1)  # [tokens, 1, hidden]
-        turns = [self.rotary(x, part.positions) for part in parts]
-        cos = torch.cat([c.reshape(-1, self.head_dim) for c, _ in turns]).unsqueeze(1)  # [tokens, 1, head_dim]
-        sin = torch.cat([s.reshape(-1, self.head_dim) for _, s in turns]).unsqueeze(1)
-        masks = [_attention_mask(part.attention, part.cache.length, part.input_ids.shape[1]) for part in parts]
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        rope = {kind: self._rope(x, parts, kind) for kind in self.layer_types}
+        masks = {
+            kind: [_attention_mask(p.attention, p.cache.length, p.input_ids.shape[1], p.positions, self._window(kind)) for p in parts]
+            for kind in self.layer_types
+        }
         tokens = x.shape[0]
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.module.self_attn, layer.module.mlp
-            h = F.rms_norm(x, (self.hidden,), layer.input_norm, self.eps)
+            cos, sin = rope[layer.layer_type]
+            h = self._norm(x, self.hidden, layer.input_norm)
             qkv = _plus(layer.qkv(h), lora.delta((attn.q_proj, attn.k_proj, attn.v_proj), h) if lora else None)
             qk, v = qkv.split(self.qk_v_split, dim=-1)
             qk = qk.view(tokens, self.heads + self.kv_heads, self.head_dim)
+            if layer.qk_norm is not None:  # Gemma: each head's own q or k norm weights, [heads + kv_heads, head_dim]
+                qk = self._norm(qk, self.head_dim, None) * layer.qk_norm
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys at once
             queries, keys = qk.split((self.heads, self.kv_heads), dim=1)
             v = v.view(tokens, self.kv_heads, self.head_dim)
             outputs = []
-            for part, mask, q_slice, k_slice, v_slice in zip(parts, masks, queries.split(sizes), keys.split(sizes), v.split(sizes)):
+            for part, mask, q_slice, k_slice, v_slice in zip(parts, masks[layer.layer_type], queries.split(sizes), keys.split(sizes), v.split(sizes)):
                 rows, q_len = part.input_ids.shape
                 q = q_slice.reshape(rows, q_len, self.heads, self.head_dim).transpose(1, 2)
                 cached_keys, cached_values = part.cache.write(
                     index, k_slice.reshape(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2), v_slice.reshape(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
                 )
-                a = F.scaled_dot_product_attention(q, cached_keys, cached_values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+                a = F.scaled_dot_product_attention(
+                    q, cached_keys, cached_values, attn_mask=mask, scale=self.attention_scale, enable_gqa=self.heads != self.kv_heads
+                )
                 outputs.append(a.transpose(1, 2).reshape(rows * q_len, self.heads * self.head_dim))
             a = torch.cat(outputs).unsqueeze(1)
-            x = x + _plus(layer.o(a), lora.delta((attn.o_proj,), a) if lora else None)
-            h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
+            out = _plus(layer.o(a), lora.delta((attn.o_proj,), a) if lora else None)
+            x = x + (out if layer.post_attention_norm is None else self._norm(out, self.hidden, layer.post_attention_norm))
+            h = self._norm(x, self.hidden, layer.pre_mlp_norm)
             gate_up = _plus(layer.gate_up(h), lora.delta((mlp.gate_proj, mlp.up_proj), h) if lora else None)
             gate, up = gate_up.chunk(2, dim=-1)
-            inner = F.silu(gate) * up
-            x = x + _plus(layer.down(inner), lora.delta((mlp.down_proj,), inner) if lora else None)
+            inner = (F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)) * up
+            out = _plus(layer.down(inner), lora.delta((mlp.down_proj,), inner) if lora else None)
+            x = x + (out if layer.post_mlp_norm is None else self._norm(out, self.hidden, layer.post_mlp_norm))
         last, start = [], 0
         for part, size in zip(parts, sizes):
             part.cache.advance(part.input_ids.shape[1])
             last.append(torch.arange(start + part.input_ids.shape[1] - 1, start + size, part.input_ids.shape[1], device=x.device))
             start += size
-        logits = self.lm_head(F.rms_norm(x[torch.cat(last), 0], (self.hidden,), self.final_norm, self.eps))
+        logits = self.lm_head(self._norm(x[torch.cat(last), 0], self.hidden, self.final_norm))
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return list(logits.split([part.input_ids.shape[0] for part in parts]))
+
+    def _norm(self, x: "torch.Tensor", size: int, weight: "torch.Tensor | None") -> "torch.Tensor":
+        """RMS norm over the last ``size`` features (Gemma's in fp32, then back to the input's dtype, as its own)."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.gemma and x.dtype != torch.float32:
+            return F.rms_norm(x.float(), (size,), None if weight is None else weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x, (size,), weight, self.eps)
+
+    def _rope(self, x: "torch.Tensor", parts: Sequence[Part], layer_type: str | None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """cos and sin [tokens, 1, head_dim] of every token of every part, for one layer type's RoPE."""
+        import torch
+
+        turns = [self.rotary(x, part.positions) if layer_type is None else self.rotary(x, part.positions, layer_type) for part in parts]
+        cos = torch.cat([c.reshape(-1, self.head_dim) for c, _ in turns]).unsqueeze(1)
+        sin = torch.cat([s.reshape(-1, self.head_dim) for _, s in turns]).unsqueeze(1)
+        return cos, sin
+
+    def _window(self, layer_type: str | None) -> int | None:
+        return self.sliding_window if layer_type == "sliding_attention" else None
 
     @staticmethod
     def token_rows(parts: Sequence[tuple["torch.Tensor", Sequence[str]]]) -> list[str]:
@@ -249,19 +332,28 @@ def _rotate_half(x: "torch.Tensor") -> "torch.Tensor":
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _attention_mask(attention: "torch.Tensor", cached: int, q_len: int) -> "torch.Tensor":
+def _attention_mask(attention: "torch.Tensor", cached: int, q_len: int, positions: "torch.Tensor", window: int | None = None) -> "torch.Tensor":
     """[rows, 1, q, cached + q] booleans: real keys at or before each query (and each query itself).
 
+    ``window``: a sliding-window layer's keys are also fewer than ``window``
+    positions before the query. Positions, not columns: a key's position is the
+    count of real columns before it (the engine's position ids), so padding
+    between a shared prefix and a row's own tokens does not narrow the window.
     A padding query sees only itself, so its (unused) output stays finite and
     no NaN reaches the cache.
     """
     import torch
 
     valid = attention.bool()[:, None, None, :]
-    if q_len == 1:
+    if q_len == 1 and window is None:
         return valid
     keys = torch.arange(cached + q_len, device=attention.device)
     queries = cached + torch.arange(q_len, device=attention.device)
     causal = keys[None, :] <= queries[:, None]
     itself = keys[None, :] == queries[:, None]
-    return (valid & causal) | itself
+    allowed = valid & causal
+    if window is not None:
+        key_positions = attention.cumsum(-1) - 1  # [rows, cached + q]
+        near = positions[:, :, None] - key_positions[:, None, :] < window  # [rows, q, cached + q]
+        allowed = allowed & near[:, None]
+    return allowed | itself

@@ -39,6 +39,7 @@ class EngineCore(Protocol):
     eos_ids: set[int]
     adapters: list[str]
     share_prefixes: bool
+    sliding_window: bool
     min_shared_prefix: int
     shared_prefix_tokens: int
 
@@ -126,7 +127,7 @@ class _Prefill:
         import torch
 
         self.engine, self.path = engine, path
-        shared = _shared_prefix(engine, rows)
+        shared = _shared_prefix(engine, rows, path)
         rests = [r.ids[shared:] for r in rows]
         width = max(len(rest) for rest in rests)
         pad = int(engine.tokenizer.pad_token_id)
@@ -414,14 +415,17 @@ class DecodeSession:
         self._rows, self._cache, self._logits = None, None, None
 
 
-def _shared_prefix(engine: EngineCore, rows: list[_Row]) -> int:
+def _shared_prefix(engine: EngineCore, rows: list[_Row], path: ForwardPath) -> int:
     """Tokens every row starts with that are worth prefilling once per adapter (0: none).
 
     Each row keeps at least one token of its own (the logits of the next token
-    come from it). Off for models with sliding-window layers: padding between
-    prefix and suffix would shift their window.
+    come from it). Off for models with sliding-window layers on Hugging Face's
+    forward, whose windows count columns: padding between prefix and suffix
+    would shift them (the engine's runner counts positions).
     """
     if not engine.share_prefixes or len(rows) <= len({r.adapter for r in rows}):
+        return 0
+    if engine.sliding_window and path != "runner":
         return 0
     first = rows[0].ids
     length = min(len(r.ids) for r in rows) - 1
