@@ -59,6 +59,9 @@ def test_mixed_adapter_batch_is_token_identical_to_each_request_alone(engine: En
         alone = engine.generate([request])[0]
         assert together.token_ids == alone.token_ids
         assert together.text == alone.text
+    # plain greedy rows take their logits' argmax, rows keeping scores the argmax of the log-softmax: the same tokens
+    scored = engine.generate([GenerationRequest(r.branches, sampling=r.sampling, record_scores=True) for r in requests])
+    assert [s.token_ids for s in scored] == [b.token_ids for b in batched]
     # the adapters really change the output, so the comparison above means something
     outputs = {tuple(engine.generate([GenerationRequest.single(PROMPTS[0], a, greedy(14))])[0].token_ids) for a in [None, "alpha", "beta", "gamma"]}
     assert len(outputs) == 4

@@ -366,14 +366,21 @@ class DecodeSession:
 
         rows = self._rows
         assert rows is not None and self._logits is not None
-        logprobs = torch.log_softmax(self._logits.float(), dim=-1)
+        plain = {req: _plain_greedy(self.requests[req].request) for req in rows.rows_of}
+        # a plain greedy row needs only its argmax; the log-softmax over the vocabulary (262K for gemma3) only where scores matter
+        argmax = self._logits.argmax(dim=-1).tolist() if any(plain.values()) else []
+        logprobs = torch.log_softmax(self._logits.float(), dim=-1) if not all(plain.values()) else None
         events: list[StreamEvent] = []
         staying: list[int] = []
         for req, positions in rows.rows_of.items():
             state = self.requests[req]
             request = state.request
-            scores = combine(logprobs[positions], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
-            token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
+            if plain[req]:
+                scores, token = None, int(argmax[positions[0]])
+            else:
+                assert logprobs is not None
+                scores = combine(logprobs[positions], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+                token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
             state.steps += 1
             reason: FinishReason | None = None
             if token in self.engine.eos_ids and not request.sampling.ignore_eos:
@@ -382,7 +389,7 @@ class DecodeSession:
                 reason = "stop"
             elif state.steps >= request.sampling.max_new_tokens:
                 reason = "length"
-            events.append(StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if request.record_scores else None))
+            events.append(StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if scores is not None and request.record_scores else None))
             if reason:
                 del self.requests[req]
             else:
@@ -413,6 +420,11 @@ class DecodeSession:
 
     def _clear_running(self) -> None:
         self._rows, self._cache, self._logits = None, None, None
+
+
+def _plain_greedy(request: GenerationRequest) -> bool:
+    """One branch, greedy, no penalty or bias, scores not kept: its token is its logits' argmax."""
+    return request.rule == "single" and request.sampling.temperature == 0 and not request.sampling.adjusts_scores and not request.record_scores
 
 
 def _shared_prefix(engine: EngineCore, rows: list[_Row], path: ForwardPath) -> int:
