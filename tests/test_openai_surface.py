@@ -131,6 +131,70 @@ def test_generated_token_logprobs(api, reference):
     assert len(set(lp.tokens)) > 1 and any(t.startswith("bytes:\\x") for t in lp.tokens)  # partial characters as OpenAI writes them
 
 
+def _streamed_completion(api: Any, **request: Any) -> tuple[dict[int, dict[str, Any]], Any]:
+    """A streamed completion put back together: per choice index its text, finish reason and logprob lists; the usage chunk."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for chunk in api.completions.create(stream=True, stream_options={"include_usage": True}, **request):
+        usage = chunk.usage or usage
+        for part in chunk.choices:
+            got = choices.setdefault(part.index, {"text": "", "finish_reason": None, "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+            got["text"] += part.text
+            got["finish_reason"] = part.finish_reason or got["finish_reason"]
+            if part.logprobs is not None:
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    got[key] += getattr(part.logprobs, key)
+    return choices, usage
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        dict(model="alpha", prompt=PROMPTS[:2], n=2, max_tokens=8, temperature=0.8, seed=5),  # several prompts x n, seeded sampling
+        dict(model="beta", prompt=PROMPTS[2], logprobs=2, max_tokens=6, temperature=0),  # generated logprobs (partial characters)
+        dict(model="alpha", prompt=PROMPTS[0], echo=True, logprobs=3, max_tokens=4, temperature=0),  # echo: the prompt's scores first
+        dict(model="fin", prompt=[PROMPTS[1], PROMPTS[2]], echo=True, max_tokens=0),  # the prompts alone, no engine
+    ],
+    ids=["prompts-x-n", "logprobs", "echo-logprobs", "echo-only"],
+)
+def test_a_stream_of_every_shape_adds_up_to_the_whole_answer(api, request_):
+    """n, several prompts, echo and logprobs stream too: each choice's chunks concatenate to the unstreamed choice."""
+    whole = api.completions.create(**request_)
+    streamed, usage = _streamed_completion(api, **request_)
+    assert sorted(streamed) == [c.index for c in whole.choices]
+    for choice in whole.choices:
+        got = streamed[choice.index]
+        assert got["text"] == choice.text and got["finish_reason"] == choice.finish_reason
+        if choice.logprobs is None:
+            assert got["tokens"] == []
+            continue
+        assert got["tokens"] == choice.logprobs.tokens and got["text_offset"] == choice.logprobs.text_offset
+        assert got["token_logprobs"] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+        assert [sorted(t) if t else t for t in got["top_logprobs"]] == [sorted(t) if t else t for t in choice.logprobs.top_logprobs]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+
+def test_a_chat_stream_with_n_and_logprobs_adds_up_to_the_whole_answer(api):
+    request = dict(model="bio", messages=[{"role": "user", "content": "Hi"}], n=2, logprobs=True, top_logprobs=2, max_tokens=6, temperature=0.7, seed=3)
+    whole = api.chat.completions.create(**request)
+    text: dict[int, str] = {}
+    tokens: dict[int, list[Any]] = {}
+    roles = set()
+    for chunk in api.chat.completions.create(stream=True, **request):
+        for part in chunk.choices:
+            if part.delta.role:
+                roles.add(part.index)
+            text[part.index] = text.get(part.index, "") + (part.delta.content or "")
+            tokens.setdefault(part.index, []).extend(part.logprobs.content if part.logprobs else [])
+    assert roles == {0, 1}
+    for choice in whole.choices:
+        assert text[choice.index] == choice.message.content
+        assert [(t.token, t.bytes, [a.token for a in t.top_logprobs]) for t in tokens[choice.index]] == [
+            (t.token, t.bytes, [a.token for a in t.top_logprobs]) for t in choice.logprobs.content
+        ]
+        assert [t.logprob for t in tokens[choice.index]] == pytest.approx([t.logprob for t in choice.logprobs.content], abs=1e-5)
+
+
 def test_penalties_and_logit_bias_decode_as_the_engine(api, reference):
     for settings in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}, {"logit_bias": {"7": 100}}):
         got = api.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=10, temperature=0, extra_body={"ignore_eos": True}, **settings)
@@ -201,8 +265,6 @@ def test_what_carve_cannot_honour_is_4xx_naming_it(api, reference):
     refused(lambda: api.chat.completions.create(model="base", messages=chat, tools=tools), 422, "tools")
     refused(lambda: api.completions.create(model="base", prompt="x", best_of=2), 422, "best_of")
     refused(lambda: api.completions.create(model="base", prompt="x", suffix="y"), 422, "suffix")
-    refused(lambda: api.completions.create(model="base", prompt="x", stream=True, n=2), 400, "n")
-    refused(lambda: api.completions.create(model="base", prompt="x", stream=True, logprobs=1), 400, "logprobs")
     refused(lambda: api.completions.create(model="base", prompt=[[1, 2], [len(reference.tokenizer)]]), 400, "prompt.1")
     refused(lambda: api.completions.create(model="base", prompt="x", logit_bias={"99999": 1}), 400, "logit_bias")
     refused(lambda: api.completions.create(model="base", prompt="x", max_tokens=0), 400, "max_tokens")

@@ -134,10 +134,6 @@ def test_token_id_prompts_are_used_exactly_and_choices_get_derived_seeds(tokeniz
     [
         (CompletionRequest(model="base", prompt="hi", max_tokens=0), "max_tokens"),
         (ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "x"}], top_logprobs=2), "top_logprobs"),
-        (CompletionRequest(model="base", prompt="hi", stream=True, n=2), "n"),
-        (CompletionRequest(model="base", prompt=["a", "b"], stream=True), "prompt"),
-        (CompletionRequest(model="base", prompt="hi", stream=True, echo=True), "echo"),
-        (CompletionRequest(model="base", prompt="hi", stream=True, logprobs=1), "logprobs"),
         (CompletionRequest(model="base", prompt=["a"] * 9, n=30), "n"),
     ],
 )

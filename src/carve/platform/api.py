@@ -299,6 +299,25 @@ class CompletionChoice(BaseModel):
     logprobs: Optional[CompletionLogprobs] = None
 
 
+class CompletionChunkChoice(BaseModel):
+    """One choice's new text in a streamed completion; ``logprobs`` covers this chunk's tokens (offsets in the whole text)."""
+
+    index: int = 0
+    text: str = ""
+    finish_reason: Optional[FinishReason] = None
+    logprobs: Optional[CompletionLogprobs] = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: List[CompletionChunkChoice]
+    usage: Optional[Usage] = None
+    carve: Optional[CarveInfo] = None
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -357,6 +376,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: Optional[FinishReason] = None
+    logprobs: Optional[ChatLogprobs] = None  # the tokens of this chunk, when the request asks for logprobs
 
 
 class ChatCompletionChunk(BaseModel):

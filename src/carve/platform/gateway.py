@@ -27,11 +27,12 @@ from carve.artifact import BASE_MODEL
 from carve.engine.batching import Job, JobEvent, JobResult
 from carve.engine.text import context_length, encode_plain, encode_prompt, longest_token_chars
 from carve.platform import api as oa
+from carve.platform import streaming
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
-from carve.platform.engine_client import Admission, RetryPolicy, call_with_retries, next_event, open_stream
+from carve.platform.engine_client import Admission, RetryPolicy, call_with_retries, open_stream
 from carve.platform.metrics import ServerMetrics
-from carve.platform.requests import ApiError, check_token_ids, parse_body, parse_json_object, plan_request, render_chat, validate
+from carve.platform.requests import ApiError, PlannedPrompt, check_token_ids, parse_body, parse_json_object, plan_request, render_chat, validate
 from carve.platform.targets import UnknownModel, served_model_names, served_models
 
 GATEWAY_DEPLOYMENT = "CarveGateway"
@@ -272,19 +273,8 @@ class Gateway:
             confidence=decision.confidence, reason=decision.reason,
         )
         chat = isinstance(body, oa.ChatCompletionRequest)
-        if body.stream:  # plan_request allowed it: one prompt, one choice
-            job = prompts[0].jobs[0]
-            self.metrics.adapter_request(_adapter_keys(job))
-            # refusals and adapter load errors come before any token: HTTP errors; a replica lost before it is tried again
-            first, events = await open_stream(lambda: self.engine.options(stream=True).stream.remote(job), self.retry)
-            self._observe_cache(first, job)
-            if first.error:
-                events.cancel()
-                raise _engine_error(first)
-            self.metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self._sse_stream(first, events, body.model, job, carve, chat, include_usage, endpoint, started)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if body.stream:
+            return await self._stream(body, prompts, carve, endpoint, started)
 
         results = await self._results([job for prompt in prompts for job in prompt.jobs], endpoint, time.time())
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -376,65 +366,74 @@ class Gateway:
                 if ref.key in (event.error or ""):  # the error names the adapter that failed
                     self.metrics.adapter_load_failures.labels(ref.key).inc()
 
-    async def _sse_stream(
-        self, first: JobEvent, events: Any, model: str, job: Job, carve: oa.CarveInfo, chat: bool,
-        include_usage: bool, endpoint: str, started: float,
-    ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-        chunk_id, created = oa.new_id("chatcmpl" if chat else "cmpl"), oa.now()
-        completion_tokens, prompt_tokens = 0, job.prompt_tokens
+    async def _stream(self, body: Any, prompts: list[PlannedPrompt], carve: oa.CarveInfo, endpoint: str, started: float) -> StreamingResponse:
+        """Every choice's engine stream opened (refusals and adapter load errors before any token: HTTP errors), then the SSE response."""
+        choices = streaming.choice_streams(body, prompts)
+        opened = await asyncio.gather(*(self._open_choice(choice) for choice in choices), return_exceptions=True)
+        problem: Optional[BaseException] = next((o for o in opened if isinstance(o, BaseException)), None)
+        if problem is None:
+            problem = next((_engine_error(first) for first, _ in opened if first.error), None)  # type: ignore[misc]
+        if problem is not None:
+            for item in opened:
+                if not isinstance(item, BaseException) and item[1] is not None:
+                    item[1].cancel()
+            raise problem
+        self.metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = self._sse_stream(choices, opened, body.model, carve, sum(len(p.ids) for p in prompts), include_usage, endpoint, started)  # type: ignore[arg-type]
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        def chunk(delta: Optional[str], finish: Optional[str], role: bool = False) -> Any:
+    async def _open_choice(self, choice: streaming.ChoiceStream) -> tuple[JobEvent, Any]:
+        """A choice's first event and its engine stream (None: an echo of the prompt alone, answered without the engine)."""
+        job = choice.job
+        if not choice.needs_engine:
+            return JobEvent(finish_reason="length", prompt_tokens=job.prompt_tokens), None
+        self.metrics.adapter_request(_adapter_keys(job))
+        first, events = await open_stream(lambda: self.engine.options(stream=True).stream.remote(job), self.retry)  # a lost replica: tried again
+        self._observe_cache(first, job)
+        return first, events
+
+    async def _sse_stream(
+        self, choices: list[streaming.ChoiceStream], opened: list[tuple[JobEvent, Any]], model: str, carve: oa.CarveInfo,
+        prompt_tokens: int, include_usage: bool, endpoint: str, started: float,
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, every choice interleaved as decoded, ending with ``data: [DONE]``."""
+        chat = bool(choices) and choices[0].chat
+        chunk_id, created = oa.new_id("chatcmpl" if chat else "cmpl"), oa.now()
+
+        def chunk(parts: list[Any], usage: Optional[oa.Usage] = None) -> Any:
             if chat:
-                return oa.ChatCompletionChunk(
-                    id=chunk_id, created=created, model=model, carve=carve,
-                    choices=[oa.ChatChunkChoice(delta=oa.ChatDelta(role="assistant" if role else None, content=delta), finish_reason=finish)],  # type: ignore[arg-type]
-                )
-            return {
-                "id": chunk_id, "object": "text_completion", "created": created, "model": model, "carve": carve.model_dump(),
-                "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}],
-            }
+                return oa.ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=parts, usage=usage, carve=carve)
+            return oa.CompletionChunk(id=chunk_id, created=created, model=model, choices=parts, usage=usage, carve=carve)
 
         if chat:
-            yield _sse(chunk("", None, role=True))
-        event: Optional[JobEvent] = first
-        token_times: list[float] = []
-        finished = False
+            for choice in choices:
+                yield _sse(chunk([oa.ChatChunkChoice(index=choice.index, delta=oa.ChatDelta(role="assistant", content=""))]))
+        firsts = [first for first, _ in opened]
         try:
-            while event is not None:
-                if event is not first:
-                    self._observe_cache(event, job)
+            async for index, event in streaming.interleave(firsts, [events for _, events in opened]):
+                choice = choices[index]
+                if event is not firsts[index]:
+                    self._observe_cache(event, choice.job)
                 if event.error:
-                    finished = True
                     yield _sse(_engine_error(event).body())
                     break
-                completion_tokens += event.tokens
-                if event.tokens:
-                    token_times.append(event.emitted_at)
+                part = choice.take(event, self.tokenizer)
                 if event.final:
-                    finished = True
-                    self.metrics.scheduling(first.queue_s, token_times, event.load, _adapter_keys(job))
-                if event.delta or event.finish_reason:
-                    yield _sse(chunk(event.delta, event.finish_reason))
-                if event.final:
-                    break
-                event = await next_event(events)
-        except StopAsyncIteration:
-            finished = True
-        except ApiError as lost:  # the replica died mid-stream: the client has tokens already, so the stream ends with the error
-            finished = True
+                    self.metrics.scheduling(choice.queue_s, choice.token_times, event.load, _adapter_keys(choice.job))
+                if part is not None:
+                    yield _sse(chunk([part]))
+        except ApiError as lost:  # a replica died mid-stream: the client has tokens already, so the stream ends with the error
             yield _sse(lost.body())
-        finally:  # the client went away (the response is cancelled or closed here): free the job's row in the engine
-            if not finished:
-                events.cancel()
+        finally:  # the client went away, or one choice failed: free the other choices' rows in the engine
+            for choice, (_, events) in zip(choices, opened):
+                if not choice.finished and events is not None:
+                    events.cancel()
+        completion_tokens = sum(choice.completion_tokens for choice in choices)
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         self.metrics.usage(prompt_tokens, completion_tokens)
         if include_usage:
-            usage = oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-            if chat:
-                yield _sse(oa.ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage, carve=carve))
-            else:
-                yield _sse({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage.model_dump()})
+            yield _sse(chunk([], oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)))
         yield "data: [DONE]\n\n"
 
     # -- specialization jobs (carve.jobs; each call blocks on the database and files: run off the event loop) --

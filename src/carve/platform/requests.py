@@ -150,8 +150,8 @@ def plan_request(
 ) -> list[PlannedPrompt]:
     """The engine jobs of a request, by prompt (``mixture``: its output-space branches).
 
-    400 for max_tokens over the cap, a prompt over the context, too many choices, a token id
-    outside the vocabulary, or a combination streaming cannot answer.
+    400 for max_tokens over the cap, a prompt over the context, too many choices, or a token id
+    outside the vocabulary.
     """
     _check_combinations(body)
     requested = body.requested_max_tokens()
@@ -165,8 +165,6 @@ def plan_request(
     if len(rendered) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(rendered)} prompts x n={body.n} is {len(rendered) * body.n} choices; at most {MAX_CHOICES} per request", param="n")
     echo = isinstance(body, CompletionRequest) and body.echo
-    if body.stream:
-        _check_streamable(body, len(rendered), echo)
     param = "prompt" if isinstance(body, CompletionRequest) else "messages"
     planned = []
     for i, (text, ids) in enumerate(rendered):
@@ -203,11 +201,3 @@ def _check_combinations(body: GenerationBody) -> None:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
 
-def _check_streamable(body: GenerationBody, prompts: int, echo: bool) -> None:
-    """Streaming sends one choice's text as it is decoded: several choices, echo or logprobs are answered whole only."""
-    for refused, param, what in (
-        (body.n > 1, "n", "n > 1"), (prompts > 1, "prompt", "several prompts"), (echo, "echo", "echo"),
-        (body.generated_logprobs() is not None, "logprobs", "logprobs"),
-    ):
-        if refused:
-            raise ApiError(400, f"stream with {what} is not supported: send the request without stream", param=param, code="unsupported_with_stream")

@@ -55,18 +55,21 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     return text
 
 
-def text_offsets(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    """Each token's character offset in the decoded text (a token inside a character: that character's)."""
-    return [len(str(tokenizer.decode(list(ids[:i]))).rstrip("\ufffd")) for i in range(len(ids))]
+def text_offsets(tokenizer: Any, ids: Sequence[int], start: int = 0) -> list[int]:
+    """Each token's character offset in the decoded text, from token ``start`` on (a token inside a character: that character's)."""
+    return [len(str(tokenizer.decode(list(ids[:i]))).rstrip("\ufffd")) for i in range(start, len(ids))]
 
 
-def completion_logprobs(tokenizer: Any, entries: Sequence[Optional[TokenLogprob]], ids: Sequence[int]) -> oa.CompletionLogprobs:
-    """The legacy shape over tokens ``ids`` (``entries[i]`` scores ``ids[i]``; None: no logprob, the first prompt token)."""
-    tokens = [token_text(tokenizer, t) for t in ids]
-    offsets = text_offsets(tokenizer, ids)
+def completion_logprobs(tokenizer: Any, entries: Sequence[Optional[TokenLogprob]], ids: Sequence[int], start: int = 0) -> oa.CompletionLogprobs:
+    """The legacy shape over tokens ``ids[start:]`` (``entries[i]`` scores ``ids[i]``; None: no logprob, the first prompt token).
+
+    Offsets count from the start of ``ids``: a stream sends each chunk's tokens with their place in the whole text.
+    """
+    tokens = [token_text(tokenizer, t) for t in ids[start:]]
+    offsets = text_offsets(tokenizer, ids, start)
     logprobs: list[Optional[float]] = []
     tops: list[Optional[dict[str, float]]] = []
-    for entry in entries:
+    for entry in entries[start:]:
         if entry is None:
             logprobs.append(None)
             tops.append(None)
