@@ -195,6 +195,20 @@ def test_a_chat_stream_with_n_and_logprobs_adds_up_to_the_whole_answer(api):
         assert [t.logprob for t in tokens[choice.index]] == pytest.approx([t.logprob for t in choice.logprobs.content], abs=1e-5)
 
 
+def test_best_of_returns_the_candidates_of_highest_total_logprob(api):
+    """best_of=3 decodes the three choices n=3 would (the same derived seeds) and returns the likeliest; usage counts all three."""
+    request = dict(model="alpha", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7)
+    candidates = api.completions.create(n=3, logprobs=0, **request)
+    totals = [sum(c.logprobs.token_logprobs) for c in candidates.choices]
+    best = api.completions.create(best_of=3, n=1, **request)
+    assert [c.text for c in best.choices] == [candidates.choices[totals.index(max(totals))].text]
+    assert best.choices[0].logprobs is None  # ranked by logprobs, returned only when asked for
+    assert best.usage.completion_tokens == candidates.usage.completion_tokens
+    two = api.completions.create(best_of=3, n=2, logprobs=1, **request)
+    order = sorted(range(3), key=lambda i: -totals[i])[:2]
+    assert [c.text for c in two.choices] == [candidates.choices[i].text for i in order] and [c.index for c in two.choices] == [0, 1]
+
+
 def test_penalties_and_logit_bias_decode_as_the_engine(api, reference):
     for settings in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}, {"logit_bias": {"7": 100}}):
         got = api.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=10, temperature=0, extra_body={"ignore_eos": True}, **settings)
@@ -263,7 +277,7 @@ def test_what_carve_cannot_honour_is_4xx_naming_it(api, reference):
     refused(lambda: api.chat.completions.create(model="base", messages=chat, response_format=schema), 422, "response_format.type")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     refused(lambda: api.chat.completions.create(model="base", messages=chat, tools=tools), 422, "tools")
-    refused(lambda: api.completions.create(model="base", prompt="x", best_of=2), 422, "best_of")
+    refused(lambda: api.completions.create(model="base", prompt="x", best_of=1, n=2), 400, "best_of")
     refused(lambda: api.completions.create(model="base", prompt="x", suffix="y"), 422, "suffix")
     refused(lambda: api.completions.create(model="base", prompt=[[1, 2], [len(reference.tokenizer)]]), 400, "prompt.1")
     refused(lambda: api.completions.create(model="base", prompt="x", logit_bias={"99999": 1}), 400, "logit_bias")

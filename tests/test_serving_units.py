@@ -135,12 +135,27 @@ def test_token_id_prompts_are_used_exactly_and_choices_get_derived_seeds(tokeniz
         (CompletionRequest(model="base", prompt="hi", max_tokens=0), "max_tokens"),
         (ChatCompletionRequest(model="base", messages=[{"role": "user", "content": "x"}], top_logprobs=2), "top_logprobs"),
         (CompletionRequest(model="base", prompt=["a"] * 9, n=30), "n"),
+        (CompletionRequest(model="base", prompt="hi", n=3, best_of=2), "best_of"),
+        (CompletionRequest(model="base", prompt="hi", best_of=2, stream=True), "best_of"),
+        (CompletionRequest(model="base", prompt=["a"] * 9, best_of=30), "best_of"),
     ],
 )
 def test_combinations_carve_cannot_answer_are_400(tokenizer, body, param):
     with pytest.raises(ApiError) as info:
         plan_request(body, None, tokenizer, 512, config())
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_best_of_decodes_every_candidate_with_logprobs_to_rank_them(tokenizer):
+    from carve.engine.batching import JobResult
+    from carve.engine.scoring import TokenLogprob
+    from carve.platform.responses import best_candidates
+
+    (planned,) = plan_request(CompletionRequest(model="base", prompt="hi", best_of=3, seed=4, temperature=1.0), None, tokenizer, 512, config())
+    assert len(planned.jobs) == 3 and all(job.logprobs == 0 for job in planned.jobs) and len({job.seed for job in planned.jobs}) == 3
+    results = [JobResult(text=str(total), logprobs=[TokenLogprob(1, lp, ()) for lp in (total / 2, total / 2)]) for total in (-3.0, -1.0, -2.0, -0.5, -4.0, -0.1)]
+    assert [r.text for r in best_candidates(results, 3, 2)] == ["-1.0", "-2.0", "-0.1", "-0.5"]  # per prompt, best first
+    assert best_candidates(results, 2, 2) == results
 
 
 def test_chat_job_uses_the_chat_template(tokenizer):

@@ -81,6 +81,10 @@ class _Request(BaseModel):
         """How many alternatives to return with each generated token's logprob (None: no logprobs)."""
         return None
 
+    def candidates(self) -> int:
+        """Completions decoded per prompt (``best_of`` of them when given, else ``n``)."""
+        return self.n
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -98,6 +102,7 @@ class CompletionRequest(_Request):
     max_tokens: Optional[int] = Field(None, ge=0, description="0 with echo: the prompt only (scored when logprobs is set).")
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1, le=128, description="Candidates per prompt; the n of highest total logprob are returned.")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -135,6 +140,9 @@ class CompletionRequest(_Request):
 
     def generated_logprobs(self) -> Optional[int]:
         return self.logprobs
+
+    def candidates(self) -> int:
+        return self.best_of or self.n
 
 
 class TextPart(BaseModel):

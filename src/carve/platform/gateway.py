@@ -288,7 +288,7 @@ class Gateway:
         else:
             reply = oa.CompletionResponse(
                 id=oa.new_id("cmpl"), created=oa.now(), model=body.model, usage=usage, carve=carve,
-                choices=responses.completion_choices(self.tokenizer, body, prompts, results),  # type: ignore[arg-type]
+                choices=responses.completion_choices(self.tokenizer, body, prompts, responses.best_candidates(results, body.candidates(), body.n)),  # type: ignore[arg-type]
             )
         return JSONResponse(reply.model_dump())
 

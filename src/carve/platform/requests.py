@@ -162,8 +162,13 @@ def plan_request(
     bias = body.logit_bias_pairs()
     check_token_ids([t for t, _ in bias], len(tokenizer), "logit_bias")
     rendered = render_prompts(body, tokenizer, context, token_chars or longest_token_chars(tokenizer))
-    if len(rendered) * body.n > MAX_CHOICES:
-        raise ApiError(400, f"{len(rendered)} prompts x n={body.n} is {len(rendered) * body.n} choices; at most {MAX_CHOICES} per request", param="n")
+    candidates = body.candidates()
+    if len(rendered) * candidates > MAX_CHOICES:
+        what, param = (f"best_of={candidates}", "best_of") if candidates != body.n else (f"n={body.n}", "n")
+        raise ApiError(400, f"{len(rendered)} prompts x {what} is {len(rendered) * candidates} choices; at most {MAX_CHOICES} per request", param=param)
+    logprobs = body.generated_logprobs()
+    if candidates != body.n and logprobs is None:
+        logprobs = 0  # best_of ranks the candidates by their tokens' logprobs
     echo = isinstance(body, CompletionRequest) and body.echo
     param = "prompt" if isinstance(body, CompletionRequest) else "messages"
     planned = []
@@ -184,10 +189,10 @@ def plan_request(
                 prompt=ids, prompt_tokens=len(ids), adapter=target, max_new_tokens=max_tokens, temperature=body.temperature,
                 top_p=body.top_p, seed=choice_seed(body.seed, c), stop=body.stop_list(), ignore_eos=body.ignore_eos,
                 mixture=mixture, space=space, frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                logit_bias=bias, logprobs=body.generated_logprobs(),
+                logit_bias=bias, logprobs=logprobs,
                 prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,  # type: ignore[union-attr]
             )
-            for c in range(body.n)
+            for c in range(candidates)
         )
         planned.append(PlannedPrompt(text, ids, jobs))
     return planned
@@ -197,6 +202,10 @@ def _check_combinations(body: GenerationBody) -> None:
     """400 naming the field for settings that are valid alone but not together."""
     if isinstance(body, CompletionRequest) and body.max_tokens == 0 and not body.echo:
         raise ApiError(400, "max_tokens 0 only makes sense with echo (the prompt alone): give at least 1", param="max_tokens")
+    if isinstance(body, CompletionRequest) and body.best_of is not None and body.best_of < body.n:
+        raise ApiError(400, f"best_of={body.best_of} is less than n={body.n}: best_of candidates give the n best", param="best_of")
+    if isinstance(body, CompletionRequest) and body.stream and body.candidates() != body.n:
+        raise ApiError(400, "best_of > n cannot stream: the best candidates are known only when all have finished", param="best_of")
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 

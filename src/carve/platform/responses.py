@@ -98,10 +98,21 @@ def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob]) -> oa.ChatLog
 
 
 def usage(prompts: Sequence[PlannedPrompt], results: Sequence[JobResult]) -> oa.Usage:
-    """Each prompt's tokens once (whatever n), every choice's generated tokens."""
+    """Each prompt's tokens once (whatever n), every choice's generated tokens (with best_of, every candidate's)."""
     prompt_tokens = sum(len(p.ids) for p in prompts)
     completion_tokens = sum(r.completion_tokens for r in results)
     return oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
+def best_candidates(results: Sequence[JobResult], candidates: int, n: int) -> list[JobResult]:
+    """``best_of``: of each prompt's ``candidates`` results (consecutive), the ``n`` of highest total logprob, best first."""
+    if candidates == n:
+        return list(results)
+    kept: list[JobResult] = []
+    for start in range(0, len(results), candidates):
+        group = results[start : start + candidates]
+        kept += sorted(group, key=lambda result: -sum(entry.logprob for entry in result.logprobs))[:n]
+    return kept
 
 
 def completion_choices(tokenizer: Any, body: oa.CompletionRequest, prompts: Sequence[PlannedPrompt], results: Sequence[JobResult]) -> list[oa.CompletionChoice]:
