@@ -22,6 +22,7 @@ def specialize(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Documents per instruction (profile default)."),
     retrieval: Optional[str] = typer.Option(None, "--retrieval", help="marginal (eq. 2), top1, or none."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="1, or 2 for iterative self-specialization."),
+    iteration_instructions: Optional[str] = typer.Option(None, "--iteration-instructions", help="iteration 2's instructions: fresh (the paper) or same (iteration 1's)."),
     instances: Optional[str] = typer.Option(None, "--instances", help="generated (the model writes task inputs, the paper) or corpus (corpus sentences are the inputs)."),
     respond_with: Optional[str] = typer.Option(None, "--respond-with", help="base (the paper) or seed_adapter (a LoRA on the seeds writes the responses)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (profile default)."),
@@ -49,7 +50,7 @@ def specialize(
         config = build_config(
             profile,  # type: ignore[arg-type]
             num_instructions=num_instructions, top_k=top_k, retrieval=retrieval, iterations=iterations,
-            instances=instances, respond_with=respond_with, seed=seed, prompt_style=prompt_style, base=base, training=training,
+            iteration_instructions=iteration_instructions, instances=instances, respond_with=respond_with, seed=seed, prompt_style=prompt_style, base=base, training=training,
         )
     except ValidationError as exc:
         raise fail(f"invalid settings: {'; '.join(error_lines(exc))}")

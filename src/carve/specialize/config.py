@@ -88,6 +88,9 @@ class RunConfig(BaseModel):
     seed: int = 0
     num_instructions: int = Field(5000, ge=1)
     iterations: Literal[1, 2] = 1
+    iteration_instructions: Literal["fresh", "same"] = Field(
+        "fresh", description="iteration 2's instructions: a fresh set, distinct from iteration 1's (the paper), or iteration 1's again"
+    )
     instances: Literal["generated", "corpus"] = Field(
         "generated", description="where stage 1's task inputs come from: the model's own list continuations (the paper) or corpus sentences (carve.specialize.grounded)"
     )

@@ -245,7 +245,7 @@ def _iteration(
     ``responder`` is the adapter that writes the responses (None: the base);
     iteration 2 passes none, as it decodes contrastively with the specialized adapter.
     """
-    from carve.specialize.generate_instructions import generate_instructions
+    from carve.specialize.generate_instructions import InstructionResult, generate_instructions
     from carve.specialize.responses import generate_responses, retrieve, shown_passages
     from carve.specialize.retrieval import BM25Index
     from carve.specialize.store import read_jsonl
@@ -254,15 +254,19 @@ def _iteration(
     config, suffix = inputs.config, "" if number == 1 else f"_iter{number}"
     folder.mkdir(parents=True, exist_ok=True)
     contrast = SPECIALIZED if number > 1 else None
-    avoid = [r["instruction"] for r in read_jsonl(inputs.out / "instructions.jsonl")] if number > 1 else []
-
-    made = manifest.timed(
-        f"instructions{suffix}",
-        lambda: generate_instructions(engine, config, inputs.seed_set, folder, number, adapter=contrast, avoid=avoid),
-    )
-    manifest.data["counts"][f"instructions{suffix}"] = {
-        "prompts": made.prompts, "parsed": made.parsed, "kept": len(made.kept), "removed": made.counts, "generated_tokens": made.generated_tokens,
-    }
+    earlier = read_jsonl(inputs.out / "instructions.jsonl") if number > 1 else []
+    if number > 1 and config.iteration_instructions == "same":
+        made = InstructionResult(kept=earlier, counts={}, prompts=0, parsed=0, generated_tokens=0)
+        manifest.data["counts"][f"instructions{suffix}"] = {"reused": len(earlier), "from": "iteration 1"}
+    else:
+        avoid = [r["instruction"] for r in earlier]
+        made = manifest.timed(
+            f"instructions{suffix}",
+            lambda: generate_instructions(engine, config, inputs.seed_set, folder, number, adapter=contrast, avoid=avoid),
+        )
+        manifest.data["counts"][f"instructions{suffix}"] = {
+            "prompts": made.prompts, "parsed": made.parsed, "kept": len(made.kept), "removed": made.counts, "generated_tokens": made.generated_tokens,
+        }
     hits = None
     if config.retrieval != "none":
         assert inputs.corpus is not None
