@@ -350,6 +350,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=60.0, help="arrivals per open-loop level")
     parser.add_argument("--drain-s", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    parser.add_argument("--engine-nice", type=int, default=0, help="nice increment of the engines' decoding threads (the proxy and gateway run first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
@@ -377,7 +378,7 @@ def main() -> None:
         mean_tokens = sum(r.max_tokens for r in requests) / len(requests)
         settings = dict(
             max_adapters=8, engine_num_cpus=0, engine_threads=args.threads, max_batch_size=args.batch, max_waiting=args.max_waiting,
-            max_tokens_cap=256, batch_wait_s=0.05, max_step_tokens=args.max_step_tokens, max_step_ms=args.max_step_ms,
+            max_tokens_cap=256, batch_wait_s=0.05, max_step_tokens=args.max_step_tokens, max_step_ms=args.max_step_ms, engine_nice=args.engine_nice,
         )
         handle = start_local_server(args.model, registry.root, free_port(), num_cpus=os.cpu_count() or 2, batching="continuous", **settings)
         url = handle.url
@@ -427,6 +428,7 @@ def main() -> None:
     picture = chart(runs, unloaded_itl, OUT_DIR / "serving_load.png")
     print()
     target = f", inter-token target {args.max_step_ms:.0f} ms" if args.max_step_ms else ""
+    target += f", engine threads at nice +{args.engine_nice}" if args.engine_nice else ""
     print(f"{args.model}, {args.batch} sequences per batch, continuous queue {args.max_waiting}, step budget {args.max_step_tokens} tokens{target}, {args.threads} torch thread(s), "
           f"8 adapters + base, outputs 8-128 tokens, open-loop levels of {args.duration_s:.0f} s (drain {args.drain_s:.0f} s)")
     print(table(runs))

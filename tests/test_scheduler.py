@@ -115,6 +115,31 @@ def test_the_prefill_chunk_is_cut_to_the_step_target_by_the_measured_costs():
         Limits(max_step_s=0)
 
 
+def test_the_loop_thread_lowers_its_own_priority_only():
+    """nice applies to the calling thread (Linux): the engine's loop yields the CPU, the thread that started it keeps its priority."""
+    import os
+
+    from carve.engine.scheduler import lower_thread_priority
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def loop() -> None:
+        lower_thread_priority(3)
+        seen["loop"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.setdefault("child", os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    thread.join()
+    assert seen == {"loop": min(19, mine + 3), "child": min(19, mine + 3)}  # torch's workers, started by the loop, inherit it
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    with pytest.raises(ValueError):
+        Limits(nice=20)
+
+
 def test_forward_cost_separates_a_forward_s_fixed_cost_from_its_cost_per_token():
     cost = ForwardCost()
     assert cost.line() == (0.0, 0.0)

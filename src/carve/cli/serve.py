@@ -36,6 +36,7 @@ def serve_command(
     max_waiting: int = _option("max_waiting", "--max-waiting", min=0),
     engine_cpus: float = _option("engine_num_cpus", "--engine-cpus", min=0.0),
     engine_gpus: float = _option("engine_num_gpus", "--engine-gpus", min=0.0),
+    engine_nice: int = _option("engine_nice", "--engine-nice", min=0, max=19),
     proxy_location: str = _option("proxy_location", "--proxy-location"),
     job_cpus: float = typer.Option(JobSettings().num_cpus, "--job-cpus", min=0.0, help="CPUs Ray reserves for each specialization job."),
     job_resume_after: float = typer.Option(
@@ -52,6 +53,7 @@ def serve_command(
         config = ServeConfig.from_env(
             model=model, registry_root=registry, database_url=database, replicas=replicas, max_adapters=max_adapters, max_tokens_cap=max_tokens_cap,
             batching=batching, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, max_step_ms=max_step_ms, max_waiting=max_waiting, engine_num_cpus=engine_cpus, engine_num_gpus=engine_gpus,
+            engine_nice=engine_nice,
             proxy_location=proxy_location, jobs=JobSettings.resuming_after(job_resume_after, num_cpus=job_cpus), default_max_tokens=min(128, max_tokens_cap),
         )
     except ValidationError as exc:

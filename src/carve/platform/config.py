@@ -52,6 +52,9 @@ class ServeConfig(BaseModel):
     max_tokens_cap: int = Field(1024, ge=1, description="Requests asking for more new tokens get 400.")
     engine_num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves for each engine replica.")
     engine_threads: Optional[int] = Field(None, ge=1, description="torch threads per engine replica (default: Ray's, from num_cpus).")
+    engine_nice: int = Field(
+        0, ge=0, le=19, description="Nice increment of each replica's decoding thread: the proxy and gateway carrying its tokens run first on a busy CPU."
+    )
     engine_num_gpus: float = Field(0.0, ge=0.0, description="GPUs Ray reserves for each engine replica.")
     gateway_num_cpus: float = Field(0.0, ge=0.0, description="CPUs Ray reserves for the HTTP gateway.")
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(

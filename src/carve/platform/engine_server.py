@@ -64,7 +64,7 @@ class EngineServer:
         self.scheduler: Optional[Scheduler] = None
         if self.config.batching == "continuous":
             step_s = self.config.max_step_ms / 1000 if self.config.max_step_ms is not None else None
-            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting, max_step_s=step_s)
+            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting, max_step_s=step_s, nice=self.config.engine_nice)
             self.scheduler = Scheduler(self.engine, self.cache, limits, replica=_replica_name())
         self.runner = BatchRunner(self.engine, self.cache)
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
