@@ -8,6 +8,7 @@ it to the engine deployment. It never holds model weights.
 # No `from __future__ import annotations` here: FastAPI reads these handlers' annotations
 # at runtime through Serve's class-based ingress, where string annotations do not resolve.
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -411,18 +412,19 @@ class Gateway:
                 yield _sse(chunk([oa.ChatChunkChoice(index=choice.index, delta=oa.ChatDelta(role="assistant", content=""))]))
         firsts = [first for first, _ in opened]
         try:
-            async for index, event in streaming.interleave(firsts, [events for _, events in opened]):
-                choice = choices[index]
-                if event is not firsts[index]:
-                    self._observe_cache(event, choice.job)
-                if event.error:
-                    yield _sse(_engine_error(event).body())
-                    break
-                part = choice.take(event, self.tokenizer)
-                if event.final:
-                    self.metrics.scheduling(choice.queue_s, choice.token_times, event.load, _adapter_keys(choice.job))
-                if part is not None:
-                    yield _sse(chunk([part]))
+            async with contextlib.aclosing(streaming.interleave(firsts, [events for _, events in opened])) as interleaved:
+                async for index, event in interleaved:
+                    choice = choices[index]
+                    if event is not firsts[index]:
+                        self._observe_cache(event, choice.job)
+                    if event.error:
+                        yield _sse(_engine_error(event).body())
+                        break
+                    part = choice.take(event, self.tokenizer)
+                    if event.final:
+                        self.metrics.scheduling(choice.queue_s, choice.token_times, event.load, _adapter_keys(choice.job))
+                    if part is not None:
+                        yield _sse(chunk([part]))
         except ApiError as lost:  # a replica died mid-stream: the client has tokens already, so the stream ends with the error
             yield _sse(lost.body())
         finally:  # the client went away, or one choice failed: free the other choices' rows in the engine
