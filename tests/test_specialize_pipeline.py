@@ -122,8 +122,12 @@ def test_every_stage_writes_its_artifact(finished_run: tuple[Path, dict]) -> Non
     assert set(result["timings_s"]) >= {"seed_training", "instructions", "retrieval", "responses", "training", "instructions_iter2", "training_iter2", "package"}
 
 
-def test_iteration_two_can_decode_iteration_one_instructions_again(tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path) -> None:
+def test_iteration_two_can_decode_iteration_one_instructions_again(
+    tiny_model_dir: Path, domain_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The paper's other arm of iteration 2: the same instructions, answered again contrastively by the specialized adapter."""
+    from carve.cli.specialize import print_summary
+
     seeds, corpus = domain_files
     out = tmp_path / "same"
     result = run_specialization(start_run(tiny_config(tiny_model_dir, iterations=2, iteration_instructions="same"), seeds, corpus, out))
@@ -134,6 +138,8 @@ def test_iteration_two_can_decode_iteration_one_instructions_again(tiny_model_di
     assert [r["instruction"] for r in second] == [k["instruction"] for k in kept]
     assert all(r["rule"] == "contrast" and r["branches"] == 2 for r in second)
     assert (out / ITERATION_2 / "train" / "final" / "adapter_model.safetensors").is_file()
+    print_summary(result, out)
+    assert "reused=" in capsys.readouterr().out
 
 
 def test_summary_lists_counts_filters_and_timings(finished_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,10 +78,10 @@ def print_summary(result: dict[str, Any], out: Path, examples: int = 3) -> None:
         shown = {k: v for k, v in values.items() if k != "removed"}
         stages.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
     console.print(stages)
-    filters = Table("filter", *[k for k in counts if k.startswith("instructions")], title="removed by each filter")
-    names = next((list(v["removed"]) for k, v in counts.items() if k.startswith("instructions")), [])
-    for name in names:
-        filters.add_row(name, *[str(counts[k]["removed"][name]) for k in counts if k.startswith("instructions")])
+    generated = [k for k, v in counts.items() if k.startswith("instructions") and "removed" in v]  # not iteration 1's set reused
+    filters = Table("filter", *generated, title="removed by each filter")
+    for name in counts[generated[0]]["removed"] if generated else []:
+        filters.add_row(name, *[str(counts[k]["removed"][name]) for k in generated])
     console.print(filters)
     timings = Table("stage", "seconds", title="wall time")
     for name, seconds in result["timings_s"].items():
