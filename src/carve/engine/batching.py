@@ -48,6 +48,11 @@ class Job:
     logprobs: Optional[int] = None  # each generated token's logprob with this many alternatives (None: none)
     prompt_logprobs: Optional[int] = None  # score the prompt (echo): each token's logprob with this many alternatives
 
+    @property
+    def needs_engine(self) -> bool:
+        """False for an echo of the prompt alone without logprobs: the answer is known without the model."""
+        return self.max_new_tokens > 0 or self.prompt_logprobs is not None
+
     def refs(self) -> list[AdapterRef]:
         """Every adapter this job decodes with (a mixture's, else its single adapter)."""
         if self.mixture:

@@ -28,7 +28,7 @@ from carve.artifact import BASE_MODEL
 from carve.engine.batching import Job, JobEvent, JobResult
 from carve.engine.text import context_length, encode_plain, encode_prompt, longest_token_chars
 from carve.platform import api as oa
-from carve.platform import streaming
+from carve.platform import responses, streaming
 from carve.platform.archive import ArchiveError, extract_adapter_archive
 from carve.platform.config import ServeConfig
 from carve.platform.engine_client import Admission, RetryPolicy, call_with_retries, open_stream
@@ -258,8 +258,6 @@ class Gateway:
         return response
 
     async def _generate_admitted(self, request: Request, model: type[oa._Request], endpoint: str) -> Response:
-        from carve.platform import responses
-
         started = time.perf_counter()
         body = parse_body(await request.body(), model)
         decision = await self._route(body)
@@ -279,7 +277,7 @@ class Gateway:
 
         results = await self._results([job for prompt in prompts for job in prompt.jobs], endpoint, time.time())
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        usage = responses.usage(prompts, results)
+        usage = responses.usage(prompts, sum(r.completion_tokens for r in results))
         self.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
         if chat:
             reply: Any = oa.ChatCompletionResponse(
@@ -304,7 +302,7 @@ class Gateway:
 
     async def _result(self, job: Job, endpoint: str, started_wall: float) -> JobResult:
         """One choice's whole result; a prompt echoed without logprobs needs no engine."""
-        if job.max_new_tokens == 0 and job.prompt_logprobs is None:
+        if not job.needs_engine:
             return JobResult(prompt_tokens=job.prompt_tokens, finish_reason="length")
         self.metrics.adapter_request(_adapter_keys(job))
         result: JobResult = await call_with_retries(lambda: self.engine.generate.remote(job), self.retry)  # a lost replica: sent again
@@ -381,13 +379,13 @@ class Gateway:
             raise problem
         self.metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = self._sse_stream(choices, opened, body.model, carve, sum(len(p.ids) for p in prompts), include_usage, endpoint, started)  # type: ignore[arg-type]
+        chunks = self._sse_stream(choices, opened, body.model, carve, prompts, include_usage, endpoint, started)  # type: ignore[arg-type]
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _open_choice(self, choice: streaming.ChoiceStream) -> tuple[JobEvent, Any]:
         """A choice's first event and its engine stream (None: an echo of the prompt alone, answered without the engine)."""
         job = choice.job
-        if not choice.needs_engine:
+        if not job.needs_engine:
             return JobEvent(finish_reason="length", prompt_tokens=job.prompt_tokens), None
         self.metrics.adapter_request(_adapter_keys(job))
         first, events = await open_stream(lambda: self.engine.options(stream=True).stream.remote(job), self.retry)  # a lost replica: tried again
@@ -396,7 +394,7 @@ class Gateway:
 
     async def _sse_stream(
         self, choices: list[streaming.ChoiceStream], opened: list[tuple[JobEvent, Any]], model: str, carve: oa.CarveInfo,
-        prompt_tokens: int, include_usage: bool, endpoint: str, started: float,
+        prompts: list[PlannedPrompt], include_usage: bool, endpoint: str, started: float,
     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, every choice interleaved as decoded, ending with ``data: [DONE]``."""
         chat = bool(choices) and choices[0].chat
@@ -433,9 +431,10 @@ class Gateway:
                     events.cancel()
         completion_tokens = sum(choice.completion_tokens for choice in choices)
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        self.metrics.usage(prompt_tokens, completion_tokens)
+        usage = responses.usage(prompts, completion_tokens)
+        self.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
         if include_usage:
-            yield _sse(chunk([], oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)))
+            yield _sse(chunk([], usage))
         yield "data: [DONE]\n\n"
 
     # -- specialization jobs (carve.jobs; each call blocks on the database and files: run off the event loop) --

@@ -97,10 +97,9 @@ def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob]) -> oa.ChatLog
     return oa.ChatLogprobs(content=content)
 
 
-def usage(prompts: Sequence[PlannedPrompt], results: Sequence[JobResult]) -> oa.Usage:
-    """Each prompt's tokens once (whatever n), every choice's generated tokens (with best_of, every candidate's)."""
+def usage(prompts: Sequence[PlannedPrompt], completion_tokens: int) -> oa.Usage:
+    """Each prompt's tokens once (whatever n), and the tokens generated for every choice (with best_of, every candidate)."""
     prompt_tokens = sum(len(p.ids) for p in prompts)
-    completion_tokens = sum(r.completion_tokens for r in results)
     return oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 

@@ -44,11 +44,6 @@ class ChoiceStream:
     queue_s: Optional[float] = None
     finished: bool = False
 
-    @property
-    def needs_engine(self) -> bool:
-        """False for an echo of the prompt alone without logprobs: the answer is known without decoding."""
-        return self.job.max_new_tokens > 0 or self.job.prompt_logprobs is not None
-
     def take(self, event: JobEvent, tokenizer: Any) -> Optional[ChunkChoice]:
         """This choice's chunk payload for ``event`` (None when it carries nothing to send)."""
         if self.queue_s is None:
