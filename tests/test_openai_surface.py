@@ -261,6 +261,35 @@ def test_chat_turns_as_lm_eval_sends_them(http, reference):
     assert response.json()["choices"][0]["message"]["content"] == direct(reference, prompt, None, max_new_tokens=5, stop=("\n",)).text
 
 
+# -- structured output ---------------------------------------------------------------
+
+
+def test_structured_output_holds_through_the_official_client(api, reference):
+    """JSON schema and json_object (OpenAI's response_format) and a choice (vLLM's extension), streamed or not."""
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["answer", "score"], "additionalProperties": False,
+    }
+    chat = [{"role": "user", "content": "Is metformin used for type 2 diabetes?"}]
+    answer = api.chat.completions.create(
+        model="bio", messages=chat, max_tokens=40, temperature=1.0, seed=3, n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}},
+    )
+    for choice in answer.choices:
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        assert choice.finish_reason == "stop"
+    streamed = api.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True, extra_body={"structured_outputs": {"choice": ["benign", "malignant"]}})
+    text = "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
+    whole = api.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body={"structured_outputs": {"choice": ["benign", "malignant"]}})
+    assert text == whole.choices[0].text and text in ("benign", "malignant")
+    anything = api.completions.create(model="fin", prompt=PROMPTS[1], max_tokens=60, temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    assert anything.choices[0].text.startswith("{")
+
+
 # -- errors ------------------------------------------------------------------------
 
 
@@ -273,8 +302,9 @@ def test_what_carve_cannot_honour_is_4xx_naming_it(api, reference):
         assert info.value.status_code == status and info.value.param == param, info.value.body
 
     chat = [{"role": "user", "content": "Hi"}]
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    refused(lambda: api.chat.completions.create(model="base", messages=chat, response_format=schema), 422, "response_format.type")
+    broken = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    refused(lambda: api.chat.completions.create(model="base", messages=chat, response_format=broken), 400, "response_format.json_schema.schema")
+    refused(lambda: api.completions.create(model="base", prompt="x", extra_body={"structured_outputs": {"regex": "([a-z"}}), 400, "structured_outputs.regex")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     refused(lambda: api.chat.completions.create(model="base", messages=chat, tools=tools), 422, "tools")
     refused(lambda: api.completions.create(model="base", prompt="x", best_of=1, n=2), 400, "best_of")

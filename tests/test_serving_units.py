@@ -54,7 +54,10 @@ def test_malformed_json_is_422_with_position():
         ({"model": "base", "prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"model": "base", "prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty"),
         ({"model": "base", "prompt": "hi", "seed": 2**64}, "seed"),
-        ({"model": "base", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.type"),
+        ({"model": "base", "prompt": "hi", "response_format": {"type": "xml"}}, "response_format.type"),
+        ({"model": "base", "prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"model": "base", "prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"model": "base", "prompt": "hi", "structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"model": "base", "prompt": "hi", "tools": [{"type": "function"}]}, "tools"),
         ({"model": "base", "prompt": "hi", "suffix": "x"}, "suffix"),
     ],
@@ -144,6 +147,32 @@ def test_combinations_carve_cannot_answer_are_400(tokenizer, body, param):
     with pytest.raises(ApiError) as info:
         plan_request(body, None, tokenizer, 512, config())
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_response_format_and_structured_outputs_become_the_jobs_grammar(tokenizer):
+    from carve.engine.requests import Grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    chat = [{"role": "user", "content": "x"}]
+    as_schema = ChatCompletionRequest.model_validate(
+        {"model": "base", "messages": chat, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}}
+    )
+    assert plan_one(as_schema, tokenizer).grammar == Grammar("json_schema", json.dumps(schema))
+    assert plan_one(CompletionRequest(model="base", prompt="hi", response_format={"type": "json_object"}), tokenizer).grammar.kind == "json_schema"
+    assert plan_one(CompletionRequest(model="base", prompt="hi", response_format={"type": "text"}), tokenizer).grammar is None
+    regex = plan_one(CompletionRequest.model_validate({"model": "base", "prompt": "hi", "structured_outputs": {"regex": "[0-9]+"}}), tokenizer)
+    assert regex.sampling().grammar == Grammar("regex", "[0-9]+")
+    choice = plan_one(CompletionRequest.model_validate({"model": "base", "prompt": "hi", "structured_outputs": {"choice": ['say "yes"', "né"]}}), tokenizer)
+    assert choice.grammar.kind == "lark"
+    both = CompletionRequest.model_validate({"model": "base", "prompt": "hi", "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}})
+    for body, param in [
+        (both, "structured_outputs"),
+        (CompletionRequest.model_validate({"model": "base", "prompt": "hi", "structured_outputs": {"json": "{oops"}}), "structured_outputs.json"),
+        (CompletionRequest.model_validate({"model": "base", "prompt": "hi", "structured_outputs": {"grammar": "start: missing"}}), "structured_outputs.grammar"),
+    ]:
+        with pytest.raises(ApiError) as info:
+            plan_one(body, tokenizer)
+        assert info.value.status == 400 and info.value.param == param, info.value.message
 
 
 def test_best_of_decodes_every_candidate_with_logprobs_to_rank_them(tokenizer):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Optional, Sequence
 
 from carve.artifact import AdapterRef
 from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull, Weighted
-from carve.engine.requests import Branch, GenerationRequest, Sampling, StreamEvent
+from carve.engine.requests import Branch, GenerationRequest, Grammar, Sampling, StreamEvent
 from carve.engine.scoring import AdapterSpec, TokenLogprob, branches_of, score_prompts, top_logprobs
 
 
@@ -47,6 +47,7 @@ class Job:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: Optional[int] = None  # each generated token's logprob with this many alternatives (None: none)
     prompt_logprobs: Optional[int] = None  # score the prompt (echo): each token's logprob with this many alternatives
+    grammar: Optional[Grammar] = None  # structured output (carve.engine.constraints)
 
     @property
     def needs_engine(self) -> bool:
@@ -63,7 +64,7 @@ class Job:
         return Sampling(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
             stop=self.stop, ignore_eos=self.ignore_eos, frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty, logit_bias=self.logit_bias,
+            presence_penalty=self.presence_penalty, logit_bias=self.logit_bias, grammar=self.grammar,
         )
 
 

@@ -67,6 +67,7 @@ class Engine:
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # the width of a step's logits
         self.runner = self._build_runner(weight_format) if runner else None
         if weight_format != "native" and self.runner is None:
             raise EngineError(f"weight format {weight_format!r} needs the engine's runner, which is off")

@@ -27,6 +27,14 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """Structured output: the generated text must be a string of this grammar's language (carve.engine.constraints)."""
+
+    kind: Literal["json_schema", "regex", "lark"]
+    source: str  # the JSON schema as JSON text, the regular expression, or the Lark grammar
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Decoding settings of one request. temperature 0 means greedy."""
 
@@ -42,6 +50,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    grammar: Grammar | None = None  # structured output: only tokens that keep the text inside the grammar
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

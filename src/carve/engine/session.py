@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
 
+from carve.engine.constraints import TokenConstraint
 from carve.engine.kv_cache import KVCache, joined
 from carve.engine.multi_lora import PEFT_BASE
 from carve.engine.picking import TextTracker, combine, new_generator, pick_token
@@ -37,6 +38,7 @@ class EngineCore(Protocol):
 
     tokenizer: Any
     eos_ids: set[int]
+    vocab_size: int
     adapters: list[str]
     share_prefixes: bool
     sliding_window: bool
@@ -68,6 +70,7 @@ class _Request:
     prompt_tokens: int
     generator: "torch.Generator"
     tracker: TextTracker
+    constraint: TokenConstraint | None = None  # its grammar's state, when it asks for structured output
     steps: int = 0
 
     @property
@@ -263,7 +266,12 @@ class DecodeSession:
             encoded = [self.engine.encode(branch.prompt) for branch in request.branches]
             if any(not ids for ids in encoded):
                 raise EngineError(f"request {i}: empty prompt")
-            states.append(_Request(request, sum(len(ids) for ids in encoded), new_generator(request.sampling.seed), TextTracker(self.engine.tokenizer, request.sampling.stop)))
+            grammar = request.sampling.grammar
+            constraint = TokenConstraint(grammar, self.engine.tokenizer, self.engine.vocab_size, self.engine.eos_ids) if grammar else None
+            states.append(_Request(
+                request, sum(len(ids) for ids in encoded), new_generator(request.sampling.seed),
+                TextTracker(self.engine.tokenizer, request.sampling.stop), constraint,
+            ))
             rows += [_Row(-1 - i, ids, branch.adapter or PEFT_BASE) for ids, branch in zip(encoded, request.branches)]
         with self.lock:
             path = self.engine.forward_path()
@@ -379,13 +387,17 @@ class DecodeSession:
                 scores, token = None, int(argmax[positions[0]])
             else:
                 assert logprobs is not None
-                scores = combine(logprobs[positions], request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+                branches = logprobs[positions]
+                if state.constraint:  # before the branches combine, so contrast judges plausibility among allowed tokens
+                    branches = state.constraint.restrict(branches)
+                scores = combine(branches, request.rule, [b.weight for b in request.branches], request.sampling.alpha)
                 token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
             state.steps += 1
+            complete = state.constraint.accept(token) if state.constraint else False
             reason: FinishReason | None = None
             if token in self.engine.eos_ids and not request.sampling.ignore_eos:
                 reason = "eos"
-            elif state.tracker.add(token):
+            elif state.tracker.add(token) or complete:
                 reason = "stop"
             elif state.steps >= request.sampling.max_new_tokens:
                 reason = "length"
@@ -423,8 +435,9 @@ class DecodeSession:
 
 
 def _plain_greedy(request: GenerationRequest) -> bool:
-    """One branch, greedy, no penalty or bias, scores not kept: its token is its logits' argmax."""
-    return request.rule == "single" and request.sampling.temperature == 0 and not request.sampling.adjusts_scores and not request.record_scores
+    """One branch, greedy, no penalty, bias or grammar, scores not kept: its token is its logits' argmax."""
+    sampling = request.sampling
+    return request.rule == "single" and sampling.temperature == 0 and not sampling.adjusts_scores and sampling.grammar is None and not request.record_scores
 
 
 def _shared_prefix(engine: EngineCore, rows: list[_Row], path: ForwardPath) -> int:

@@ -11,19 +11,55 @@ import time
 import uuid
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length"]
 MAX_LOGPROBS = 20  # OpenAI's limit for logprobs (completions) and top_logprobs (chat)
 TokenIds = List[Annotated[int, Field(ge=0)]]
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema the answer follows (decoding is constrained to it)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., min_length=1, max_length=64)
+    description: Optional[str] = None
+    json_schema: Dict[str, Any] = Field(default_factory=dict, alias="schema")  # absent: any JSON value
+    strict: Optional[bool] = None  # decoding always holds the schema; accepted for OpenAI's clients
+
+
 class ResponseFormat(BaseModel):
-    """Only plain text: Carve cannot constrain decoding to JSON or a schema, so those are refused, never ignored."""
+    """OpenAI's: plain text, any JSON object, or JSON following a schema; the last two constrain decoding."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """Extension (vLLM's ``structured_outputs``): the answer constrained to exactly one of a JSON schema, a regex, a choice or a Lark grammar."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: Optional[Union[Dict[str, Any], str]] = Field(None, alias="json")
+    regex: Optional[str] = Field(None, min_length=1)
+    choice: Optional[List[Annotated[str, Field(min_length=1)]]] = Field(None, min_length=1)
+    grammar: Optional[str] = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, regex, choice, grammar (got {len(given)})")
+        return self
 
 
 class _Request(BaseModel):
@@ -42,6 +78,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[Dict[str, float]] = Field(None, description="Token id (as a string) -> bias in [-100, 100], added to its log-probability.")
     response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = Field(None, description="Extension (as in vLLM): constrain the answer to a JSON schema, regex, choice or Lark grammar.")
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     user: Optional[str] = None

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from carve.artifact import AdapterRef
 from carve.common.errors import error_field, error_lines
 from carve.engine.batching import Job
+from carve.engine.constraints import choice_grammar, compiled, json_object_grammar
+from carve.engine.requests import EngineError, Grammar
 from carve.engine.text import chat_prompt, encode_prompt, has_chat_template, longest_token_chars
 from carve.platform.api import ChatCompletionRequest, CompletionRequest
 from carve.platform.config import ServeConfig
@@ -159,6 +161,7 @@ def plan_request(
     field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens else "max_tokens"
     if max_tokens > config.max_tokens_cap:
         raise ApiError(400, f"{field}={max_tokens} exceeds this server's cap of {config.max_tokens_cap}", param=field, code="max_tokens_over_cap")
+    grammar = request_grammar(body)
     bias = body.logit_bias_pairs()
     check_token_ids([t for t, _ in bias], len(tokenizer), "logit_bias")
     rendered = render_prompts(body, tokenizer, context, token_chars or longest_token_chars(tokenizer))
@@ -189,13 +192,40 @@ def plan_request(
                 prompt=ids, prompt_tokens=len(ids), adapter=target, max_new_tokens=max_tokens, temperature=body.temperature,
                 top_p=body.top_p, seed=choice_seed(body.seed, c), stop=body.stop_list(), ignore_eos=body.ignore_eos,
                 mixture=mixture, space=space, frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                logit_bias=bias, logprobs=logprobs,
+                logit_bias=bias, logprobs=logprobs, grammar=grammar,
                 prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,  # type: ignore[union-attr]
             )
             for c in range(candidates)
         )
         planned.append(PlannedPrompt(text, ids, jobs))
     return planned
+
+
+def request_grammar(body: GenerationBody) -> Optional[Grammar]:
+    """The grammar the answer must follow (``response_format`` json, or the ``structured_outputs`` extension); 400 when it does not compile."""
+    fmt, structured = body.response_format, body.structured_outputs
+    if fmt is not None and fmt.type != "text" and structured is not None:
+        raise ApiError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+    if fmt is not None and fmt.type == "json_object":
+        grammar, param = json_object_grammar(), "response_format"
+    elif fmt is not None and fmt.json_schema is not None:
+        grammar, param = Grammar("json_schema", json.dumps(fmt.json_schema.json_schema)), "response_format.json_schema.schema"
+    elif structured is None:
+        return None
+    elif structured.json_schema is not None:
+        source = structured.json_schema
+        grammar, param = Grammar("json_schema", source if isinstance(source, str) else json.dumps(source)), "structured_outputs.json"
+    elif structured.regex is not None:
+        grammar, param = Grammar("regex", structured.regex), "structured_outputs.regex"
+    elif structured.choice is not None:
+        grammar, param = choice_grammar(structured.choice), "structured_outputs.choice"
+    else:
+        grammar, param = Grammar("lark", structured.grammar or ""), "structured_outputs.grammar"
+    try:
+        compiled(grammar)
+    except EngineError as exc:
+        raise ApiError(400, str(exc), param=param, code="invalid_grammar") from None
+    return grammar
 
 
 def _check_combinations(body: GenerationBody) -> None:
