@@ -290,6 +290,39 @@ def test_structured_output_holds_through_the_official_client(api, reference):
     assert anything.choices[0].text.startswith("{")
 
 
+def test_tool_calls_through_the_official_client(api):
+    """A required call (named or any) comes back as tool_calls, whole or streamed; the conversation goes on with its result."""
+    import json
+
+    # short names: the tiny model's tokens are a character or two, and the server's cap is 64 tokens
+    weather = {"type": "function", "function": {
+        "name": "w",
+        "parameters": {"type": "object", "properties": {"c": {"enum": ["Oslo", "Lima"]}}, "required": ["c"], "additionalProperties": False},
+    }}
+    now = {"type": "function", "function": {"name": "t", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+    chat = [{"role": "user", "content": "Oslo?"}]
+    named = api.chat.completions.create(
+        model="bio", messages=chat, tools=[weather, now], tool_choice={"type": "function", "function": {"name": "w"}},
+        max_tokens=64, temperature=0, parallel_tool_calls=False,
+    )
+    (choice,) = named.choices
+    assert choice.message.tool_calls, choice.message.content
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.function.name == "w" and json.loads(call.function.arguments)["c"] in ("Oslo", "Lima")
+    streamed = api.chat.completions.create(
+        model="bio", messages=chat, tools=[weather, now], tool_choice={"type": "function", "function": {"name": "w"}},
+        max_tokens=64, temperature=0, parallel_tool_calls=False, stream=True,
+    )
+    deltas = [c.choices[0].delta for c in streamed if c.choices]
+    calls = [t for d in deltas for t in d.tool_calls or ()]
+    assert [(t.function.name, t.function.arguments) for t in calls] == [(call.function.name, call.function.arguments)]
+    follow_up = [*chat, choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "4 C and rain"}]
+    answer = api.chat.completions.create(model="bio", messages=follow_up, tools=[weather, now], tool_choice="none", max_tokens=8, temperature=0)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+    anyone = api.chat.completions.create(model="fin", messages=chat, tools=[weather, now], tool_choice="required", max_tokens=64, temperature=0.8, seed=2)
+    assert {c.function.name for c in anyone.choices[0].message.tool_calls} <= {"w", "t"}
+
+
 # -- errors ------------------------------------------------------------------------
 
 
@@ -306,7 +339,7 @@ def test_what_carve_cannot_honour_is_4xx_naming_it(api, reference):
     refused(lambda: api.chat.completions.create(model="base", messages=chat, response_format=broken), 400, "response_format.json_schema.schema")
     refused(lambda: api.completions.create(model="base", prompt="x", extra_body={"structured_outputs": {"regex": "([a-z"}}), 400, "structured_outputs.regex")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    refused(lambda: api.chat.completions.create(model="base", messages=chat, tools=tools), 422, "tools")
+    refused(lambda: api.chat.completions.create(model="base", messages=chat, tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), 400, "tool_choice")
     refused(lambda: api.completions.create(model="base", prompt="x", best_of=1, n=2), 400, "best_of")
     refused(lambda: api.completions.create(model="base", prompt="x", suffix="y"), 422, "suffix")
     refused(lambda: api.completions.create(model="base", prompt=[[1, 2], [len(reference.tokenizer)]]), 400, "prompt.1")

@@ -72,8 +72,9 @@ def test_bad_chat_message_names_its_position():
     assert err.param == "messages.1.role"
     image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
     assert parse_error(json.dumps({"model": "base", "messages": [{"role": "user", "content": image}]}), ChatCompletionRequest).param.startswith("messages.0.content")
-    err = parse_error(json.dumps({"model": "base", "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}), ChatCompletionRequest)
-    assert err.param == "tool_choice"
+    for message in [{"role": "tool", "content": "42"}, {"role": "user"}, {"role": "user", "content": "x", "tool_calls": []}]:
+        err = parse_error(json.dumps({"model": "base", "messages": [message]}), ChatCompletionRequest)
+        assert err.status == 422 and err.param == "messages.0", err.message
 
 
 def test_prompt_shapes():
@@ -173,6 +174,59 @@ def test_response_format_and_structured_outputs_become_the_jobs_grammar(tokenize
         with pytest.raises(ApiError) as info:
             plan_one(body, tokenizer)
         assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+NOW = {"type": "function", "function": {"name": "now"}}
+
+
+def test_tools_join_the_prompt_and_a_required_call_constrains_the_reply(tokenizer):
+    conversation = [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 C, rain"},
+    ]
+    auto = plan_request(ChatCompletionRequest.model_validate({"model": "base", "messages": conversation, "tools": [WEATHER, NOW]}), None, tokenizer, 4096, config())
+    text = auto[0].text
+    assert text.index("Be brief.") < text.index("<tools>") < text.index('"get_weather"') < text.index('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    assert "<tool_response>\n4 C, rain\n</tool_response>" in text and auto[0].jobs[0].grammar is None
+    named = {"model": "base", "messages": conversation[1:2], "tools": [WEATHER, NOW], "tool_choice": {"type": "function", "function": {"name": "now"}}}
+    (planned,) = plan_request(ChatCompletionRequest.model_validate(named), None, tokenizer, 4096, config())
+    assert planned.jobs[0].grammar.kind == "lark" and '"now"' in planned.jobs[0].grammar.source and "get_weather" not in planned.jobs[0].grammar.source
+    assert '"name": "now"' in planned.text and "get_weather" not in planned.text  # only the named function is shown
+    off = plan_request(ChatCompletionRequest.model_validate({"model": "base", "messages": conversation[1:2], "tools": [WEATHER], "tool_choice": "none"}), None, tokenizer, 4096, config())
+    assert "<tools>" not in off[0].text
+    for body, param in [
+        ({"model": "base", "messages": conversation[1:2], "tool_choice": "auto"}, "tool_choice"),
+        ({**named, "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+        ({**named, "response_format": {"type": "json_object"}}, "tool_choice"),
+    ]:
+        with pytest.raises(ApiError) as info:
+            plan_request(ChatCompletionRequest.model_validate(body), None, tokenizer, 4096, config())
+        assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+def test_a_reply_s_calls_are_read_back_whole_or_streamed():
+    from carve.engine.batching import Job, JobEvent, JobResult
+    from carve.platform.responses import chat_choices
+    from carve.platform.streaming import choice_streams
+
+    body = ChatCompletionRequest.model_validate({"model": "base", "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, NOW]})
+    reply = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    (choice,) = chat_choices(None, body, [JobResult(text=reply, finish_reason="stop")])
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [("get_weather", {"city": "Oslo"}), ("now", {})]
+    (plain,) = chat_choices(None, body, [JobResult(text="It rains <tool_call>{broken", finish_reason="length")])
+    assert (plain.message.content, plain.message.tool_calls, plain.finish_reason) == ("It rains <tool_call>{broken", None, "length")
+    from carve.platform.requests import PlannedPrompt
+
+    (stream,) = choice_streams(body, [PlannedPrompt("x", (1,), (Job(prompt=(1,), prompt_tokens=1, adapter=None, max_new_tokens=9),))])
+    pieces = [reply[i : i + 7] for i in range(0, len(reply), 7)]
+    chunks = [stream.take(JobEvent(delta=piece, tokens=1, finish_reason="stop" if i == len(pieces) - 1 else None), None) for i, piece in enumerate(pieces)]
+    sent = [c for c in chunks if c is not None]
+    assert "".join(c.delta.content or "" for c in sent).strip() == "Checking."
+    assert all(c.delta.tool_calls is None for c in sent[:-1]) and sent[-1].finish_reason == "tool_calls"
+    assert [t.function.name for t in sent[-1].delta.tool_calls] == ["get_weather", "now"] and [t.index for t in sent[-1].delta.tool_calls] == [0, 1]
 
 
 def test_best_of_decodes_every_candidate_with_logprobs_to_rank_them(tokenizer):

@@ -81,3 +81,16 @@ def test_a_grammar_that_does_not_compile_is_refused_naming_why(engine: Engine, g
     with pytest.raises(EngineError):
         session.admit([GenerationRequest.single(PROMPT, None, Sampling(max_new_tokens=4)), constrained(grammar)])
     assert session.idle and not session.requests  # nothing admitted
+
+
+def test_a_required_tool_call_is_a_well_formed_call_of_a_listed_function(engine: Engine) -> None:
+    from carve.engine.tool_calls import Function, calls_grammar, parse_calls
+
+    weather = Function("get_weather", "", {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"], "additionalProperties": False})
+    now = Function("now", "", {"type": "object", "properties": {}, "additionalProperties": False})
+    for seed in range(3):
+        done = engine.generate([constrained(calls_grammar([weather, now], parallel=False), temperature=1.0, seed=seed, max_new_tokens=80)])[0]
+        content, calls = parse_calls(done.text)
+        assert content == "" and len(calls) == 1 and done.finish_reason in ("stop", "eos"), done.text
+        schema = weather.parameters if calls[0].name == "get_weather" else now.parameters
+        jsonschema.validate(json.loads(calls[0].arguments), schema)

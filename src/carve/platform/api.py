@@ -13,7 +13,9 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FinishReason = Literal["stop", "length"]
+from carve.engine.tool_calls import Call, Function, call_text, result_text, tools_prompt
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 MAX_LOGPROBS = 20  # OpenAI's limit for logprobs (completions) and top_logprobs (chat)
 TokenIds = List[Annotated[int, Field(ge=0)]]
 
@@ -189,15 +191,48 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """A message; ``type`` ("message", as the Responses API and lm-eval's chat turns send it) and ``name`` are accepted."""
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (in a reply, or sent back in the conversation)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, List[TextPart]]
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """A message; ``type`` ("message", as the Responses API and lm-eval's chat turns send it) and ``name`` are accepted.
+
+    Function calling: an assistant message may carry ``tool_calls`` (content then optional), a ``tool``
+    message answers one by its ``tool_call_id``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[TextPart], None] = None
     name: Optional[str] = None
     type: Optional[Literal["message", "text"]] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _roles_and_their_fields(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role}")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs its tool_call_id, and only a tool message has one")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -209,11 +244,49 @@ class ChatMessage(BaseModel):
         return content
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
     def template(self) -> dict[str, str]:
-        """The message as the chat template sees it: text content; OpenAI's ``developer`` is its newer name for ``system``."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        """The message as the chat template sees it: text content; OpenAI's ``developer`` is its newer name for ``system``.
+
+        Calls and tool results are written as text (carve.engine.tool_calls), a result in a user turn,
+        which every chat template accepts.
+        """
+        if self.role == "tool":
+            return {"role": "user", "content": result_text(self.text())}
+        calls = "".join(call_text(Call(c.function.name, c.function.arguments)) for c in self.tool_calls or ())
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text() + calls}
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Dict[str, Any] = Field(default_factory=dict, description="The arguments' JSON schema (absent: any object).")
+    strict: Optional[bool] = None  # a required call always follows the schema; accepted for OpenAI's clients
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Request):
@@ -223,6 +296,9 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[List[Tool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -231,7 +307,33 @@ class ChatCompletionRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
+        """The conversation as the chat template sees it (what the router reads)."""
         return [m.template() for m in self.messages]
+
+    def calling(self) -> Literal["none", "auto", "required"]:
+        """Whether the reply may call a tool (auto), must (required, or a named function), or may not (none)."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "required"
+        return self.tool_choice or "auto"
+
+    def callable_functions(self) -> list[Function]:
+        """The functions the reply may call: every tool's, or the named one's."""
+        functions = [Function(t.function.name, t.function.description or "", t.function.parameters) for t in self.tools or ()]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [f for f in functions if f.name == self.tool_choice.function.name]
+        return functions
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The conversation the model reads: with tools it may call, their listing joins the system message."""
+        messages = self.template_messages()
+        if self.calling() == "none":
+            return messages
+        listing = tools_prompt(self.callable_functions())
+        if messages[0]["role"] == "system":
+            return [{"role": "system", "content": messages[0]["content"] + "\n\n" + listing}, *messages[1:]]
+        return [{"role": "system", "content": listing}, *messages]
 
 
 class TokenizeCompletion(BaseModel):
@@ -375,7 +477,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[List[ToolCall]] = None
 
 
 class TopLogprob(BaseModel):
@@ -412,9 +515,19 @@ class ChatCompletionResponse(BaseModel):
     carve: CarveInfo
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed call, whole in one chunk (sent once the reply has ended)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatDelta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):

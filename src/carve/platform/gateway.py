@@ -325,7 +325,7 @@ class Gateway:
             data = parse_json_object(await request.body())
             body = validate(data, oa.TokenizeChat if "messages" in data else oa.TokenizeCompletion)
             if isinstance(body, oa.TokenizeChat):
-                text = render_chat(self.tokenizer, body.messages, body.add_generation_prompt)
+                text = render_chat(self.tokenizer, [m.template() for m in body.messages], body.add_generation_prompt)
             else:
                 text = body.prompt
             ids = encode_prompt(self.tokenizer, text) if body.add_special_tokens else encode_plain(self.tokenizer, text)

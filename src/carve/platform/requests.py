@@ -19,6 +19,7 @@ from carve.engine.batching import Job
 from carve.engine.constraints import choice_grammar, compiled, json_object_grammar
 from carve.engine.requests import EngineError, Grammar
 from carve.engine.text import chat_prompt, encode_prompt, has_chat_template, longest_token_chars
+from carve.engine.tool_calls import calls_grammar
 from carve.platform.api import ChatCompletionRequest, CompletionRequest
 from carve.platform.config import ServeConfig
 
@@ -105,14 +106,14 @@ def check_token_ids(ids: Sequence[int], vocab: int, param: str) -> None:
         raise ApiError(400, f"token id {bad} is outside this model's vocabulary (0..{vocab - 1})", param=param, code="invalid_token_id")
 
 
-def render_chat(tokenizer: Any, messages: Sequence[Any], add_generation_prompt: bool = True) -> str:
-    """The chat template over ``messages`` (api.ChatMessage); a model without one, or a template that refuses them, is a 400."""
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The chat template over ``messages`` (as ChatMessage.template gives them); a model without one, or a template that refuses them, is a 400."""
     from jinja2 import TemplateError
 
     if not has_chat_template(tokenizer):
         raise ApiError(400, "this base model has no chat template: use /v1/completions with a prompt", param="messages")
     try:
-        return chat_prompt(tokenizer, [m.template() for m in messages], add_generation_prompt=add_generation_prompt)
+        return chat_prompt(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
         raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
 
@@ -133,7 +134,7 @@ def render_prompts(body: GenerationBody, tokenizer: Any, context: int, token_cha
         return tuple(encode_prompt(tokenizer, text))
 
     if isinstance(body, ChatCompletionRequest):
-        text = render_chat(tokenizer, body.messages)
+        text = render_chat(tokenizer, body.prompt_messages())
         return [(text, encoded(text, "messages"))]
     prompts = body.prompt_list()
     rendered = []
@@ -206,7 +207,12 @@ def request_grammar(body: GenerationBody) -> Optional[Grammar]:
     fmt, structured = body.response_format, body.structured_outputs
     if fmt is not None and fmt.type != "text" and structured is not None:
         raise ApiError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
-    if fmt is not None and fmt.type == "json_object":
+    calls_required = isinstance(body, ChatCompletionRequest) and body.calling() == "required"
+    if calls_required and ((fmt is not None and fmt.type != "text") or structured is not None):
+        raise ApiError(400, "a required tool call already constrains the reply: drop response_format / structured_outputs", param="tool_choice")
+    if calls_required:
+        grammar, param = calls_grammar(body.callable_functions(), body.parallel_tool_calls), "tools"  # type: ignore[union-attr]
+    elif fmt is not None and fmt.type == "json_object":
         grammar, param = json_object_grammar(), "response_format"
     elif fmt is not None and fmt.json_schema is not None:
         grammar, param = Grammar("json_schema", json.dumps(fmt.json_schema.json_schema)), "response_format.json_schema.schema"
@@ -238,5 +244,9 @@ def _check_combinations(body: GenerationBody) -> None:
         raise ApiError(400, "best_of > n cannot stream: the best candidates are known only when all have finished", param="best_of")
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.tool_choice not in (None, "none") and not body.tools:
+        raise ApiError(400, "tool_choice needs tools to choose from", param="tool_choice")
+    if isinstance(body, ChatCompletionRequest) and body.tools and not body.callable_functions():
+        raise ApiError(400, f"tool_choice names a function that is not among the tools: {body.tool_choice.function.name!r}", param="tool_choice")  # type: ignore[union-attr]
 
 

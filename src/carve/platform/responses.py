@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from carve.engine.batching import JobResult
 from carve.engine.scoring import TokenLogprob
+from carve.engine.tool_calls import Call, parse_calls
 from carve.platform import api as oa
 from carve.platform.requests import PlannedPrompt
 
@@ -133,10 +134,17 @@ def completion_choices(tokenizer: Any, body: oa.CompletionRequest, prompts: Sequ
 
 
 def chat_choices(tokenizer: Any, body: oa.ChatCompletionRequest, results: Sequence[JobResult]) -> list[oa.ChatChoice]:
-    return [
-        oa.ChatChoice(
-            index=index, message=oa.AssistantMessage(content=result.text), finish_reason=result.finish_reason or "length",  # type: ignore[arg-type]
+    choices = []
+    for index, result in enumerate(results):
+        content, calls = parse_calls(result.text) if body.calling() != "none" else (result.text, [])
+        choices.append(oa.ChatChoice(
+            index=index, message=oa.AssistantMessage(content=content or None if calls else content, tool_calls=tool_calls(calls) or None),
+            finish_reason="tool_calls" if calls else result.finish_reason or "length",  # type: ignore[arg-type]
             logprobs=chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None,
-        )
-        for index, result in enumerate(results)
-    ]
+        ))
+    return choices
+
+
+def tool_calls(calls: Sequence[Call]) -> list[oa.ToolCall]:
+    """The reply's calls in OpenAI's shape, each with a fresh id."""
+    return [oa.ToolCall(id=oa.new_id("call"), function=oa.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]

@@ -17,10 +17,11 @@ from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from carve.engine.batching import Job, JobEvent
 from carve.engine.scoring import TokenLogprob
+from carve.engine.tool_calls import CallSplitter
 from carve.platform import api as oa
 from carve.platform.engine_client import next_event
 from carve.platform.requests import PlannedPrompt
-from carve.platform.responses import chat_logprobs, completion_logprobs
+from carve.platform.responses import chat_logprobs, completion_logprobs, tool_calls
 
 ChunkChoice = Union[oa.CompletionChunkChoice, oa.ChatChunkChoice]
 
@@ -43,6 +44,7 @@ class ChoiceStream:
     token_times: list[float] = field(default_factory=list)
     queue_s: Optional[float] = None
     finished: bool = False
+    calls: Optional[CallSplitter] = None  # a chat reply that may call tools: its calls held back until it ends
 
     def take(self, event: JobEvent, tokenizer: Any) -> Optional[ChunkChoice]:
         """This choice's chunk payload for ``event`` (None when it carries nothing to send)."""
@@ -67,7 +69,7 @@ class ChoiceStream:
             return None
         choice = self._chat_choice(text, event, tokenizer) if self.chat else self._completion_choice(text, event, tokenizer)
         self.sent = len(self.ids)
-        return choice
+        return choice if choice.finish_reason or choice.logprobs is not None or _carries_text(choice) else None
 
     def _completion_choice(self, text: str, event: JobEvent, tokenizer: Any) -> oa.CompletionChunkChoice:
         logprobs = completion_logprobs(tokenizer, self.entries, self.ids, self.sent) if self.logprobs is not None else None
@@ -77,15 +79,35 @@ class ChoiceStream:
         logprobs = None
         if self.logprobs is not None:
             logprobs = chat_logprobs(tokenizer, [e for e in self.entries[self.sent :] if e is not None])
-        return oa.ChatChunkChoice(index=self.index, delta=oa.ChatDelta(content=text), finish_reason=event.finish_reason, logprobs=logprobs)  # type: ignore[arg-type]
+        if self.calls is None:
+            return oa.ChatChunkChoice(index=self.index, delta=oa.ChatDelta(content=text), finish_reason=event.finish_reason, logprobs=logprobs)  # type: ignore[arg-type]
+        content, calls = self.calls.feed(text), []
+        if event.final:
+            rest, calls = self.calls.finish()
+            content += rest
+        deltas = [oa.ToolCallDelta(index=i, id=call.id, function=call.function) for i, call in enumerate(tool_calls(calls))]
+        return oa.ChatChunkChoice(
+            index=self.index, delta=oa.ChatDelta(content=content, tool_calls=deltas or None), logprobs=logprobs,
+            finish_reason="tool_calls" if calls else event.finish_reason,  # type: ignore[arg-type]
+        )
+
+
+def _carries_text(choice: ChunkChoice) -> bool:
+    if isinstance(choice, oa.CompletionChunkChoice):
+        return bool(choice.text)
+    return bool(choice.delta.content or choice.delta.tool_calls)
 
 
 def choice_streams(body: Union[oa.CompletionRequest, oa.ChatCompletionRequest], prompts: Sequence[PlannedPrompt]) -> list[ChoiceStream]:
     """One stream per choice, ``index`` = prompt * n + choice, as the unstreamed answer numbers them."""
     chat = isinstance(body, oa.ChatCompletionRequest)
     echo = isinstance(body, oa.CompletionRequest) and body.echo
+    calls = isinstance(body, oa.ChatCompletionRequest) and body.calling() != "none"
     return [
-        ChoiceStream(index=p * body.n + c, job=job, prompt=prompt, chat=chat, echo=echo, logprobs=body.generated_logprobs())
+        ChoiceStream(
+            index=p * body.n + c, job=job, prompt=prompt, chat=chat, echo=echo, logprobs=body.generated_logprobs(),
+            calls=CallSplitter() if calls else None,
+        )
         for p, prompt in enumerate(prompts)
         for c, job in enumerate(prompt.jobs)
     ]
