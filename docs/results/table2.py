@@ -29,6 +29,7 @@ VARIANTS = [
     Variant("eval-smollm2-levers-limit40", "none", "seeds-only", "SmolLM2 biomed: no retrieval"),
     Variant("eval-smollm2-levers-limit40", "grounded", "seeds-only", "SmolLM2 biomed: corpus-grounded instances"),
     Variant("eval-gemma3-seedsonly-limit40", "g3-quick", "g3-seeds-only", "gemma3 biomed: retrieval top-5 marginalized (committed)"),
+    Variant("eval-fin-gemma3-limit100", "g3fin-quick", "g3fin-seeds-only", "gemma3 finance: retrieval top-5 marginalized (committed)"),
     Variant("eval-fin-smollm2-limit100", "fin-quick", "fin-seeds-only", "SmolLM2 finance: retrieval top-5 marginalized (committed)"),
     Variant("eval-fin-smollm2-limit100", "fin-none", "fin-seeds-only", "SmolLM2 finance: no retrieval"),
     Variant("eval-fin-same-smollm2-limit100", "fin-iter2", "fin-seeds-only", "SmolLM2 finance: iteration 2, fresh instructions"),
