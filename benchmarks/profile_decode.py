@@ -1,0 +1,84 @@
+"""Where a decode step's time goes: torch's operator profile of engine decoding at batch B (issue 17).
+
+Decodes B rows greedily (EOS ignored) on the real model with random adapters,
+one adapter on every row or ``--adapters 4`` mixed, and prints the operators
+by their own CPU time (matrix products, attention, cache writes, norms, the
+LoRA factors' small products, ...), the step time, and the model-shape
+ceiling's share of it; then a ``RESULT`` line with the step time and the
+share of the time spent in the base model's own products.
+
+Run: ../shared/tools/offline .venv/bin/python benchmarks/profile_decode.py --batch 32 [--adapters 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import make_random_adapters  # noqa: E402
+from engine import QUESTIONS, ceiling_seconds, model_shapes, products  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=1, help="distinct adapters over the rows (round robin)")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=25, help="operators listed")
+    parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too (which products cost what)")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from carve.engine.decoding import Engine, GenerationRequest, Sampling
+    from carve.engine.models import load_base, plan_load, resolve_model
+    from carve.engine.text import format_user_prompt
+
+    resolved = resolve_model(args.model)
+    names = [f"a{i}" for i in range(args.adapters)]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_random_adapters(resolved.path, names, Path(tmp))
+        model, tokenizer = load_base(resolved, plan_load(False))
+        engine = Engine(model, tokenizer)
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+    prompts = [format_user_prompt(tokenizer, q) for q in QUESTIONS]
+    requests = [
+        GenerationRequest.single(prompts[i % len(prompts)], names[i % len(names)], Sampling(max_new_tokens=args.tokens, ignore_eos=True))
+        for i in range(args.batch)
+    ]
+
+    def decode() -> tuple[float, int]:
+        """(seconds from the first streamed token to the last, steps in between)."""
+        first = last = 0.0
+        steps = 0
+        for event in engine.stream(requests):
+            if event.index == 0:
+                last = time.perf_counter()
+                first = first or last
+                steps += 1
+        return last - first, steps - 1
+
+    decode()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+        seconds, steps = decode()
+    plain_seconds, plain_steps = decode()  # the profiler's own overhead kept out of the step time
+    step_ms = 1000 * plain_seconds / plain_steps
+    shapes = model_shapes(engine)
+    ceiling_ms = 1000 * ceiling_seconds(products(shapes, "native"), shapes, args.batch, 2)
+    print(f"model {resolved.name}, B={args.batch}, {args.adapters} adapter(s), {torch.get_num_threads()} torch threads")
+    print(f"decode step {step_ms:.1f} ms ({args.batch * 1000 / step_ms:.0f} tokens/s); the model's own products alone {ceiling_ms:.1f} ms "
+          f"({ceiling_ms / step_ms:.0%} of the step)")
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(f"RESULT step_ms={step_ms:.1f} ceiling_ms={ceiling_ms:.1f} ceiling_share={ceiling_ms / step_ms:.3f} profiled_steps={steps}")
+
+
+if __name__ == "__main__":
+    main()
