@@ -316,7 +316,7 @@ def test_tool_calls_through_the_official_client(api):
     deltas = [c.choices[0].delta for c in streamed if c.choices]
     calls = [t for d in deltas for t in d.tool_calls or ()]
     assert [(t.function.name, t.function.arguments) for t in calls] == [(call.function.name, call.function.arguments)]
-    follow_up = [*chat, choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "4 C and rain"}]
+    follow_up = [*chat, choice.message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": "4 C and rain"}]  # the reply as history, whole
     answer = api.chat.completions.create(model="bio", messages=follow_up, tools=[weather, now], tool_choice="none", max_tokens=8, temperature=0)
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
     anyone = api.chat.completions.create(model="fin", messages=chat, tools=[weather, now], tool_choice="required", max_tokens=64, temperature=0.8, seed=2)

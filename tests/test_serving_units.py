@@ -75,6 +75,12 @@ def test_bad_chat_message_names_its_position():
     for message in [{"role": "tool", "content": "42"}, {"role": "user"}, {"role": "user", "content": "x", "tool_calls": []}]:
         err = parse_error(json.dumps({"model": "base", "messages": [message]}), ChatCompletionRequest)
         assert err.status == 422 and err.param == "messages.0", err.message
+    for arguments in ["not json", "[1, 2]"]:
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        err = parse_error(json.dumps({"model": "base", "messages": [{"role": "assistant", "tool_calls": [call]}]}), ChatCompletionRequest)
+        assert err.status == 422 and err.param == "messages.0.tool_calls.0.function.arguments", err.message
+    err = parse_error(json.dumps({"model": "base", "messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]}), ChatCompletionRequest)
+    assert err.status == 422 and err.param == "messages.0.audio"
 
 
 def test_prompt_shapes():
@@ -196,8 +202,12 @@ def test_tools_join_the_prompt_and_a_required_call_constrains_the_reply(tokenize
     assert '"name": "now"' in planned.text and "get_weather" not in planned.text  # only the named function is shown
     off = plan_request(ChatCompletionRequest.model_validate({"model": "base", "messages": conversation[1:2], "tools": [WEATHER], "tool_choice": "none"}), None, tokenizer, 4096, config())
     assert "<tools>" not in off[0].text
+    parallel = [*conversation[1:3], {"role": "tool", "tool_call_id": "call_2", "content": "12 C"}, {"role": "tool", "tool_call_id": "call_3", "content": "sun"}]
+    merged = ChatCompletionRequest.model_validate({"model": "base", "messages": parallel}).template_messages()
+    assert [m["role"] for m in merged] == ["user", "assistant", "user"] and merged[2]["content"].count("<tool_response>") == 2
     for body, param in [
         ({"model": "base", "messages": conversation[1:2], "tool_choice": "auto"}, "tool_choice"),
+        ({**named, "stop": ["}"]}, "stop"),
         ({**named, "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
         ({**named, "response_format": {"type": "json_object"}}, "tool_choice"),
     ]:
@@ -214,8 +224,10 @@ def test_a_reply_s_calls_are_read_back_whole_or_streamed():
     body = ChatCompletionRequest.model_validate({"model": "base", "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, NOW]})
     reply = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><tool_call>{"name": "now", "arguments": {}}</tool_call>'
     (choice,) = chat_choices(None, body, [JobResult(text=reply, finish_reason="stop")])
-    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert choice.finish_reason == "tool_calls"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [("get_weather", {"city": "Oslo"}), ("now", {})]
+    single = body.model_copy(update={"parallel_tool_calls": False})
+    assert [c.function.name for c in chat_choices(None, single, [JobResult(text=reply, finish_reason="stop")])[0].message.tool_calls] == ["get_weather"]
     (plain,) = chat_choices(None, body, [JobResult(text="It rains <tool_call>{broken", finish_reason="length")])
     assert (plain.message.content, plain.message.tool_calls, plain.finish_reason) == ("It rains <tool_call>{broken", None, "length")
     from carve.platform.requests import PlannedPrompt
@@ -224,7 +236,7 @@ def test_a_reply_s_calls_are_read_back_whole_or_streamed():
     pieces = [reply[i : i + 7] for i in range(0, len(reply), 7)]
     chunks = [stream.take(JobEvent(delta=piece, tokens=1, finish_reason="stop" if i == len(pieces) - 1 else None), None) for i, piece in enumerate(pieces)]
     sent = [c for c in chunks if c is not None]
-    assert "".join(c.delta.content or "" for c in sent).strip() == "Checking."
+    assert "".join(c.delta.content or "" for c in sent) == choice.message.content == "Checking. "
     assert all(c.delta.tool_calls is None for c in sent[:-1]) and sent[-1].finish_reason == "tool_calls"
     assert [t.function.name for t in sent[-1].delta.tool_calls] == ["get_weather", "now"] and [t.index for t in sent[-1].delta.tool_calls] == [0, 1]
 

@@ -94,3 +94,11 @@ def test_a_required_tool_call_is_a_well_formed_call_of_a_listed_function(engine:
         assert content == "" and len(calls) == 1 and done.finish_reason in ("stop", "eos"), done.text
         schema = weather.parameters if calls[0].name == "get_weather" else now.parameters
         jsonschema.validate(json.loads(calls[0].arguments), schema)
+
+
+def test_contrast_without_a_plausibility_cut_stays_inside_the_grammar(engine: Engine) -> None:
+    """alpha 0 keeps every token plausible: forbidden tokens must still never be picked (no NaN scores)."""
+    choice = choice_grammar(["yes", "no"])
+    for sampling in (Sampling(max_new_tokens=8, alpha=0.0, grammar=choice), Sampling(max_new_tokens=8, alpha=0.0, temperature=1.0, seed=4, grammar=choice)):
+        done = engine.generate([GenerationRequest((Branch(PROMPT, "beta"), Branch(PROMPT, None, 0.5)), "contrast", sampling)])[0]
+        assert done.text in ("yes", "no")

@@ -12,6 +12,7 @@ under a millisecond after the first), nothing for the rows without one.
 from __future__ import annotations
 
 import json
+import threading
 from typing import TYPE_CHECKING, Any, Collection
 
 from carve.engine.requests import EngineError, Grammar
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # One llguidance tokenizer per (Hugging Face tokenizer, vocabulary width, end tokens): building it reads the
 # whole vocabulary (~0.8 s for SmolLM2's 49K tokens), so it is kept for the engine's life.
 _TOKENIZERS: dict[tuple[int, int, tuple[int, ...]], tuple[Any, Any]] = {}
+_TOKENIZERS_LOCK = threading.Lock()
 
 
 def compiled(grammar: Grammar) -> str:
@@ -55,13 +57,19 @@ def choice_grammar(choices: Collection[str]) -> Grammar:
     return Grammar("lark", "start: " + " | ".join(json.dumps(c) for c in choices))
 
 
-def _ll_tokenizer(tokenizer: Any, vocab: int, eos_ids: Collection[int]) -> Any:
+def prepare(tokenizer: Any, vocab: int, eos_ids: Collection[int]) -> Any:
+    """llguidance's view of ``tokenizer`` over ``vocab`` logits, built once (an engine replica calls this at start,
+    so the first constrained request does not stall the decoding thread); EngineError when it cannot be built."""
     import llguidance.hf
 
     key = (id(tokenizer), vocab, tuple(sorted(eos_ids)))
-    if key not in _TOKENIZERS:  # the tokenizer is kept beside its llguidance twin so its id is never reused
-        _TOKENIZERS[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids) or None))
-    return _TOKENIZERS[key][1]
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:  # the tokenizer is kept beside its llguidance twin so its id is never reused
+            try:
+                _TOKENIZERS[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids) or None))
+            except Exception as exc:  # a slow tokenizer, a vocabulary wider than the logits, ...
+                raise EngineError(f"structured output is not available for this tokenizer: {exc}") from None
+        return _TOKENIZERS[key][1]
 
 
 class TokenConstraint:
@@ -70,26 +78,29 @@ class TokenConstraint:
     def __init__(self, grammar: Grammar, tokenizer: Any, vocab: int, eos_ids: Collection[int]):
         import llguidance
         import llguidance.torch
+        import torch
 
-        ll_tokenizer = _ll_tokenizer(tokenizer, vocab, eos_ids)
+        ll_tokenizer = prepare(tokenizer, vocab, eos_ids)
         self.matcher = llguidance.LLMatcher(ll_tokenizer, compiled(grammar), log_level=0)
         if self.matcher.is_error():
             raise EngineError(f"the {grammar.kind} does not compile: {self.matcher.get_error()}")
+        self.vocab = vocab
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, ll_tokenizer.vocab_size)
+        self._bits = torch.arange(32, dtype=torch.int32)
 
-    def restrict(self, scores: "torch.Tensor") -> "torch.Tensor":
-        """``scores`` [..., vocab] with every token the grammar forbids next at -inf (a new tensor)."""
+    def allowed(self, device: "torch.device") -> "torch.Tensor":
+        """[vocab] bools: the tokens the grammar allows next (computed once per step, then applied where needed)."""
         import llguidance.torch
-        import torch
 
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         # bit j of word w allows token 32w + j (unpacked here: llguidance's own kernel needs torch.compile)
-        bits = (self.bitmask[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1
-        allowed = bits.flatten()[: scores.shape[-1]].bool().to(scores.device)
-        return scores.masked_fill(~allowed, float("-inf"))
+        words = self.bitmask[0].to(device)
+        return ((words.unsqueeze(1) >> self._bits.to(device)) & 1).flatten()[: self.vocab].bool()
 
     def accept(self, token: int) -> bool:
-        """Advance past the picked ``token``; True when the text is complete (the grammar allows nothing more)."""
-        if not self.matcher.consume_token(token) or self.matcher.is_error():
-            raise EngineError(f"token {token} broke the grammar: {self.matcher.get_error()}")
-        return self.matcher.is_stopped()
+        """Advance past the picked ``token``; True when the text is complete (the grammar allows nothing more).
+
+        A token the grammar refuses (only a bug could pick one) also ends the text: the request stops
+        there rather than failing its whole batch.
+        """
+        return not self.matcher.consume_token(token) or self.matcher.is_error() or self.matcher.is_stopped()

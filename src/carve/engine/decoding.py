@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
+from carve.engine.constraints import prepare
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
 from carve.engine.picking import adjust_scores, combine, nucleus_candidates, pick_token
 from carve.engine.requests import Branch, Completion, EngineError, FinishReason, GenerationRequest, Rule, Sampling, StreamEvent
@@ -180,6 +181,11 @@ class Engine:
             elif isinstance(candidate, (list, tuple)):
                 eos.update(int(c) for c in candidate)
         return eos
+
+    def prepare_structured_output(self) -> None:
+        """Build the grammar masks' view of the tokenizer now rather than at the first constrained request
+        (a second or more for a large vocabulary, which would stall every running row). EngineError when unavailable."""
+        prepare(self.tokenizer, self.vocab_size, self.eos_ids)
 
     def session(self) -> DecodeSession:
         """A running batch on this engine that requests join and leave between steps (carve.engine.session)."""

@@ -13,6 +13,7 @@ joined (the brute-force reference tests stay the judge).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
@@ -388,9 +389,12 @@ class DecodeSession:
             else:
                 assert logprobs is not None
                 branches = logprobs[positions]
-                if state.constraint:  # before the branches combine, so contrast judges plausibility among allowed tokens
-                    branches = state.constraint.restrict(branches)
+                forbidden = ~state.constraint.allowed(branches.device) if state.constraint else None
+                if forbidden is not None:  # before the branches combine, so contrast judges plausibility among allowed tokens
+                    branches = branches.masked_fill(forbidden, -math.inf)
                 scores = combine(branches, request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+                if forbidden is not None:  # and after: contrast's -inf - w * -inf is NaN for a forbidden token
+                    scores = scores.masked_fill(forbidden, -math.inf)
                 token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
             state.steps += 1
             complete = state.constraint.accept(token) if state.constraint else False

@@ -92,7 +92,7 @@ def parse_calls(text: str) -> tuple[str, list[Call]]:
             calls.append(Call(body["name"], json.dumps(body.get("arguments", {}))))
     if not calls:
         return text, []
-    return text[: text.index(CALL_OPEN)].rstrip(), calls
+    return text[: text.index(CALL_OPEN)], calls
 
 
 class CallSplitter:

@@ -7,6 +7,7 @@ extra field, ``carve``, naming the adapter(s) that produced the text.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
@@ -195,7 +196,18 @@ class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    arguments: str  # JSON text, as OpenAI sends it
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"arguments are a JSON object as text: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"arguments are a JSON object as text, got a {type(value).__name__}")
+        return arguments
 
 
 class ToolCall(BaseModel):
@@ -223,6 +235,11 @@ class ChatMessage(BaseModel):
     type: Optional[Literal["message", "text"]] = None
     tool_calls: Optional[List[ToolCall]] = None
     tool_call_id: Optional[str] = None
+    # what the openai client's model_dump() of a reply carries: accepted when null, so a reply goes back as history
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
     @model_validator(mode="after")
     def _roles_and_their_fields(self) -> "ChatMessage":
@@ -307,8 +324,20 @@ class ChatCompletionRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
-        """The conversation as the chat template sees it (what the router reads)."""
-        return [m.template() for m in self.messages]
+        """The conversation as the chat template sees it (what the router reads).
+
+        The results of parallel calls, one tool message each, become one user turn: templates that
+        want user and assistant turns to alternate accept the history."""
+        messages: list[dict[str, str]] = []
+        after_tool = False
+        for message in self.messages:
+            turn = message.template()
+            if message.role == "tool" and after_tool:
+                messages[-1] = {"role": "user", "content": messages[-1]["content"] + "\n" + turn["content"]}
+            else:
+                messages.append(turn)
+            after_tool = message.role == "tool"
+        return messages
 
     def calling(self) -> Literal["none", "auto", "required"]:
         """Whether the reply may call a tool (auto), must (required, or a named function), or may not (none)."""

@@ -17,6 +17,7 @@ and non-streaming requests share the same batches.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
@@ -24,8 +25,11 @@ from ray import serve
 
 from carve.engine.adapter_cache import AdapterCache
 from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
+from carve.engine.requests import EngineError
 from carve.engine.scheduler import Limits, QueueFull, Scheduler
 from carve.platform.config import ServeConfig
+
+logger = logging.getLogger(__name__)
 
 ENGINE_DEPLOYMENT = "CarveEngine"
 
@@ -61,6 +65,10 @@ class EngineServer:
             torch.set_num_threads(self.config.engine_threads)
         self.engine, self.resolved, self.plan = open_engine(self.config.model, precision=self.config.precision)
         self.cache = AdapterCache(self.engine, self.config.max_adapters)
+        try:
+            self.engine.prepare_structured_output()
+        except EngineError as exc:  # the rest serves; a constrained request fails alone, saying why
+            logger.warning("structured output unavailable on this replica: %s", exc)
         self.scheduler: Optional[Scheduler] = None
         if self.config.batching == "continuous":
             step_s = self.config.max_step_ms / 1000 if self.config.max_step_ms is not None else None

@@ -227,6 +227,8 @@ def request_grammar(body: GenerationBody) -> Optional[Grammar]:
         grammar, param = choice_grammar(structured.choice), "structured_outputs.choice"
     else:
         grammar, param = Grammar("lark", structured.grammar or ""), "structured_outputs.grammar"
+    if body.stop:
+        raise ApiError(400, "stop sequences would cut a constrained answer short of its grammar: drop stop", param="stop")
     try:
         compiled(grammar)
     except EngineError as exc:
