@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from carve.engine.tool_calls import Call, Function, call_text, result_text, tools_prompt
 
@@ -504,7 +504,20 @@ class CompletionResponse(BaseModel):
     carve: CarveInfo
 
 
-class AssistantMessage(BaseModel):
+class _WithoutAbsentCalls(BaseModel):
+    """Serialized without ``tool_calls`` when there are none, as OpenAI's replies are."""
+
+    tool_calls: Optional[List[Any]] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_calls(self, handler: Any) -> Any:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class AssistantMessage(_WithoutAbsentCalls):
     role: Literal["assistant"] = "assistant"
     content: Optional[str]
     tool_calls: Optional[List[ToolCall]] = None
@@ -553,7 +566,7 @@ class ToolCallDelta(BaseModel):
     function: FunctionCall
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_WithoutAbsentCalls):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
     tool_calls: Optional[List[ToolCallDelta]] = None
