@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Collection
 
 from carve.engine.requests import EngineError, Grammar
@@ -26,8 +27,11 @@ _TOKENIZERS: dict[tuple[int, int, tuple[int, ...]], tuple[Any, Any]] = {}
 _TOKENIZERS_LOCK = threading.Lock()
 
 
+@lru_cache(maxsize=256)
 def compiled(grammar: Grammar) -> str:
-    """llguidance's grammar text for ``grammar``; EngineError naming what is wrong when it does not compile."""
+    """llguidance's grammar text for ``grammar``; EngineError naming what is wrong when it does not compile.
+
+    Kept per grammar: the gateway checks it, then every choice of the request builds its matcher from it."""
     import llguidance
 
     try:

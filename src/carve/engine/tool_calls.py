@@ -55,7 +55,7 @@ def tools_prompt(functions: Sequence[Function]) -> str:
 
 def call_text(call: Call) -> str:
     """A call as the assistant wrote it, for a conversation that carries earlier calls."""
-    return f"{CALL_OPEN}{json.dumps({'name': call.name, 'arguments': json.loads(call.arguments or '{}')})}{CALL_CLOSE}"
+    return f"{CALL_OPEN}{json.dumps({'name': call.name, 'arguments': json.loads(call.arguments)})}{CALL_CLOSE}"
 
 
 def result_text(content: str) -> str:
@@ -80,8 +80,9 @@ def calls_grammar(functions: Sequence[Function], parallel: bool = True) -> Gramm
     return Grammar("lark", f"start: call{repeat}\ncall: {json.dumps(CALL_OPEN)} %json {schema} {json.dumps(CALL_CLOSE)}")
 
 
-def parse_calls(text: str) -> tuple[str, list[Call]]:
-    """The reply's text before its first call, and its well-formed calls; text without a readable call is all content."""
+def parse_calls(text: str, parallel: bool = True) -> tuple[str, list[Call]]:
+    """The reply's text before its first call, and its well-formed calls (the first only unless ``parallel``);
+    text without a readable call is all content."""
     calls: list[Call] = []
     for match in _CALL.finditer(text):
         try:
@@ -92,7 +93,7 @@ def parse_calls(text: str) -> tuple[str, list[Call]]:
             calls.append(Call(body["name"], json.dumps(body.get("arguments", {}))))
     if not calls:
         return text, []
-    return text[: text.index(CALL_OPEN)], calls
+    return text[: text.index(CALL_OPEN)], calls if parallel else calls[:1]
 
 
 class CallSplitter:
@@ -103,7 +104,8 @@ class CallSplitter:
     text with no readable call is released as content then).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parallel: bool = True) -> None:
+        self.parallel = parallel  # False: the first call only
         self.text = ""
         self.released = 0
 
@@ -123,7 +125,7 @@ class CallSplitter:
 
     def finish(self) -> tuple[str, list[Call]]:
         """The rest of the content and the reply's calls, once the reply is whole."""
-        content, calls = parse_calls(self.text)
+        content, calls = parse_calls(self.text, self.parallel)
         rest = content[self.released :] if calls else self.text[self.released :]
         self.released = len(self.text)
         return rest, calls

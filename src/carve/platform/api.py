@@ -507,8 +507,6 @@ class CompletionResponse(BaseModel):
 class _WithoutAbsentCalls(BaseModel):
     """Serialized without ``tool_calls`` when there are none, as OpenAI's replies are."""
 
-    tool_calls: Optional[List[Any]] = None
-
     @model_serializer(mode="wrap")
     def _drop_absent_calls(self, handler: Any) -> Any:
         data = handler(self)

@@ -136,15 +136,15 @@ def completion_choices(tokenizer: Any, body: oa.CompletionRequest, prompts: Sequ
 def chat_choices(tokenizer: Any, body: oa.ChatCompletionRequest, results: Sequence[JobResult]) -> list[oa.ChatChoice]:
     choices = []
     for index, result in enumerate(results):
-        content, calls = parse_calls(result.text) if body.calling() != "none" else (result.text, [])
+        content, calls = parse_calls(result.text, body.parallel_tool_calls) if body.calling() != "none" else (result.text, [])
         choices.append(oa.ChatChoice(
-            index=index, message=oa.AssistantMessage(content=content or None if calls else content, tool_calls=tool_calls(calls, body.parallel_tool_calls) or None),
+            index=index, message=oa.AssistantMessage(content=content or None if calls else content, tool_calls=tool_calls(calls) or None),
             finish_reason="tool_calls" if calls else result.finish_reason or "length",  # type: ignore[arg-type]
             logprobs=chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None,
         ))
     return choices
 
 
-def tool_calls(calls: Sequence[Call], parallel: bool = True) -> list[oa.ToolCall]:
-    """The reply's calls in OpenAI's shape, each with a fresh id (the first only unless ``parallel``)."""
-    return [oa.ToolCall(id=oa.new_id("call"), function=oa.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls[: None if parallel else 1]]
+def tool_calls(calls: Sequence[Call]) -> list[oa.ToolCall]:
+    """The reply's calls in OpenAI's shape, each with a fresh id."""
+    return [oa.ToolCall(id=oa.new_id("call"), function=oa.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]

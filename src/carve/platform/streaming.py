@@ -45,7 +45,6 @@ class ChoiceStream:
     queue_s: Optional[float] = None
     finished: bool = False
     calls: Optional[CallSplitter] = None  # a chat reply that may call tools: its calls held back until it ends
-    parallel_calls: bool = True  # False: only its first call is returned
 
     def take(self, event: JobEvent, tokenizer: Any) -> Optional[ChunkChoice]:
         """This choice's chunk payload for ``event`` (None when it carries nothing to send)."""
@@ -86,7 +85,7 @@ class ChoiceStream:
         if event.final:
             rest, calls = self.calls.finish()
             content += rest
-        deltas = [oa.ToolCallDelta(index=i, id=call.id, function=call.function) for i, call in enumerate(tool_calls(calls, self.parallel_calls))]
+        deltas = [oa.ToolCallDelta(index=i, id=call.id, function=call.function) for i, call in enumerate(tool_calls(calls))]
         return oa.ChatChunkChoice(
             index=self.index, delta=oa.ChatDelta(content=content, tool_calls=deltas or None), logprobs=logprobs,
             finish_reason="tool_calls" if calls else event.finish_reason,  # type: ignore[arg-type]
@@ -107,7 +106,7 @@ def choice_streams(body: Union[oa.CompletionRequest, oa.ChatCompletionRequest], 
     return [
         ChoiceStream(
             index=p * body.n + c, job=job, prompt=prompt, chat=chat, echo=echo, logprobs=body.generated_logprobs(),
-            calls=CallSplitter() if calls else None, parallel_calls=not isinstance(body, oa.ChatCompletionRequest) or body.parallel_tool_calls,
+            calls=CallSplitter(body.parallel_tool_calls) if calls else None,  # type: ignore[union-attr]
         )
         for p, prompt in enumerate(prompts)
         for c, job in enumerate(prompt.jobs)
