@@ -11,8 +11,10 @@ alternation with its peer (best of --repeats rounds each), so the machine's drif
   peers    HF generate (same peft model, same adapter) at B = 1 and 16, decode steps only
            (timed by a logits processor called after every step's forward pass)
   mixing   at B = 16: 4 adapters mixed vs 1 adapter (run in alternation); the naive set_adapter+generate loop
-  prefill  16 prompts, engine prefill tokens/s vs the prefill ceiling (the output projection
-           for each prompt's last token only, as a prefill needs)
+  prefill  engine prefill tokens/s vs the prefill ceiling (the output projection for each
+           prompt's last token only, as a prefill needs), on 16 bare questions and on 16
+           5-shot prompts as evaluation builds them (the shipped biomedical seeds as
+           demonstrations, different ones in each prompt so no prefix is shared)
 
 Targets (issue 17): decode >= 70% of ceiling at B = 16, 32 and >= 50% at B = 1; prefill
 >= 70%; >= 2x HF generate at B = 16 and >= 3x at B = 1; 4 adapters mixed >= 0.9x one.
@@ -131,6 +133,7 @@ def main() -> None:
     fp32 = engines["native"]
     tokenizer, peft_model = fp32.tokenizer, fp32.model
     prompts = [format_user_prompt(tokenizer, q) for q in QUESTIONS]
+    kshot = kshot_prompts(5)
     load = _load_average()
     print(f"model {resolved.name}, cpu, {torch.get_num_threads()} torch threads, load average at start {load}")
 
@@ -143,12 +146,12 @@ def main() -> None:
     print(f"  implied bounds: B=1 (bytes/bandwidth) fp32 {bandwidth * 1e9 / (weights * 4):.0f} tokens/s, int8 {bandwidth * 1e9 / weights:.0f}; "
           f"large B (FLOPs/peak) {gflops * 1e9 / (2 * weights):.0f} tokens/s in fp32")
     prods = {fmt: products(shapes, fmt) for fmt in ("native", "int8")}
-    prefill_rows = sum(len(fp32.encode(p)) for p in prompts)
+    prefill_rows = {"bare": sum(len(fp32.encode(p)) for p in prompts), "5-shot": sum(len(fp32.encode(p)) for p in kshot)}
 
     # -- engine decode: the time between each row's first and last token (prefill excluded) ----
-    def engine_rates(engine: Engine, b: int, rows: list[str | None], repeats: int) -> tuple[float, float]:
-        """(decode tokens/s, prefill tokens/s) of one batch, best of ``repeats`` after a warm-up."""
-        requests = [GenerationRequest.single(prompts[i % len(prompts)], rows[i], Sampling(max_new_tokens=args.tokens, ignore_eos=True)) for i in range(b)]
+    def engine_rates(engine: Engine, b: int, rows: list[str | None], repeats: int, texts: list[str] = prompts) -> tuple[float, float]:
+        """(decode tokens/s, prefill tokens/s) of one batch of ``texts``, best of ``repeats`` after a warm-up."""
+        requests = [GenerationRequest.single(texts[i % len(texts)], rows[i], Sampling(max_new_tokens=args.tokens, ignore_eos=True)) for i in range(b)]
         prompt_tokens = sum(len(engine.encode(r.branches[0].prompt)) for r in requests)
         best_decode = best_prefill = 0.0
         for _ in range(repeats + 1):  # the first is a warm-up
@@ -182,10 +185,13 @@ def main() -> None:
     # a prefill needs the output projection (the last shape) for each prompt's last token only
     prefill, prefill_ceiling = {}, {}
     for fmt in engines:
-        prefill[fmt], prefill_ceiling[fmt] = alternate(
-            lambda fmt=fmt: engine_rates(engines[fmt], len(prompts), ["a0"] * len(prompts), 1)[1],
-            lambda fmt=fmt: prefill_rows / (ceiling_seconds(prods[fmt][:-1], shapes[:-1], prefill_rows, 1) + ceiling_seconds(prods[fmt][-1:], shapes[-1:], len(prompts), 1)),
-        )
+        for kind, texts in (("bare", prompts), ("5-shot", kshot)):
+            prefill[fmt, kind], prefill_ceiling[fmt, kind] = alternate(
+                lambda fmt=fmt, texts=texts: engine_rates(engines[fmt], len(texts), ["a0"] * len(texts), 1, texts)[1],
+                lambda fmt=fmt, kind=kind, n=len(texts): prefill_rows[kind] / (
+                    ceiling_seconds(prods[fmt][:-1], shapes[:-1], prefill_rows[kind], 1) + ceiling_seconds(prods[fmt][-1:], shapes[-1:], n, 1)
+                ),
+            )
     # 4 adapters mixed against one adapter, both at B = 16: (single, mixed) per format
     mixing = {
         fmt: alternate(
@@ -246,8 +252,9 @@ def main() -> None:
     for b in batches:
         print(f"{b:3d} {decode['native', b]:12.1f} {ceiling['native', b]:13.1f} {decode['native', b] / ceiling['native', b]:6.2f}"
               f" {decode['int8', b]:12.1f} {ceiling['int8', b]:13.1f} {decode['int8', b] / ceiling['int8', b]:6.2f} {hf.get(b, float('nan')):12.1f}")
-    print(f"prefill tokens/s ({len(prompts)} prompts, {prefill_rows} tokens): fp32 {prefill['native']:.0f} of {prefill_ceiling['native']:.0f}, "
-          f"int8 {prefill['int8']:.0f} of {prefill_ceiling['int8']:.0f}")
+    for kind, texts in (("bare", prompts), ("5-shot", kshot)):
+        print(f"prefill tokens/s, {len(texts)} {kind} prompts ({prefill_rows[kind]} tokens): fp32 {prefill['native', kind]:.0f} of "
+              f"{prefill_ceiling['native', kind]:.0f}, int8 {prefill['int8', kind]:.0f} of {prefill_ceiling['int8', kind]:.0f}")
     print(f"B=16, 4 adapters mixed: fp32 {mixed['native']:.1f} tokens/s, int8 {mixed['int8']:.1f} (one adapter in alternation with it: fp32 "
           f"{mixing['native'][0]:.1f}, int8 {mixing['int8'][0]:.1f})" + (f"; naive set_adapter+generate {naive:.1f}" if naive else ""))
     print(f"engine {fmt} in alternation with HF generate: B=1 {beside_hf[1]:.1f} vs {hf[1]:.1f}, B=16 {beside_hf[16]:.1f} vs {hf[16]:.1f} tokens/s")
@@ -262,10 +269,23 @@ def main() -> None:
         "b1_vs_ceiling": decode[fmt, 1] / ceiling[fmt, 1],
         "b16_vs_ceiling": decode[fmt, 16] / ceiling[fmt, 16],
         "b32_vs_ceiling": decode[fmt, 32] / ceiling[fmt, 32],
-        "prefill_vs_ceiling": prefill[fmt] / prefill_ceiling[fmt],
+        "prefill_vs_ceiling": prefill[fmt, "bare"] / prefill_ceiling[fmt, "bare"],
+        "prefill_5shot_vs_ceiling": prefill[fmt, "5-shot"] / prefill_ceiling[fmt, "5-shot"],
         "int8_vs_fp32_b16": decode["int8", 16] / decode["native", 16],
     }
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+
+
+def kshot_prompts(shots: int) -> list[str]:
+    """One ``shots``-shot prompt per question, as evaluation writes them, each with demonstrations of its own."""
+    import json
+    from types import SimpleNamespace
+
+    from carve.engine.templates import kshot_prompt
+
+    path = Path(__file__).parent.parent / "seeds" / "biomedical" / "seeds.jsonl"
+    seeds = [SimpleNamespace(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [kshot_prompt(seeds[i * shots:(i + 1) * shots], q) for i, q in enumerate(QUESTIONS)]
 
 
 def _default_format() -> str:

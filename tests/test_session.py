@@ -3,6 +3,8 @@ and requests cancelled mid-way decode exactly as each request does alone, on eve
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
 from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
@@ -83,6 +85,44 @@ def test_requests_joining_a_running_batch_decode_as_alone(engine: Engine, budget
     got = drive(engine, {0: reqs[:2], 2: reqs[2:4], 3: [reqs[4]], 9: [reqs[5]]}, budget, fused=fused)
     for i, request in enumerate(reqs):
         assert got[i] == alone(engine, request), f"request {i}"
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 3])
+def test_offline_batches_under_a_row_cap_decode_as_alone_and_read_requests_lazily(engine: Engine, max_rows: int) -> None:
+    """Engine.complete keeps at most ``max_rows`` rows (a two-branch request alone when the cap is 1), reads the next request
+    only when there is room for it, and gives every request the tokens it gets alone."""
+    reqs = requests()
+    pulled: list[int] = []
+
+    def lazily() -> Iterator[GenerationRequest]:
+        for i, request in enumerate(reqs):
+            pulled.append(i)
+            yield request
+
+    finished: list[int] = []
+    widest = 0
+    for index, completion in engine.complete(lazily(), max_rows=max_rows):
+        assert completion.token_ids == alone(engine, reqs[index]), f"request {index}"
+        finished.append(index)
+        widest = max(widest, sum(len(reqs[i].branches) for i in pulled) - sum(len(reqs[i].branches) for i in finished))
+    assert sorted(finished) == list(range(len(reqs)))
+    assert widest <= max(max_rows, 2) + 1  # rows in flight, plus the one request read ahead of the room it waits for
+
+
+def test_a_caller_that_stops_early_decodes_no_further_request(engine: Engine) -> None:
+    reqs = requests()
+    pulled: list[int] = []
+
+    def lazily() -> Iterator[GenerationRequest]:
+        for i, request in enumerate(reqs):
+            pulled.append(i)
+            yield request
+
+    completions = engine.complete(lazily(), max_rows=1)
+    first, _ = next(completions)
+    completions.close()
+    assert first == 0 and pulled == [0, 1]  # the second is read when the first's row frees, and never decoded
+    assert engine.generate([reqs[1]])[0].token_ids == alone(engine, reqs[1])  # the engine is free again
 
 
 def test_chunked_prefill_lets_running_rows_stream_between_chunks(engine: Engine) -> None:

@@ -20,9 +20,12 @@ running batch between steps (:meth:`Engine.session`, continuous batching).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.constraints import prepare
@@ -40,6 +43,32 @@ __all__ = [  # the engine's vocabulary, importable from here as before the split
     "Branch", "Completion", "DecodeSession", "Engine", "EngineError", "FinishReason", "ForwardPath", "GenerationRequest", "Rule", "Sampling",
     "StreamEvent", "adjust_scores", "base_model", "combine", "nucleus_candidates", "pick_token",
 ]
+
+_WHOLE_PROMPTS = sys.maxsize  # a step's prefill budget when admitted prompts run whole in the next pass (offline decoding)
+
+
+@dataclass
+class _Building:
+    """One request's Completion as its events arrive."""
+
+    index: int  # the request's position in what the caller gave
+    prompt_tokens: int
+    scores: list[Any] | None
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    reason: FinishReason | None = None
+
+    def add(self, event: StreamEvent) -> None:
+        self.text += event.delta
+        if event.token_id is not None:
+            self.ids.append(event.token_id)
+        if event.finish_reason:
+            self.reason = event.finish_reason
+        if event.scores is not None and self.scores is not None:
+            self.scores.append(event.scores)
+
+    def completion(self) -> Completion:
+        return Completion(self.text, self.ids, self.reason or "length", self.prompt_tokens, self.scores)
 
 
 class Engine:
@@ -145,25 +174,32 @@ class Engine:
     # -- decoding ---------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        """Decode every request to completion; one Completion per request, in order."""
-        ids: list[list[int]] = [[] for _ in requests]
-        reasons: list[FinishReason | None] = [None] * len(requests)
-        texts = [""] * len(requests)
-        prompt_tokens = [0] * len(requests)
-        scores: list[list[Any] | None] = [[] if r.record_scores else None for r in requests]
-        for event in self._decode(requests, prompt_tokens):
-            texts[event.index] += event.delta
-            if event.token_id is not None:
-                ids[event.index].append(event.token_id)
+        """Decode every request to completion, all in one batch; one Completion per request, in order."""
+        done = dict(self.complete(requests, max_rows=None))
+        return [done[i] for i in range(len(requests))]
+
+    def complete(self, requests: Iterable[GenerationRequest], max_rows: int | None) -> Iterator[tuple[int, Completion]]:
+        """Each request's Completion with its position in ``requests``, as soon as it finishes.
+
+        Offline continuous batching (as vLLM's ``LLM.generate``): at most ``max_rows`` rows (one
+        per branch; None: every request at once) decode together and the next requests join as
+        rows free, so one long answer no longer holds a batch of finished ones. ``requests`` is
+        read lazily, only when there is room: a caller may stop producing requests, or stop
+        iterating, once it has what it needs (the rows still running are dropped).
+        """
+        building: dict[int, _Building] = {}
+        for event in self._decode(requests, max_rows, building):
+            part = building[event.index]
+            part.add(event)
             if event.finish_reason:
-                reasons[event.index] = event.finish_reason
-            if event.scores is not None:
-                scores[event.index].append(event.scores)  # type: ignore[union-attr]
-        return [Completion(texts[i], ids[i], reasons[i] or "length", prompt_tokens[i], scores[i]) for i in range(len(requests))]
+                del building[event.index]
+                yield part.index, part.completion()
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
-        """Yield each request's new text after every decoding step (token streaming)."""
-        yield from self._decode(requests, [0] * len(requests))
+        """Yield each request's new text after every decoding step (token streaming), all in one batch."""
+        building: dict[int, _Building] = {}
+        for event in self._decode(requests, None, building):
+            yield dataclasses.replace(event, index=building[event.index].index)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt, by the text rules every layer shares (carve.engine.text)."""
@@ -191,18 +227,41 @@ class Engine:
         """A running batch on this engine that requests join and leave between steps (carve.engine.session)."""
         return DecodeSession(self, self.lock)
 
-    def _decode(self, requests: Sequence[GenerationRequest], prompt_tokens: list[int]) -> Iterator[StreamEvent]:
-        """The requests admitted together into a fresh session, prefilled at once, stepped until every one finished."""
-        if not requests:
-            return
+    def _decode(self, requests: Iterable[GenerationRequest], max_rows: int | None, building: "dict[int, _Building]") -> Iterator[StreamEvent]:
+        """The requests' events in one session (indexed by session id; ``building`` maps each id to its request).
+
+        Requests are admitted while their rows fit under ``max_rows`` (a request alone is
+        admitted whatever its width), each admission's prompts run whole in the next step's
+        forward pass, and steps go on until every admitted request finished and none is left.
+        """
+        source = enumerate(requests)
+        waiting: tuple[int, GenerationRequest] | None = None
+        exhausted = False
         with self.lock:
             session = self.session()
-            ids = session.admit(requests)
-            for i, request_id in enumerate(ids):
-                prompt_tokens[i] = session.prompt_tokens(request_id)
-            session.prefill()
-            while not session.idle:
-                yield from session.step()
+            while True:
+                group: list[tuple[int, GenerationRequest]] = []
+                free = None if max_rows is None else max_rows - session.rows - session.prefilling_rows
+                while not exhausted:
+                    if waiting is None:
+                        waiting = next(source, None)
+                        exhausted = waiting is None
+                        if exhausted:
+                            break
+                    assert waiting is not None
+                    width = len(waiting[1].branches)
+                    if free is not None and width > free and (group or not session.idle):
+                        break
+                    group.append(waiting)
+                    free = None if free is None else free - width
+                    waiting = None
+                if group:
+                    ids = session.admit([request for _, request in group])
+                    for (index, request), request_id in zip(group, ids):
+                        building[request_id] = _Building(index, session.prompt_tokens(request_id), [] if request.record_scores else None)
+                if session.idle:
+                    return
+                yield from session.step(prefill_budget=_WHOLE_PROMPTS)
 
     def forward_path(self) -> ForwardPath:
         """The runner where it applies (every adapter served by MultiLora, or none loaded), else Hugging Face's forward."""

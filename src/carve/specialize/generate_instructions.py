@@ -3,12 +3,12 @@
 Prompts are numbered 0, 1, 2...; prompt i shows seeds drawn with a generator
 seeded from (run seed, iteration, i) and samples with its own seed, so a
 prompt's text never depends on which other prompts share its batch or on
-whether the run was interrupted. Prompts are generated in fixed batches of
-``instruction_batch`` and every finished generation is appended to
-``generations.jsonl`` at once; the filters then read generations strictly in
-prompt order, so the kept list is the same whether or not the run was resumed.
-Generation stops after the first batch that brings the kept count to
-``num_instructions``.
+whether the run was interrupted. Prompts decode ``instruction_batch`` rows at a
+time, the next prompt joining as soon as a row frees (offline continuous
+batching), and every finished generation is appended to ``generations.jsonl``
+at once; the filters read generations strictly in prompt order, so the kept
+list is the same whether or not the run was resumed. Generation stops at the
+prompt that brings the kept count to ``num_instructions``.
 
 Iteration 2 (paper §3.5) generates a *fresh* set with the specialized
 adapter decoding contrastively against the base (eq. 3, engine rule
@@ -23,7 +23,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from carve.common.progress import stage
 from carve.specialize.config import RunConfig
@@ -141,26 +141,43 @@ def generate_instructions(
         fluency = (scorer, limit)
     state = FilterState(settings, seed_index(pool, config.rouge_threshold), config.require_input, fluency)
     store = JsonlStore(folder / GENERATIONS, key_field="prompt")
-    target, batch, cap = config.num_instructions, config.instruction_batch, config.max_prompt_count()
+    target, cap = config.num_instructions, config.max_prompt_count()
     prefix = f"it{iteration}"
+    rows_per_prompt = 1 if adapter is None else 2  # contrast decodes a row with the adapter and one without
+    asked: list[tuple[int, list[int]]] = []  # (prompt, its seeds) in the order the engine was given them
+    fed = 0  # prompts 0 .. fed-1 have been through the filters
+
+    def enough() -> bool:
+        return len(state.kept) >= target or fed >= cap
+
+    def missing_requests() -> Iterator[Any]:
+        """The next prompts without a generation, made only when the engine has a free row and more are still wanted."""
+        for i in range(cap):
+            if enough():
+                return
+            if i not in store:
+                request, chosen = _request(config, seed_set, engine.tokenizer, i, iteration, adapter)
+                asked.append((i, chosen))
+                yield request
 
     with stage(f"instructions (iteration {iteration})", target, "instructions") as progress:
-        start = 0
-        while len(state.kept) < target and start < cap:
-            indices = list(range(start, min(start + batch, cap)))
-            missing = [i for i in indices if i not in store]
-            if missing:
-                made = [_request(config, seed_set, engine.tokenizer, i, iteration, adapter) for i in missing]
-                completions = engine.generate([request for request, _ in made])
-                store.append(
-                    {"prompt": i, "seeds": chosen, "text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
-                    for i, (_, chosen), c in zip(missing, made, completions)
-                )
+
+        def feed_in_order() -> None:
+            nonlocal fed
             before = len(state.kept)
-            for i in indices:
-                state.feed(store.items[i], prefix, target)
+            while not enough() and fed in store:
+                state.feed(store.items[fed], prefix, target)
+                fed += 1
             progress.advance(len(state.kept) - before, note=f"{state.processed} prompts, {sum(state.counts.values())} filtered")
-            start += batch
+
+        feed_in_order()  # what a resumed run generated before
+        if not enough():
+            for position, c in engine.complete(missing_requests(), max_rows=config.instruction_batch * rows_per_prompt):
+                i, chosen = asked[position]
+                store.append([{"prompt": i, "seeds": chosen, "text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}])
+                feed_in_order()
+                if enough():
+                    break  # the rows still running are dropped
 
     write_jsonl_atomic(folder / INSTRUCTIONS, state.kept)
     write_jsonl_atomic(folder / REJECTED, state.rejected)

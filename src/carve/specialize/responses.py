@@ -121,32 +121,30 @@ def generate_responses(
     label: str = "responses",
     adapter: str | None = None,
 ) -> JsonlStore:
-    """One response per instruction, batched ``response_batch`` requests at a time; resumes by id."""
+    """One response per instruction, ``response_batch`` requests decoding at a time (the next joining as one
+    finishes); each appended to the store as it finishes, so a resumed run asks only for the missing ones."""
     store = JsonlStore(folder / RESPONSES)
     documents = corpus.by_id() if corpus is not None else {}
     missing = [item for item in instructions if item["id"] not in store]
+    requests = [
+        build_request(config, domain, engine.tokenizer, item, hits.items.get(item["id"]) if hits is not None else None, documents, contrast_adapter, adapter)
+        for item in missing
+    ]
+    max_rows = config.response_batch * max((len(r.branches) for r in requests), default=1)  # a request has a row per branch
     with stage(label, len(instructions), "responses") as progress:
         progress.resumed(len(instructions) - len(missing))
-        for start in range(0, len(missing), config.response_batch):
-            chunk = missing[start : start + config.response_batch]
-            requests = [
-                build_request(config, domain, engine.tokenizer, item, hits.items.get(item["id"]) if hits is not None else None, documents, contrast_adapter, adapter)
-                for item in chunk
-            ]
-            completions = engine.generate(requests)
-            store.append(
-                {
-                    "id": item["id"],
-                    "instruction": item["instruction"],
-                    "input": item["input"],
-                    "output": completion.text.strip(),
-                    "finish_reason": completion.finish_reason,
-                    "rule": request.rule,
-                    "branches": len(request.branches),
-                    "adapter": request.branches[0].adapter,
-                    "tokens": len(completion.token_ids),
-                }
-                for item, request, completion in zip(chunk, requests, completions)
-            )
-            progress.advance(len(chunk))
+        for position, completion in engine.complete(requests, max_rows=max_rows):
+            item, request = missing[position], requests[position]
+            store.append([{
+                "id": item["id"],
+                "instruction": item["instruction"],
+                "input": item["input"],
+                "output": completion.text.strip(),
+                "finish_reason": completion.finish_reason,
+                "rule": request.rule,
+                "branches": len(request.branches),
+                "adapter": request.branches[0].adapter,
+                "tokens": len(completion.token_ids),
+            }])
+            progress.advance(1)
     return store
