@@ -171,3 +171,48 @@ def test_bad_admissions_change_nothing(engine: Engine) -> None:
     with pytest.raises(EngineError, match="empty prompt"):
         session.admit([GenerationRequest.single("", None)])
     assert len(session.requests) == 1 and session.prefilling == 1
+
+
+DEMOS = "Question: What does an enzyme do?\nAnswer: It speeds up a reaction.\n\nQuestion: What carries oxygen in blood?\nAnswer: Haemoglobin.\n\n"
+
+
+def test_a_prompt_prefix_run_once_is_copied_for_later_requests_and_changes_no_token(engine: Engine) -> None:
+    """Automatic prefix caching: a prefix two requests shared is kept, a later request starting with it (alone, with
+    another adapter beside, or with a longer common start) copies it, and every token is the brute force's."""
+    if engine.prefix_cache is None:
+        pytest.skip("the prefix cache keeps the runner's caches only")
+    questions = ["Question: What is insulin?\nAnswer:", "Question: Name a virus.\nAnswer:", "Question: What is a gene?\nAnswer:"]
+    reqs = [GenerationRequest.single(DEMOS + q, "alpha", Sampling(max_new_tokens=6)) for q in questions]
+    reqs.append(GenerationRequest((Branch(DEMOS + questions[0], "alpha", 0.6), Branch(DEMOS + questions[1], "beta", 0.4)), "mixture", Sampling(max_new_tokens=5)))
+    engine.prefix_cache.forget()
+    engine.share_prefixes = False  # the brute force: every row runs its whole prompt, nothing kept or copied
+    try:
+        expected = [alone(engine, r) for r in reqs]
+    finally:
+        engine.share_prefixes = True
+    assert len(engine.prefix_cache) == 0
+    first = engine.generate(reqs[:2])  # two rows sharing the demonstrations: run once, kept
+    assert len(engine.prefix_cache) == 1
+    copied = engine.prefix_cache.reused_tokens
+    third = engine.generate([reqs[2]])  # alone, yet its demonstrations are copied
+    assert engine.prefix_cache.reused_tokens > copied
+    fourth = engine.generate([reqs[3]])  # beta has no kept prefix: both branches run theirs (and keep it)
+    assert [c.token_ids for c in first + third + fourth] == expected
+
+
+def test_an_adapter_loaded_again_under_its_name_takes_its_kept_prefixes_with_it(engine: Engine, request: pytest.FixtureRequest) -> None:
+    if engine.prefix_cache is None:
+        pytest.skip("the prefix cache keeps the runner's caches only")
+    adapters = request.getfixturevalue("tiny_gemma_adapters" if engine.sliding_window else "tiny_adapters")
+    prompts = [DEMOS + "Question: What is insulin?\nAnswer:", DEMOS + "Question: Name a virus.\nAnswer:"]
+    engine.generate([GenerationRequest.single(p, "alpha", Sampling(max_new_tokens=3)) for p in prompts])
+    assert engine.prefix_cache.match(["alpha"], [engine.encode(prompts[0])]) > 0
+    engine.unload_adapter("alpha")
+    try:
+        engine.load_adapter("alpha", adapters["beta"])  # other weights, same name
+        assert engine.prefix_cache.match(["alpha"], [engine.encode(prompts[0])]) == 0
+        as_beta = engine.generate([GenerationRequest.single(prompts[0], "beta", Sampling(max_new_tokens=4))])[0].token_ids
+        assert engine.generate([GenerationRequest.single(prompts[0], "alpha", Sampling(max_new_tokens=4))])[0].token_ids == as_beta
+    finally:
+        engine.unload_adapter("alpha")
+        engine.load_adapter("alpha", adapters["alpha"])

@@ -31,6 +31,7 @@ from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.constraints import prepare
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
 from carve.engine.picking import adjust_scores, combine, nucleus_candidates, pick_token
+from carve.engine.prefix_cache import PrefixCache
 from carve.engine.requests import Branch, Completion, EngineError, FinishReason, GenerationRequest, Rule, Sampling, StreamEvent
 from carve.engine.runner import Part, Runner, WeightFormat, unsupported_reason
 from carve.engine.session import DecodeSession, ForwardPath, PartInput
@@ -94,11 +95,14 @@ class Engine:
         self.sliding_window = _has_sliding_window(model)  # prefix sharing is exact for such a model on the runner only
         self.min_shared_prefix = 16  # below this an extra forward pass costs more than it saves
         self.shared_prefix_tokens = 0  # prompt tokens not recomputed thanks to shared prefixes
+        self.prefix_cache: PrefixCache | None = None  # prefixes kept across requests (the runner's caches only)
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # the width of a step's logits
         self.runner = self._build_runner(weight_format) if runner else None
+        if self.runner is not None:
+            self.prefix_cache = PrefixCache(min_tokens=self.min_shared_prefix)
         if weight_format != "native" and self.runner is None:
             raise EngineError(f"weight format {weight_format!r} needs the engine's runner, which is off")
 
@@ -147,6 +151,7 @@ class Engine:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             self.model.eval()
             self._reset_multi_lora()
+            self._forget_prefixes(name)
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
@@ -158,6 +163,11 @@ class Engine:
             else:
                 self.model.delete_adapter(name)
             self._reset_multi_lora()
+            self._forget_prefixes(name)
+
+    def _forget_prefixes(self, name: str) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(name)
 
     def _reset_multi_lora(self) -> None:
         """Rebuild the concatenated-factor LoRA after the set of adapters changed."""

@@ -13,7 +13,7 @@ when the cache has them, so neither reallocates nor copies the rows that stay.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -59,6 +59,16 @@ class KVCache:
         self._keys[layer, : self.rows, :, start:end] = keys
         self._values[layer, : self.rows, :, start:end] = values
         return self._keys[layer, : self.rows, :, :end], self._values[layer, : self.rows, :, :end]
+
+    def load_prefix(self, prefixes: "Sequence[tuple[torch.Tensor, torch.Tensor]]") -> None:
+        """Start this (empty) cache with one row per prefix: its keys and values, [layers, kv_heads, n, head_dim], the same n for all."""
+        columns = prefixes[0][0].shape[2]
+        self.allocate(len(prefixes))
+        assert self._keys is not None and self._values is not None
+        for row, (keys, values) in enumerate(prefixes):
+            self._keys[:, row, :, :columns] = keys
+            self._values[:, row, :, :columns] = values
+        self.length = columns
 
     def advance(self, columns: int) -> None:
         """Every layer has written ``columns`` more: the next write starts after them."""

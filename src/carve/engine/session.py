@@ -22,6 +22,7 @@ from carve.engine.constraints import TokenConstraint
 from carve.engine.kv_cache import KVCache, joined
 from carve.engine.multi_lora import PEFT_BASE
 from carve.engine.picking import TextTracker, combine, new_generator, pick_token
+from carve.engine.prefix_cache import PrefixCache
 from carve.engine.requests import EngineError, FinishReason, GenerationRequest, StreamEvent
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +46,7 @@ class EngineCore(Protocol):
     sliding_window: bool
     min_shared_prefix: int
     shared_prefix_tokens: int
+    prefix_cache: PrefixCache | None
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
     def forward_path(self) -> ForwardPath: ...
@@ -124,7 +126,8 @@ class _Prefill:
     """Requests admitted together, their prompts run into a cache of their own (in chunks under a budget).
 
     The prompt prefix all rows share is run first, once per distinct adapter,
-    its cache copied to the rows (k-shot demonstrations, chat system text).
+    its cache copied to the rows (k-shot demonstrations, chat system text); or,
+    when an earlier request ran the same start, copied from the engine's prefix cache.
     """
 
     def __init__(self, engine: EngineCore, rows: list[_Row], path: ForwardPath, max_new_tokens: int):
@@ -132,6 +135,9 @@ class _Prefill:
 
         self.engine, self.path = engine, path
         shared = _shared_prefix(engine, rows, path)
+        kept = _kept_prefix(engine, rows, path)
+        self.from_kept = kept > 0 and kept >= shared  # the prefix is copied from the prefix cache rather than run
+        shared = kept if self.from_kept else shared
         rests = [r.ids[shared:] for r in rows]
         width = max(len(rest) for rest in rests)
         pad = int(engine.tokenizer.pad_token_id)
@@ -165,17 +171,27 @@ class _Prefill:
         return bool(self.shared_ids) and self.done == 0 and self.cache_length() == 0
 
     def run_prefix(self) -> int:
-        """The prompt prefix every row shares, run once per distinct adapter and copied to the rows; the tokens run."""
+        """The prompt prefix every row shares, once per distinct adapter, copied to the rows; the tokens run (0: copied from the prefix cache)."""
         import torch
 
-        rows = len(self.adapters)
+        rows, n = len(self.adapters), len(self.shared_ids)
         distinct = list(dict.fromkeys(self.adapters))
-        ids = torch.tensor([self.shared_ids] * len(distinct), device=self.input_ids.device)
-        positions = torch.arange(len(self.shared_ids), device=ids.device).expand_as(ids)
-        self.engine.forward(ids, torch.ones_like(ids), positions, distinct, self.cache, self.path)
-        self.cache.batch_select_indices(torch.tensor([distinct.index(a) for a in self.adapters], device=ids.device))
-        self.engine.shared_prefix_tokens += len(self.shared_ids) * (rows - len(distinct))
-        return len(self.shared_ids) * len(distinct)
+        kept = self.engine.prefix_cache
+        if self.from_kept:
+            assert kept is not None
+            self.cache.load_prefix([kept.load(adapter, self.shared_ids) for adapter in distinct])
+            ran = 0
+        else:
+            ids = torch.tensor([self.shared_ids] * len(distinct), device=self.input_ids.device)
+            positions = torch.arange(n, device=ids.device).expand_as(ids)
+            self.engine.forward(ids, torch.ones_like(ids), positions, distinct, self.cache, self.path)
+            if kept is not None and self.path == "runner":
+                for i, adapter in enumerate(distinct):
+                    kept.store(adapter, self.shared_ids, self.cache.keys[:, i, :, :n], self.cache.values[:, i, :, :n])
+            ran = n * len(distinct)
+        self.cache.batch_select_indices(torch.tensor([distinct.index(a) for a in self.adapters], device=self.input_ids.device))
+        self.engine.shared_prefix_tokens += n * rows - ran
+        return ran
 
     def chunk(self, budget: int | None) -> tuple[PartInput, int]:
         """The forward input of the next columns within ``budget`` tokens (None: all the rest), and how many columns."""
@@ -349,9 +365,9 @@ class DecodeSession:
                 rows.advance()
                 parts.append((step_ids, rows.attention, rows.positions, rows.adapters, self._cache))
             group = self._prefills[0] if prefill_budget and self._prefills else None
-            if group is not None and group.needs_prefix:  # rare (rows sharing a prompt prefix): a pass of its own
+            if group is not None and group.needs_prefix:  # rows sharing a prompt prefix: a pass of its own, unless copied
                 self.prefilled = group.run_prefix()
-                group = None
+                group = group if self.prefilled == 0 else None
             chunk = group.chunk(prefill_budget) if group is not None else None
             if chunk is not None:
                 parts.append(chunk[0])
@@ -464,6 +480,13 @@ def _shared_prefix(engine: EngineCore, rows: list[_Row], path: ForwardPath) -> i
             n += 1
         length = n
     return length if length >= engine.min_shared_prefix else 0
+
+
+def _kept_prefix(engine: EngineCore, rows: list[_Row], path: ForwardPath) -> int:
+    """Tokens every row starts with that the engine's prefix cache holds for each row's adapter (0: none; runner only)."""
+    if engine.prefix_cache is None or path != "runner" or not engine.share_prefixes:
+        return 0
+    return engine.prefix_cache.match([r.adapter for r in rows], [r.ids for r in rows])
 
 
 def _rows_by_request(row_request: list[int]) -> dict[int, list[int]]:
