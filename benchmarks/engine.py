@@ -1,6 +1,7 @@
 """Engine throughput on a real model (SmolLM2; --model gemma3-270m) against the machine's limits and Hugging Face generate.
 
-Measured in one run, greedy, EOS ignored on every side; every figure a ratio divides is measured in
+Measured in one run, greedy, EOS ignored on every side, the engine's prefix cache emptied before every
+timed run (the same prompts again would be copied, not run); every figure a ratio divides is measured in
 alternation with its peer (best of --repeats rounds each), so the machine's drift hits both sides:
   limits   the hardware (a large fp32 matrix product's GFLOP/s, a large copy's GB/s) and
            the model-shape ceiling: the model's own matrix products for one step (every
@@ -155,6 +156,8 @@ def main() -> None:
         prompt_tokens = sum(len(engine.encode(r.branches[0].prompt)) for r in requests)
         best_decode = best_prefill = 0.0
         for _ in range(repeats + 1):  # the first is a warm-up
+            if engine.prefix_cache is not None:
+                engine.prefix_cache.forget()  # the same prompts again would be copied, not run
             start = time.perf_counter()
             first = last = 0.0
             for event in engine.stream(requests):

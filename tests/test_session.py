@@ -191,13 +191,33 @@ def test_a_prompt_prefix_run_once_is_copied_for_later_requests_and_changes_no_to
     finally:
         engine.share_prefixes = True
     assert len(engine.prefix_cache) == 0
-    first = engine.generate(reqs[:2])  # two rows sharing the demonstrations: run once, kept
-    assert len(engine.prefix_cache) == 1
+    first = engine.generate(reqs[:2])  # two rows sharing the demonstrations: run once; it and both prompts kept
+    assert len(engine.prefix_cache) == 3
     copied = engine.prefix_cache.reused_tokens
     third = engine.generate([reqs[2]])  # alone, yet its demonstrations are copied
     assert engine.prefix_cache.reused_tokens > copied
     fourth = engine.generate([reqs[3]])  # beta has no kept prefix: both branches run theirs (and keep it)
     assert [c.token_ids for c in first + third + fourth] == expected
+
+
+def test_a_request_alone_keeps_its_prompt_for_the_next_that_starts_the_same(engine: Engine) -> None:
+    """As a server sees them: one request at a time, the second (a longer conversation, say) copies the first's prompt."""
+    if engine.prefix_cache is None:
+        pytest.skip("the prefix cache keeps the runner's caches only")
+    turn = DEMOS + "Question: What is insulin?\nAnswer:"
+    reqs = [GenerationRequest.single(turn, "gamma", Sampling(max_new_tokens=5)),
+            GenerationRequest.single(turn + " A hormone.\n\nQuestion: Where is it made?\nAnswer:", "gamma", Sampling(max_new_tokens=5, temperature=0.9, seed=3))]
+    engine.prefix_cache.forget()
+    engine.share_prefixes = False
+    try:
+        expected = [alone(engine, r) for r in reqs]
+    finally:
+        engine.share_prefixes = True
+    got = [alone(engine, reqs[0])]
+    copied = engine.prefix_cache.reused_tokens
+    got.append(alone(engine, reqs[1]))
+    assert engine.prefix_cache.reused_tokens - copied == len(engine.encode(turn)) - 1
+    assert got == expected
 
 
 def test_an_adapter_loaded_again_under_its_name_takes_its_kept_prefixes_with_it(engine: Engine, request: pytest.FixtureRequest) -> None:

@@ -146,6 +146,7 @@ class _Prefill:
         self.attention = torch.tensor([[1] * shared + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests], device=device)
         self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         self.adapters = [r.adapter for r in rows]
+        self.prompts = [r.ids for r in rows]
         self.row_request = [r.request for r in rows]
         self.shared_ids = rows[0].ids[:shared]
         self.cache = engine.new_cache(shared + width + max_new_tokens, path)
@@ -206,6 +207,22 @@ class _Prefill:
         self.done += columns
         if self.done == self.input_ids.shape[1]:
             self.logits = logits
+            self._keep_prompts()
+
+    def _keep_prompts(self) -> None:
+        """Every row's prompt (but its last token) into the prefix cache, for later requests that start the same way."""
+        import torch
+
+        kept = self.engine.prefix_cache
+        if kept is None or self.path != "runner" or not self.engine.share_prefixes:
+            return
+        shared, width = len(self.shared_ids), self.input_ids.shape[1]
+        keys, values = self.cache.keys, self.cache.values
+        for row, (adapter, prompt) in enumerate(zip(self.adapters, self.prompts)):
+            if len(prompt) - 1 < kept.min_tokens:
+                continue
+            columns = torch.cat([torch.arange(shared), torch.arange(shared + width - len(prompt) + shared, shared + width - 1)]).to(keys.device)
+            kept.store(adapter, prompt[:-1], keys[:, row].index_select(2, columns), values[:, row].index_select(2, columns))
 
     def cache_length(self) -> int:
         return _cache_length(self.cache)
