@@ -22,9 +22,11 @@ def test_a_common_start_of_a_kept_prefix_is_found_and_its_columns_given() -> Non
     assert cache.match(["a", "b"], [list(range(8))]) == 0  # b has nothing kept
     assert cache.match(["a"], [[0, 1, 7, 7]]) == 0  # under min_tokens
     assert cache.match(["a"], [list(range(8)), list(range(4)) + [50, 51]]) == 4  # what every prompt shares
-    keys, values = cache.load("a", list(range(6)))
+    found = cache.load("a", list(range(6)))
+    assert found is not None
+    keys, values = found
     assert keys.shape == (2, 1, 6, 4) and torch.equal(keys[0, 0, :, 0], torch.arange(6.0) + 1) and torch.equal(values, -keys)
-    assert cache.reused_tokens == 6
+    assert cache.load("b", list(range(6))) is None and cache.load("a", [0, 1, 2, 7]) is None
 
 
 def test_entries_are_copies_forgotten_per_adapter_and_evicted_least_recently_used_first() -> None:
@@ -33,9 +35,9 @@ def test_entries_are_copies_forgotten_per_adapter_and_evicted_least_recently_use
     cache = PrefixCache(max_bytes=2 * one_entry, min_tokens=2)
     cache.store("a", [1, 2, 3, 4], keys, values)
     keys.zero_()  # the caller's cache is written over later
-    assert cache.load("a", [1, 2, 3])[0][0, 0, 0, 0] == 1.0
+    assert cache.load("a", [1, 2, 3])[0][0, 0, 0, 0] == 1.0  # type: ignore[index]
     cache.store("b", [1, 2, 3, 4], *kv(4))
-    cache.load("a", [1, 2])  # a used last: b leaves first
+    assert cache.match(["a"], [[1, 2, 3, 9]]) == 3  # a found last: b leaves first
     cache.store("c", [1, 2, 3, 4], *kv(4))
     assert len(cache) == 2 and cache.match(["b"], [[1, 2, 3, 9]]) == 0 and cache.match(["a"], [[1, 2, 3, 9]]) == 3
     cache.forget("a")

@@ -82,3 +82,20 @@ def test_a_streaming_client_that_disconnects_frees_its_row(server):
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
     assert metric(server, "carve_engine_cancelled_jobs") >= 1
     assert metric(server, "carve_engine_decode_steps") - steps_before < LONG
+
+
+def test_a_prompt_start_seen_before_is_copied_from_the_prefix_cache_with_the_same_answer(server):
+    """The replica keeps each prompt it ran; the next request starting the same way copies that start (the gauge counts it)."""
+    system = "You answer questions on clinical notes briefly and exactly, citing the note. " * 3
+    with httpx.Client(base_url=server, timeout=120) as client:
+        def ask(question: str) -> str:
+            reply = client.post("/v1/completions", json={"model": "alpha", "prompt": system + question, "max_tokens": 8, "temperature": 0})
+            assert reply.status_code == 200
+            return reply.json()["choices"][0]["text"]
+
+        first = ask("Which drug was given?")
+        before = metric(server, "carve_engine_prefix_cache_tokens")
+        assert ask("Which drug was given?") == first
+        after_repeat = metric(server, "carve_engine_prefix_cache_tokens")
+        ask("What was the dose?")
+    assert after_repeat > before and metric(server, "carve_engine_prefix_cache_tokens") > after_repeat

@@ -3,6 +3,7 @@ and requests cancelled mid-way decode exactly as each request does alone, on eve
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import pytest
@@ -35,6 +36,13 @@ def engine(request: pytest.FixtureRequest) -> Engine:
         eng.load_adapter(name, adapter)
     assert eng.forward_path() == path
     return eng
+
+
+@pytest.fixture(autouse=True)
+def empty_prefix_cache(engine: Engine) -> None:
+    """Each test starts with nothing kept: what an earlier test ran must not be copied into this one's prefill."""
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.forget()
 
 
 def requests() -> list[GenerationRequest]:
@@ -76,7 +84,12 @@ def drive(
 
 
 def alone(engine: Engine, request: GenerationRequest) -> list[int]:
-    return engine.generate([request])[0].token_ids
+    """The brute force: the request by itself, its whole prompt run (no prefix shared, copied or kept)."""
+    engine.share_prefixes = False
+    try:
+        return engine.generate([request])[0].token_ids
+    finally:
+        engine.share_prefixes = True
 
 
 @pytest.mark.parametrize("budget,fused", [(None, False), (7, False), (7, True), (3, True)])
@@ -99,14 +112,20 @@ def test_offline_batches_under_a_row_cap_decode_as_alone_and_read_requests_lazil
             pulled.append(i)
             yield request
 
+    sessions = []
+    make_session = engine.session
+    engine.session = lambda: sessions.append(make_session()) or sessions[-1]  # type: ignore[method-assign]
     finished: list[int] = []
     widest = 0
-    for index, completion in engine.complete(lazily(), max_rows=max_rows):
-        assert completion.token_ids == alone(engine, reqs[index]), f"request {index}"
-        finished.append(index)
-        widest = max(widest, sum(len(reqs[i].branches) for i in pulled) - sum(len(reqs[i].branches) for i in finished))
+    try:
+        for index, completion in engine.complete(lazily(), max_rows=max_rows):
+            assert completion.token_ids == alone(engine, reqs[index]), f"request {index}"
+            finished.append(index)
+            widest = max(widest, sessions[0].rows + sessions[0].prefilling_rows)
+    finally:
+        del engine.session
     assert sorted(finished) == list(range(len(reqs)))
-    assert widest <= max(max_rows, 2) + 1  # rows in flight, plus the one request read ahead of the room it waits for
+    assert widest <= max(max_rows, 2)  # a two-branch request runs alone when the cap is 1
 
 
 def test_a_caller_that_stops_early_decodes_no_further_request(engine: Engine) -> None:
@@ -122,7 +141,9 @@ def test_a_caller_that_stops_early_decodes_no_further_request(engine: Engine) ->
     first, _ = next(completions)
     completions.close()
     assert first == 0 and pulled == [0, 1]  # the second is read when the first's row frees, and never decoded
-    assert engine.generate([reqs[1]])[0].token_ids == alone(engine, reqs[1])  # the engine is free again
+    with ThreadPoolExecutor(1) as other:  # the engine's lock was let go (it is re-entrant: ask from another thread)
+        assert other.submit(engine.lock.acquire, timeout=5).result()
+        other.submit(engine.lock.release).result()
 
 
 def test_chunked_prefill_lets_running_rows_stream_between_chunks(engine: Engine) -> None:
@@ -185,11 +206,7 @@ def test_a_prompt_prefix_run_once_is_copied_for_later_requests_and_changes_no_to
     reqs = [GenerationRequest.single(DEMOS + q, "alpha", Sampling(max_new_tokens=6)) for q in questions]
     reqs.append(GenerationRequest((Branch(DEMOS + questions[0], "alpha", 0.6), Branch(DEMOS + questions[1], "beta", 0.4)), "mixture", Sampling(max_new_tokens=5)))
     engine.prefix_cache.forget()
-    engine.share_prefixes = False  # the brute force: every row runs its whole prompt, nothing kept or copied
-    try:
-        expected = [alone(engine, r) for r in reqs]
-    finally:
-        engine.share_prefixes = True
+    expected = [alone(engine, r) for r in reqs]
     assert len(engine.prefix_cache) == 0
     first = engine.generate(reqs[:2])  # two rows sharing the demonstrations: run once; it and both prompts kept
     assert len(engine.prefix_cache) == 3
@@ -208,16 +225,27 @@ def test_a_request_alone_keeps_its_prompt_for_the_next_that_starts_the_same(engi
     reqs = [GenerationRequest.single(turn, "gamma", Sampling(max_new_tokens=5)),
             GenerationRequest.single(turn + " A hormone.\n\nQuestion: Where is it made?\nAnswer:", "gamma", Sampling(max_new_tokens=5, temperature=0.9, seed=3))]
     engine.prefix_cache.forget()
-    engine.share_prefixes = False
-    try:
-        expected = [alone(engine, r) for r in reqs]
-    finally:
-        engine.share_prefixes = True
-    got = [alone(engine, reqs[0])]
+    expected = [alone(engine, r) for r in reqs]
+    got = [engine.generate([reqs[0]])[0].token_ids]
     copied = engine.prefix_cache.reused_tokens
-    got.append(alone(engine, reqs[1]))
+    got.append(engine.generate([reqs[1]])[0].token_ids)
     assert engine.prefix_cache.reused_tokens - copied == len(engine.encode(turn)) - 1
     assert got == expected
+
+
+def test_a_kept_prefix_evicted_between_admission_and_prefill_is_run_instead(engine: Engine) -> None:
+    if engine.prefix_cache is None:
+        pytest.skip("the prefix cache keeps the runner's caches only")
+    request = GenerationRequest.single(DEMOS + "Question: Name a virus.\nAnswer:", "alpha", Sampling(max_new_tokens=5))
+    engine.generate([GenerationRequest.single(DEMOS + "Question: What is insulin?\nAnswer:", "alpha", Sampling(max_new_tokens=1))])
+    session = engine.session()
+    (request_id,) = session.admit([request])  # matched the kept demonstrations here
+    engine.prefix_cache.forget()  # and they are gone before its prompt runs
+    tokens = []
+    while not session.idle:
+        session.prefill()
+        tokens += [e.token_id for e in session.step() if e.index == request_id]
+    assert tokens == alone(engine, request)
 
 
 def test_an_adapter_loaded_again_under_its_name_takes_its_kept_prefixes_with_it(engine: Engine, request: pytest.FixtureRequest) -> None:

@@ -79,6 +79,7 @@ class EngineLoad:
     step_tokens: float  # mean tokens run per step (decoded rows plus prefill chunks), recent steps
     steps: int = 0  # decoding steps run since the replica started
     cancelled: int = 0  # jobs whose callers went away, since the replica started
+    cached_prompt_tokens: int = 0  # prompt tokens copied from the prefix cache instead of run, since the replica started
 
 
 @dataclass

@@ -49,7 +49,7 @@ class PrefixCache:
         self.min_tokens = min_tokens
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
         self.nbytes = 0
-        self.reused_tokens = 0  # prompt tokens copied from here rather than run
+        self.reused_tokens = 0  # prompt tokens copied from here rather than run (counted by the caller that copies)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,6 +58,7 @@ class PrefixCache:
         """The longest start every prompt shares with a kept prefix of every adapter given (0 below ``min_tokens``).
 
         Each prompt keeps at least its last token to run (the next token's logits come from it).
+        The prefixes found count as just used, so the next stores evict them last.
         """
         if not self._entries or not prompts:
             return 0
@@ -65,30 +66,35 @@ class PrefixCache:
         length = min(len(p) for p in prompts) - 1
         for prompt in prompts[1:]:
             length = min(length, common_length(first, prompt))
+        found = []
         for adapter in set(adapters):
-            best = max((common_length(first, ids) for (name, ids) in self._entries if name == adapter), default=0)
-            length = min(length, best)
-        return length if length >= self.min_tokens else 0
+            shared, key = max(((common_length(first, ids), (name, ids)) for (name, ids) in self._entries if name == adapter), default=(0, None))
+            length = min(length, shared)
+            found.append(key)
+        if length < self.min_tokens:
+            return 0
+        for key in found:
+            self._entries.move_to_end(key)
+        return length
 
-    def load(self, adapter: str, ids: Sequence[int]) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """The kept keys and values of ``ids`` (a start :meth:`match` found) for ``adapter``, [layers, kv_heads, len(ids), head_dim]."""
+    def load(self, adapter: str, ids: Sequence[int]) -> tuple["torch.Tensor", "torch.Tensor"] | None:
+        """The kept keys and values of ``ids`` for ``adapter``, [layers, kv_heads, len(ids), head_dim]; None if no longer kept."""
         n = len(ids)
         for key, entry in reversed(self._entries.items()):
             if key[0] == adapter and common_length(entry.ids, ids) >= n:
                 self._entries.move_to_end(key)
-                self.reused_tokens += n
                 return entry.keys[:, :, :n], entry.values[:, :, :n]
-        raise KeyError(f"no kept prefix of {n} tokens for adapter {adapter!r}")
+        return None
 
-    def store(self, adapter: str, ids: Sequence[int], keys: "torch.Tensor", values: "torch.Tensor") -> None:
-        """Keep a prefix's keys and values (copied: the caller's cache is written over later)."""
+    def store(self, adapter: str, ids: Sequence[int], keys: "torch.Tensor", values: "torch.Tensor", copy: bool = True) -> None:
+        """Keep a prefix's keys and values: copied unless ``copy`` is False (the caller's tensors are fresh, not views of a cache)."""
         key = (adapter, tuple(ids))
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        entry = _Entry(key[1], keys.clone(), values.clone())
-        if entry.nbytes > self.max_bytes:
+        if 2 * keys.numel() * keys.element_size() > self.max_bytes:
             return
+        entry = _Entry(key[1], keys.clone() if copy else keys, values.clone() if copy else values)
         self._entries[key] = entry
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:

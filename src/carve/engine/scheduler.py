@@ -221,7 +221,10 @@ class Scheduler:
     def load(self) -> EngineLoad:
         with self._cond:
             waiting = len(self._waiting)
-        return EngineLoad(self.replica, self.session.rows, waiting, self.step_s, self.step_tokens, self.steps, self.cancelled)
+        kept = self.engine.prefix_cache
+        return EngineLoad(
+            self.replica, self.session.rows, waiting, self.step_s, self.step_tokens, self.steps, self.cancelled, kept.reused_tokens if kept is not None else 0
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the loop; jobs not finished get an error event."""

@@ -178,11 +178,13 @@ class _Prefill:
         rows, n = len(self.adapters), len(self.shared_ids)
         distinct = list(dict.fromkeys(self.adapters))
         kept = self.engine.prefix_cache
-        if self.from_kept:
+        copies = [kept.load(adapter, self.shared_ids) for adapter in distinct] if self.from_kept and kept is not None else []
+        if copies and all(c is not None for c in copies):
             assert kept is not None
-            self.cache.load_prefix([kept.load(adapter, self.shared_ids) for adapter in distinct])
+            self.cache.load_prefix([c for c in copies if c is not None])
+            kept.reused_tokens += n * len(distinct)
             ran = 0
-        else:
+        else:  # no kept prefix, or one evicted since admission: run it (the group's layout is the same either way)
             ids = torch.tensor([self.shared_ids] * len(distinct), device=self.input_ids.device)
             positions = torch.arange(n, device=ids.device).expand_as(ids)
             self.engine.forward(ids, torch.ones_like(ids), positions, distinct, self.cache, self.path)
@@ -222,7 +224,7 @@ class _Prefill:
             if len(prompt) - 1 < kept.min_tokens:
                 continue
             columns = torch.cat([torch.arange(shared), torch.arange(shared + width - len(prompt) + shared, shared + width - 1)]).to(keys.device)
-            kept.store(adapter, prompt[:-1], keys[:, row].index_select(2, columns), values[:, row].index_select(2, columns))
+            kept.store(adapter, prompt[:-1], keys[:, row].index_select(2, columns), values[:, row].index_select(2, columns), copy=False)
 
     def cache_length(self) -> int:
         return _cache_length(self.cache)

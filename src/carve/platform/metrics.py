@@ -48,6 +48,9 @@ class ServerMetrics:
         self.step_time = Gauge("carve_engine_step_seconds", "Mean time of one decoding step, per engine replica.", ["replica"], registry=self.registry)
         self.step_tokens = Gauge("carve_engine_step_tokens", "Mean tokens run per decoding step (decoded plus prefill), per engine replica.", ["replica"], registry=self.registry)
         self.steps = Gauge("carve_engine_decode_steps", "Decoding steps run since the replica started.", ["replica"], registry=self.registry)
+        self.cached_prompt_tokens = Gauge(
+            "carve_engine_prefix_cache_tokens", "Prompt tokens copied from the prefix cache instead of run, since the replica started.", ["replica"], registry=self.registry
+        )
         self.cancelled = Gauge("carve_engine_cancelled_jobs", "Jobs cancelled because their callers went away, since the replica started.", ["replica"], registry=self.registry)
         self.replica_retries = Counter(
             "carve_replica_retries", "Engine calls sent again because the replica holding them went away, by Ray's error.", ["error"], registry=self.registry
@@ -93,6 +96,7 @@ class ServerMetrics:
             self.step_tokens.labels(load.replica).set(load.step_tokens)
             self.steps.labels(load.replica).set(load.steps)
             self.cancelled.labels(load.replica).set(load.cancelled)
+            self.cached_prompt_tokens.labels(load.replica).set(load.cached_prompt_tokens)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
