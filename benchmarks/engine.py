@@ -281,13 +281,10 @@ def main() -> None:
 
 def kshot_prompts(shots: int) -> list[str]:
     """One ``shots``-shot prompt per question, as evaluation writes them, each with demonstrations of its own."""
-    import json
-    from types import SimpleNamespace
-
     from carve.engine.templates import kshot_prompt
+    from carve.specialize.seeds import load_seed_set
 
-    path = Path(__file__).parent.parent / "seeds" / "biomedical" / "seeds.jsonl"
-    seeds = [SimpleNamespace(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    seeds = load_seed_set(Path(__file__).parent.parent / "seeds" / "biomedical").seeds
     return [kshot_prompt(seeds[i * shots:(i + 1) * shots], q) for i, q in enumerate(QUESTIONS)]
 
 

@@ -100,25 +100,26 @@ def test_requests_joining_a_running_batch_decode_as_alone(engine: Engine, budget
         assert got[i] == alone(engine, request), f"request {i}"
 
 
+def read_lazily(reqs: list[GenerationRequest], pulled: list[int]) -> Iterator[GenerationRequest]:
+    """The requests one by one, noting in ``pulled`` which the engine has read."""
+    for i, request in enumerate(reqs):
+        pulled.append(i)
+        yield request
+
+
 @pytest.mark.parametrize("max_rows", [1, 2, 3])
 def test_offline_batches_under_a_row_cap_decode_as_alone_and_read_requests_lazily(engine: Engine, max_rows: int) -> None:
     """Engine.complete keeps at most ``max_rows`` rows (a two-branch request alone when the cap is 1), reads the next request
     only when there is room for it, and gives every request the tokens it gets alone."""
     reqs = requests()
     pulled: list[int] = []
-
-    def lazily() -> Iterator[GenerationRequest]:
-        for i, request in enumerate(reqs):
-            pulled.append(i)
-            yield request
-
     sessions = []
     make_session = engine.session
     engine.session = lambda: sessions.append(make_session()) or sessions[-1]  # type: ignore[method-assign]
     finished: list[int] = []
     widest = 0
     try:
-        for index, completion in engine.complete(lazily(), max_rows=max_rows):
+        for index, completion in engine.complete(read_lazily(reqs, pulled), max_rows=max_rows):
             assert completion.token_ids == alone(engine, reqs[index]), f"request {index}"
             finished.append(index)
             widest = max(widest, sessions[0].rows + sessions[0].prefilling_rows)
@@ -131,13 +132,7 @@ def test_offline_batches_under_a_row_cap_decode_as_alone_and_read_requests_lazil
 def test_a_caller_that_stops_early_decodes_no_further_request(engine: Engine) -> None:
     reqs = requests()
     pulled: list[int] = []
-
-    def lazily() -> Iterator[GenerationRequest]:
-        for i, request in enumerate(reqs):
-            pulled.append(i)
-            yield request
-
-    completions = engine.complete(lazily(), max_rows=1)
+    completions = engine.complete(read_lazily(reqs, pulled), max_rows=1)
     first, _ = next(completions)
     completions.close()
     assert first == 0 and pulled == [0, 1]  # the second is read when the first's row frees, and never decoded

@@ -245,26 +245,16 @@ class Engine:
         forward pass, and steps go on until every admitted request finished and none is left.
         """
         source = enumerate(requests)
-        waiting: tuple[int, GenerationRequest] | None = None
-        exhausted = False
+        waiting = next(source, None)  # the next request, read when the last one was admitted
         with self.lock:
             session = self.session()
             while True:
                 group: list[tuple[int, GenerationRequest]] = []
                 free = None if max_rows is None else max_rows - session.rows - session.prefilling_rows
-                while not exhausted:
-                    if waiting is None:
-                        waiting = next(source, None)
-                        exhausted = waiting is None
-                        if exhausted:
-                            break
-                    assert waiting is not None
-                    width = len(waiting[1].branches)
-                    if free is not None and width > free and (group or not session.idle):
-                        break
+                while waiting is not None and (free is None or len(waiting[1].branches) <= free or (not group and session.idle)):
                     group.append(waiting)
-                    free = None if free is None else free - width
-                    waiting = None
+                    free = None if free is None else free - len(waiting[1].branches)
+                    waiting = next(source, None)
                 if group:
                     ids = session.admit([request for _, request in group])
                     for (index, request), request_id in zip(group, ids):
