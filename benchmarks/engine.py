@@ -6,11 +6,13 @@ alternation with its peer (best of --repeats rounds each), so the machine's drif
   limits   the hardware (a large fp32 matrix product's GFLOP/s, a large copy's GB/s) and
            the model-shape ceiling: the model's own matrix products for one step (every
            linear layer's shape plus the output projection, torch, no Python around them)
-           at batch B, in fp32 and on int8 weights, as tokens/s; the same for prefill
+           at batch B, in each weight format of --formats (fp32 = native, bf16, int8), as
+           tokens/s; the same for prefill
   decode   engine decode tokens/s at B = 1, 8, 16, 32, 64 (from each batch's first streamed
-           token to its last: prefill excluded), fp32 and int8 weights, one adapter for all rows
+           token to its last: prefill excluded), in each format, one adapter for all rows
   peers    HF generate (same peft model, same adapter) at B = 1 and 16, decode steps only
-           (timed by a logits processor called after every step's forward pass)
+           (timed by a logits processor called after every step's forward pass), on the fp32
+           model users load by default and (--hf-bf16) on a whole-bf16 model
   mixing   at B = 16: 4 adapters mixed vs 1 adapter (run in alternation); the naive set_adapter+generate loop
   prefill  engine prefill tokens/s vs the prefill ceiling (the output projection for each
            prompt's last token only, as a prefill needs), on 16 bare questions and on 16
@@ -20,7 +22,10 @@ alternation with its peer (best of --repeats rounds each), so the machine's drif
 Targets (issue 17): decode >= 70% of ceiling at B = 16, 32 and >= 50% at B = 1; prefill
 >= 70%; >= 2x HF generate at B = 16 and >= 3x at B = 1; 4 adapters mixed >= 0.9x one.
 
-Run: ../shared/tools/offline .venv/bin/python benchmarks/engine.py [--quick]
+The ratios (RESULT) are those of --engine-format, by default the format the engine picks on this
+machine (carve.engine.models.plan_load), each against the ceiling of the same weights.
+
+Run: ../shared/tools/offline .venv/bin/python benchmarks/engine.py [--quick] [--formats native,bf16,int8] [--hf-bf16]
 """
 
 from __future__ import annotations
@@ -107,6 +112,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per measurement")
     parser.add_argument("--quick", action="store_true", help="B = 1, 16, 32 only, no naive loop")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
+    parser.add_argument("--formats", default="native,bf16", help="the engine's weight formats to measure (native = the model's fp32, bf16, int8)")
+    parser.add_argument("--engine-format", default=None, help="the format the RESULT ratios are of (default: the engine's choice on this machine)")
+    parser.add_argument("--hf-bf16", action="store_true", help="also time HF generate on a whole-bf16 model")
     args = parser.parse_args()
 
     import torch
@@ -115,24 +123,28 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from carve.engine.decoding import Engine, GenerationRequest, Sampling
-    from carve.engine.models import load_base, plan_load, resolve_model
+    from carve.engine.models import LoadPlan, load_base, plan_load, resolve_model
     from carve.engine.text import format_user_prompt
 
     torch.manual_seed(0)
     batches = (1, 16, 32) if args.quick else BATCHES
     resolved = resolve_model(args.model)
     names = [f"a{i}" for i in range(4)]
+    formats = args.formats.split(",")
+    fmt = args.engine_format or plan_load(torch.cuda.is_available()).engine_weights
+    formats = ["native"] + [f for f in formats if f != "native"] + ([fmt] if fmt not in formats else [])
     engines: dict[str, Engine] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_random_adapters(resolved.path, names, Path(tmp))
-        for weights in ("native", "int8"):
-            model, tokenizer = load_base(resolved, plan_load(False))
-            engine = Engine(model, tokenizer, weight_format=weights)  # type: ignore[arg-type]
-            for name, path in adapters.items():
-                engine.load_adapter(name, path)
-            engines[weights] = engine
+        for weights in formats:
+            model, tokenizer = load_base(resolved, plan_load(False, "fp32"))
+            engines[weights] = _with_adapters(Engine(model, tokenizer, weight_format=weights), adapters)  # type: ignore[arg-type]
+        hf_models = {"fp32": engines["native"].model}
+        if args.hf_bf16:
+            model, tokenizer = load_base(resolved, LoadPlan("cpu", "bf16", False, "bf16"))
+            hf_models["bf16"] = _with_adapters(Engine(model, tokenizer, runner=False), adapters).model
     fp32 = engines["native"]
-    tokenizer, peft_model = fp32.tokenizer, fp32.model
+    tokenizer = fp32.tokenizer
     prompts = [format_user_prompt(tokenizer, q) for q in QUESTIONS]
     kshot = kshot_prompts(5)
     load = _load_average()
@@ -143,10 +155,11 @@ def main() -> None:
     shapes = model_shapes(fp32)
     weights = sum(o * i for o, i in shapes)
     print(f"hardware: fp32 matrix product {gflops:.0f} GFLOP/s, copy {bandwidth:.1f} GB/s")
-    print(f"model: {len(shapes)} products, {weights / 1e6:.1f}M weights per token: {weights * 4 / 1e6:.0f} MB in fp32, {weights / 1e6:.0f} MB in int8")
-    print(f"  implied bounds: B=1 (bytes/bandwidth) fp32 {bandwidth * 1e9 / (weights * 4):.0f} tokens/s, int8 {bandwidth * 1e9 / weights:.0f}; "
-          f"large B (FLOPs/peak) {gflops * 1e9 / (2 * weights):.0f} tokens/s in fp32")
-    prods = {fmt: products(shapes, fmt) for fmt in ("native", "int8")}
+    print(f"model: {len(shapes)} products, {weights / 1e6:.1f}M weights per token: {weights * 4 / 1e6:.0f} MB in fp32, "
+          f"{weights * 2 / 1e6:.0f} MB in bf16, {weights / 1e6:.0f} MB in int8")
+    print(f"  implied bounds: B=1 (bytes/bandwidth) fp32 {bandwidth * 1e9 / (weights * 4):.0f} tokens/s, bf16 {bandwidth * 1e9 / (weights * 2):.0f}, "
+          f"int8 {bandwidth * 1e9 / weights:.0f}; large B (FLOPs/peak) {gflops * 1e9 / (2 * weights):.0f} tokens/s in fp32")
+    prods = {f: products(shapes, f) for f in engines}
     prefill_rows = {"bare": sum(len(fp32.encode(p)) for p in prompts), "5-shot": sum(len(fp32.encode(p)) for p in kshot)}
 
     # -- engine decode: the time between each row's first and last token (prefill excluded) ----
@@ -216,7 +229,7 @@ def main() -> None:
             self.times.append(time.perf_counter())
             return scores
 
-    def hf_rate(b: int, repeats: int) -> float:
+    def hf_rate(peft_model: Any, b: int, repeats: int) -> float:
         from transformers import LogitsProcessorList
 
         peft_model.set_adapter("a0")
@@ -233,12 +246,17 @@ def main() -> None:
             best = max(best, b * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
         return best
 
-    fmt = "int8" if fp32.runner is None else _default_format()  # the engine's default weights on this machine
-    hf, beside_hf = {}, {}  # HF generate, and the engine measured in alternation with it
-    for b in (1, 16):
-        beside_hf[b], hf[b] = alternate(lambda b=b: engine_rates(engines[fmt], b, ["a0"] * b, 1)[0], lambda b=b: hf_rate(b, 1))
+    hf: dict[tuple[str, int], float] = {}  # HF generate per model dtype and batch
+    beside_hf: dict[tuple[str, int], float] = {}  # the engine measured in alternation with it
+    for dtype, hf_model in hf_models.items():
+        for b in (1, 16):
+            beside_hf[dtype, b], hf[dtype, b] = alternate(
+                lambda b=b: engine_rates(engines[fmt], b, ["a0"] * b, 1)[0], lambda b=b, m=hf_model: hf_rate(m, b, 1)
+            )
     naive = None
     if not args.quick:
+        peft_model = fp32.model
+
         def naive_loop() -> None:
             for i, prompt in enumerate(prompts):
                 peft_model.set_adapter(names[i % 4])
@@ -249,24 +267,28 @@ def main() -> None:
         naive = len(prompts) * args.tokens / best_time(naive_loop, 1)
 
     # -- report ----------------------------------------------------------------------------
+    label = {"native": "fp32", "bf16": "bf16", "int8": "int8"}
     print()
     print(f"decode tokens/s ({args.tokens} new tokens, one adapter on every row)")
-    print(f"{'B':>3s} {'engine fp32':>12s} {'ceiling fp32':>13s} {'ratio':>6s} {'engine int8':>12s} {'ceiling int8':>13s} {'ratio':>6s} {'HF generate':>12s}")
+    print(f"{'B':>3s}" + "".join(f" {'engine ' + label[f]:>12s} {'ceiling ' + label[f]:>13s} {'ratio':>6s}" for f in engines)
+          + "".join(f" {'HF ' + d:>9s}" for d in hf_models))
     for b in batches:
-        print(f"{b:3d} {decode['native', b]:12.1f} {ceiling['native', b]:13.1f} {decode['native', b] / ceiling['native', b]:6.2f}"
-              f" {decode['int8', b]:12.1f} {ceiling['int8', b]:13.1f} {decode['int8', b] / ceiling['int8', b]:6.2f} {hf.get(b, float('nan')):12.1f}")
+        print(f"{b:3d}" + "".join(f" {decode[f, b]:12.1f} {ceiling[f, b]:13.1f} {decode[f, b] / ceiling[f, b]:6.2f}" for f in engines)
+              + "".join(f" {hf.get((d, b), float('nan')):9.1f}" for d in hf_models))
     for kind, texts in (("bare", prompts), ("5-shot", kshot)):
-        print(f"prefill tokens/s, {len(texts)} {kind} prompts ({prefill_rows[kind]} tokens): fp32 {prefill['native', kind]:.0f} of "
-              f"{prefill_ceiling['native', kind]:.0f}, int8 {prefill['int8', kind]:.0f} of {prefill_ceiling['int8', kind]:.0f}")
-    print(f"B=16, 4 adapters mixed: fp32 {mixed['native']:.1f} tokens/s, int8 {mixed['int8']:.1f} (one adapter in alternation with it: fp32 "
-          f"{mixing['native'][0]:.1f}, int8 {mixing['int8'][0]:.1f})" + (f"; naive set_adapter+generate {naive:.1f}" if naive else ""))
-    print(f"engine {fmt} in alternation with HF generate: B=1 {beside_hf[1]:.1f} vs {hf[1]:.1f}, B=16 {beside_hf[16]:.1f} vs {hf[16]:.1f} tokens/s")
-    print(f"ratios below: the engine's default weights on this machine ({fmt}) against the ceiling of the same weights")
-    chart = _chart(batches, decode, ceiling, hf, resolved.name)
+        print(f"prefill tokens/s, {len(texts)} {kind} prompts ({prefill_rows[kind]} tokens): "
+              + ", ".join(f"{label[f]} {prefill[f, kind]:.0f} of {prefill_ceiling[f, kind]:.0f}" for f in engines))
+    print("B=16, 4 adapters mixed: " + ", ".join(f"{label[f]} {mixed[f]:.1f} tokens/s (one adapter beside it {mixing[f][0]:.1f})" for f in engines)
+          + (f"; naive set_adapter+generate {naive:.1f}" if naive else ""))
+    for dtype in hf_models:
+        print(f"engine {label[fmt]} in alternation with HF generate on the {dtype} model: B=1 {beside_hf[dtype, 1]:.1f} vs {hf[dtype, 1]:.1f}, "
+              f"B=16 {beside_hf[dtype, 16]:.1f} vs {hf[dtype, 16]:.1f} tokens/s")
+    print(f"ratios below: the engine on {label[fmt]} weights against the ceiling of the same weights; HF generate on the fp32 model")
+    chart = _chart(batches, decode, ceiling, hf, resolved.name, label)
     print(f"chart: {chart}")
     result = {
-        "engine_vs_hf": beside_hf[16] / hf[16],
-        "b1_vs_hf": beside_hf[1] / hf[1],
+        "engine_vs_hf": beside_hf["fp32", 16] / hf["fp32", 16],
+        "b1_vs_hf": beside_hf["fp32", 1] / hf["fp32", 1],
         "mixed_vs_single": mixing[fmt][1] / mixing[fmt][0],
         "mixed_vs_naive": mixed[fmt] / naive if naive else float("nan"),
         "b1_vs_ceiling": decode[fmt, 1] / ceiling[fmt, 1],
@@ -274,9 +296,17 @@ def main() -> None:
         "b32_vs_ceiling": decode[fmt, 32] / ceiling[fmt, 32],
         "prefill_vs_ceiling": prefill[fmt, "bare"] / prefill_ceiling[fmt, "bare"],
         "prefill_5shot_vs_ceiling": prefill[fmt, "5-shot"] / prefill_ceiling[fmt, "5-shot"],
-        "int8_vs_fp32_b16": decode["int8", 16] / decode["native", 16],
     }
+    result.update({f"{label[f]}_vs_fp32_b16": decode[f, 16] / decode["native", 16] for f in engines if f != "native"})
+    if "bf16" in hf_models:
+        result["engine_vs_hf_bf16"] = beside_hf["bf16", 16] / hf["bf16", 16]
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+
+
+def _with_adapters(engine: Any, adapters: dict[str, Path]) -> Any:
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    return engine
 
 
 def kshot_prompts(shots: int) -> list[str]:
@@ -288,14 +318,6 @@ def kshot_prompts(shots: int) -> list[str]:
     return [kshot_prompt(seeds[i * shots:(i + 1) * shots], q) for i, q in enumerate(QUESTIONS)]
 
 
-def _default_format() -> str:
-    import torch
-
-    from carve.engine.models import plan_load
-
-    return plan_load(torch.cuda.is_available()).engine_weights
-
-
 def _load_average() -> str:
     try:
         return Path("/proc/loadavg").read_text().split()[0]
@@ -303,7 +325,7 @@ def _load_average() -> str:
         return "unknown"
 
 
-def _chart(batches: tuple[int, ...], decode: dict, ceiling: dict, hf: dict, model: str) -> Path:
+def _chart(batches: tuple[int, ...], decode: dict, ceiling: dict, hf: dict, model: str, label: dict[str, str]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,11 +334,14 @@ def _chart(batches: tuple[int, ...], decode: dict, ceiling: dict, hf: dict, mode
     path = OUT_DIR / "engine.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for fmt, colour in (("native", "#4C72B0"), ("int8", "#DD8452")):
-        label = "fp32" if fmt == "native" else "int8"
-        ax.plot(batches, [decode[fmt, b] for b in batches], "o-", color=colour, label=f"engine, {label} weights")
-        ax.plot(batches, [ceiling[fmt, b] for b in batches], "--", color=colour, label=f"ceiling, {label} products only")
-    ax.plot(sorted(hf), [hf[b] for b in sorted(hf)], "s:", color="#55A868", label="HF generate (peft, fp32)")
+    colours = {"native": "#4C72B0", "bf16": "#C44E52", "int8": "#DD8452"}
+    for fmt in sorted({f for f, _ in decode}, key=list(colours).index):
+        ax.plot(batches, [decode[fmt, b] for b in batches], "o-", color=colours[fmt], label=f"engine, {label[fmt]} weights")
+        ax.plot(batches, [ceiling[fmt, b] for b in batches], "--", color=colours[fmt], label=f"ceiling, {label[fmt]} products only")
+    for dtype, marker in (("fp32", "s:"), ("bf16", "^:")):
+        points = sorted(b for d, b in hf if d == dtype)
+        if points:
+            ax.plot(points, [hf[dtype, b] for b in points], marker, color="#55A868", label=f"HF generate (peft, {dtype} model)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (rows decoded together)")

@@ -17,6 +17,9 @@ from carve.engine.models import load_base, plan_load, resolve_model
 # model's sharp logits (tens) fp32 rounding reaches a few 1e-5 in log-probabilities; a wrong rule, mask
 # or adapter moves them by far more than this.
 FP32_LOGPROB_ATOL = 1e-4
+# bf16 weight copies round each weight to 8 significant bits: on the tiny models the first step's
+# log-probabilities move by 0.01-0.05; a wrong product (a transposed or mis-cast weight) moves them by units.
+BF16_LOGPROB_ATOL = 0.15
 
 PROMPTS = [
     "The patient was treated with",
@@ -290,3 +293,51 @@ def test_nucleus_from_top_k_equals_the_full_sort() -> None:
             nucleus = int(((torch.cumsum(full, -1) - full) < top_p).sum())
             assert len(top) >= nucleus
             assert torch.equal(order[:nucleus], full_order[:nucleus]) and torch.equal(top[:nucleus], full[:nucleus])
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_bf16_weight_copies_stay_close_to_fp32_and_leave_the_model_fp32(request: pytest.FixtureRequest, architecture: str) -> None:
+    """The CPU's bf16 format: the base's products on bf16 copies, activations, LoRA and the model itself in fp32."""
+    folder, adapters = _model_and_adapters(request, architecture)
+    engines = {}
+    for weights in ("native", "bf16"):
+        model, tokenizer = load_base(resolve_model(str(folder)), plan_load(False, "fp32"))
+        eng = Engine(model, tokenizer, weight_format=weights)  # type: ignore[arg-type]
+        eng.load_adapter("alpha", adapters["alpha"])
+        engines[weights] = eng
+    requests = [GenerationRequest(branches=(Branch(p, a),), sampling=greedy(1), record_scores=True) for p, a in zip(PROMPTS, [None, "alpha"] * 3)]
+    fp32, bf16 = (engines[weights].generate(requests) for weights in ("native", "bf16"))
+    for a, b in zip(fp32, bf16):
+        gap = float((a.step_scores[0] - b.step_scores[0]).abs().max())  # type: ignore[index]
+        assert 0 < gap < BF16_LOGPROB_ATOL  # rounded (so bf16 really ran), not wrong
+    assert all(p.dtype == torch.float32 for p in engines["bf16"].model.parameters())
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_long_prompts_of_unequal_length_run_unpadded_and_causal_as_with_the_mask(
+    request: pytest.FixtureRequest, architecture: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole long prompts skip their padding in the products and attend per row under ``is_causal``: same answers as the masked square."""
+    from carve.engine import runner
+
+    folder, adapters = _model_and_adapters(request, architecture)
+    model, tokenizer = load_base(resolve_model(str(folder)), plan_load(False))
+    eng = Engine(model, tokenizer)
+    eng.load_adapter("alpha", adapters["alpha"])
+    eng.share_prefixes = False  # whole prompts from column 0: the causal path's case
+    notes = ["The patient, a 54 year old man with hypertension, was given metformin. " * n for n in (6, 3, 9)]
+    requests = [GenerationRequest((Branch(note + "Name the drug:", a),), sampling=greedy(8), record_scores=True) for note, a in zip(notes, [None, "alpha", "alpha"])]
+    lengths = [len(eng.encode(r.branches[0].prompt)) for r in requests]
+    assert min(lengths) >= runner.CAUSAL_ROWS_MIN_TOKENS and len(set(lengths)) == 3
+    calls = []
+    causal_rows = runner._causal_rows
+    monkeypatch.setattr(runner, "_causal_rows", lambda *a: calls.append(1) or causal_rows(*a))
+    together = eng.generate(requests)
+    assert calls  # the path under test ran
+    assert [c.token_ids for c in together] == [eng.generate([r])[0].token_ids for r in requests]
+    monkeypatch.setattr(runner, "CAUSAL_ROWS_MIN_TOKENS", 10**9)  # every prompt through the explicit mask instead
+    masked = eng.generate(requests)
+    for a, b in zip(together, masked):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.step_scores or [], b.step_scores or []):
+            assert torch.allclose(x, y, atol=FP32_LOGPROB_ATOL)

@@ -19,9 +19,10 @@ PROMPTS = [
     "1. Instruction: Name the disease.\n1. Input: The child had measles.\n2. Instruction:",
     "A long clinical note: the patient, a 54 year old man with a history of hypertension and type 2 diabetes, presented with",
 ]
-PATHS = {"runner": dict(), "multi": dict(runner=False), "peft": dict(runner=False, multi_lora=False)}
+PATHS = {"runner": dict(), "multi": dict(runner=False), "peft": dict(runner=False, multi_lora=False), "runner-bf16": dict(weight_format="bf16")}
 # (forward path, model): every path on the Llama; the runner also on the Gemma 3, whose sliding-window masks
-# must follow rows that join, leave and merge
+# must follow rows that join, leave and merge; the runner on bf16 weight copies, whose products must stay
+# row-invariant like fp32's
 ENGINES = [(path, "llama") for path in PATHS] + [("runner", "gemma3")]
 
 
@@ -34,7 +35,7 @@ def engine(request: pytest.FixtureRequest) -> Engine:
     eng = Engine(model, tokenizer, base_label="tiny", **PATHS[path])
     for name, adapter in adapters.items():
         eng.load_adapter(name, adapter)
-    assert eng.forward_path() == path
+    assert eng.forward_path() == path.removesuffix("-bf16")
     return eng
 
 

@@ -299,7 +299,7 @@ class Engine:
                 raise EngineError(f"the {path} forward needs the concatenated-factor LoRA, which the loaded adapters do not allow")
         if path == "runner":
             assert self.runner is not None
-            rows = Runner.token_rows([(ids, adapters) for ids, _, _, adapters, _ in parts])
+            rows = Runner.token_rows([(ids, attention, adapters) for ids, attention, _, adapters, _ in parts])
             with self._multi.batch(rows, hooks=False) if self._multi is not None else contextlib.nullcontext():
                 return self.runner.forward_parts([Part(ids, attention, positions, cache) for ids, attention, positions, _, cache in parts], self._multi)
         return [self._hf_forward(*part, path) for part in parts]

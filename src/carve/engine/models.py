@@ -244,13 +244,13 @@ class LoadPlan:
     dtype: str
     quantize_4bit: bool
     compute_dtype: str
-    engine_weights: Literal["native", "int8"] = "native"  # int8: the engine's decoding products on int8 copies (CPU)
+    engine_weights: Literal["native", "bf16", "int8"] = "native"  # bf16, int8: the engine's products on copies of the frozen weights (CPU)
 
     def describe(self) -> str:
         if self.quantize_4bit:
             return f"{self.device}, 4-bit nf4 weights, {self.compute_dtype} compute"
-        if self.engine_weights == "int8":
-            return f"{self.device}, {self.dtype} model, int8 decoding weights"
+        if self.engine_weights != "native":
+            return f"{self.device}, {self.dtype} model, {self.engine_weights} decoding weights"
         return f"{self.device}, {self.dtype}"
 
 
@@ -258,12 +258,23 @@ Precision = Literal["auto", "fp32", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
 
 
-def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: bool | None = None) -> LoadPlan:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there a bf16 product is 2-4x fp32's speed, elsewhere slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: bool | None = None, cpu_bf16: bool = False) -> LoadPlan:
     """The one device/precision policy.
 
     CUDA: a 4-bit nf4 base (QLoRA) computing in bf16, unless quantize=False.
-    CPU: fp32 (bf16 on request); 4-bit only when asked for explicitly; int8:
-    an fp32 model whose decoding runs on int8 copies of the frozen weights.
+    CPU: an fp32 model (training and every activation stay fp32); the engine's
+    products on bf16 copies of the frozen weights when asked (bf16) or, by
+    default, when the CPU multiplies bf16 natively (``cpu_bf16``); int8: on
+    int8 copies. 4-bit only when asked for explicitly.
     """
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
@@ -273,10 +284,12 @@ def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: boo
         quant = True if quantize is None else quantize
         dtype = "fp32" if precision == "fp32" else "bf16"
         return LoadPlan("cuda", dtype, quant, "bf16" if quant else dtype)
-    if precision == "int8" and quantize:
-        raise ModelError("precision int8 and a 4-bit base exclude each other")
-    dtype = "bf16" if precision == "bf16" else "fp32"
-    return LoadPlan("cpu", dtype, bool(quantize), dtype, "int8" if precision == "int8" else "native")
+    if quantize:
+        if precision in ("bf16", "int8"):
+            raise ModelError(f"precision {precision} (the engine's weight copies) and a 4-bit base exclude each other")
+        return LoadPlan("cpu", "fp32", True, "fp32")
+    weights = {"fp32": "native", "bf16": "bf16", "int8": "int8", "auto": "bf16" if cpu_bf16 else "native"}[precision]
+    return LoadPlan("cpu", "fp32", False, "fp32", weights)  # type: ignore[arg-type]
 
 
 def _torch_dtype(name: str) -> "torch.dtype":
