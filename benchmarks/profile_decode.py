@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=1, help="distinct adapters over the rows (round robin)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
+    parser.add_argument("--precision", default="auto", help="auto (the engine's default), fp32, bf16 or int8")
     parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too (which products cost what)")
     args = parser.parse_args()
 
@@ -45,8 +46,9 @@ def main() -> None:
     names = [f"a{i}" for i in range(args.adapters)]
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_random_adapters(resolved.path, names, Path(tmp))
-        model, tokenizer = load_base(resolved, plan_load(False))
-        engine = Engine(model, tokenizer)
+        plan = plan_load(False, args.precision)
+        model, tokenizer = load_base(resolved, plan)
+        engine = Engine(model, tokenizer, weight_format=plan.engine_weights)
         for name, path in adapters.items():
             engine.load_adapter(name, path)
     prompts = [format_user_prompt(tokenizer, q) for q in QUESTIONS]
@@ -72,8 +74,8 @@ def main() -> None:
     plain_seconds, plain_steps = decode()  # the profiler's own overhead kept out of the step time
     step_ms = 1000 * plain_seconds / plain_steps
     shapes = model_shapes(engine)
-    ceiling_ms = 1000 * ceiling_seconds(products(shapes, "native"), shapes, args.batch, 2)
-    print(f"model {resolved.name}, B={args.batch}, {args.adapters} adapter(s), {torch.get_num_threads()} torch threads")
+    ceiling_ms = 1000 * ceiling_seconds(products(shapes, plan.engine_weights), shapes, args.batch, 2)
+    print(f"model {resolved.name}, B={args.batch}, {args.adapters} adapter(s), {plan.describe()}, {torch.get_num_threads()} torch threads")
     print(f"decode step {step_ms:.1f} ms ({args.batch * 1000 / step_ms:.0f} tokens/s); the model's own products alone {ceiling_ms:.1f} ms "
           f"({ceiling_ms / step_ms:.0%} of the step)")
     print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -83,7 +83,7 @@ def eval_command(
     against: Optional[List[str]] = typer.Option(
         None, "--against", help="Also pair every adapter against this one (its label: the folder name), e.g. the seeds-only adapter; repeatable."
     ),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or int8 (CPU: decoding on bf16 or int8 copies of the base weights; auto picks bf16 where the CPU multiplies it natively)."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or int8 (CPU: decoding on bf16 or int8 copies of the base weights)."),
 ) -> None:
     """Evaluate a base model and its adapters with the paper's protocol (token F1, ROUGE-L, k-shot)."""
     from rich.console import Console

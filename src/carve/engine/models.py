@@ -258,23 +258,14 @@ Precision = Literal["auto", "fp32", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there a bf16 product is 2-4x fp32's speed, elsewhere slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: bool | None = None, cpu_bf16: bool = False) -> LoadPlan:
+def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: bool | None = None) -> LoadPlan:
     """The one device/precision policy.
 
     CUDA: a 4-bit nf4 base (QLoRA) computing in bf16, unless quantize=False.
-    CPU: an fp32 model (training and every activation stay fp32); the engine's
-    products on bf16 copies of the frozen weights when asked (bf16) or, by
-    default, when the CPU multiplies bf16 natively (``cpu_bf16``); int8: on
-    int8 copies. 4-bit only when asked for explicitly.
+    CPU: an fp32 model (training and every activation stay fp32) decoding on
+    its own weights; bf16 or int8: the engine's products on bf16 or int8 copies
+    of the frozen weights (faster, but neither passed the evaluation gate:
+    docs/results). 4-bit only when asked for explicitly.
     """
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
@@ -288,7 +279,7 @@ def plan_load(cuda_available: bool, precision: Precision = "auto", quantize: boo
         if precision in ("bf16", "int8"):
             raise ModelError(f"precision {precision} (the engine's weight copies) and a 4-bit base exclude each other")
         return LoadPlan("cpu", "fp32", True, "fp32")
-    weights = {"fp32": "native", "bf16": "bf16", "int8": "int8", "auto": "bf16" if cpu_bf16 else "native"}[precision]
+    weights = {"auto": "native", "fp32": "native", "bf16": "bf16", "int8": "int8"}[precision]
     return LoadPlan("cpu", "fp32", False, "fp32", weights)  # type: ignore[arg-type]
 
 

@@ -34,8 +34,8 @@ class ServeConfig(BaseModel):
         "(default: CARVE_DATABASE_URL, else the SQLite file registry.sqlite3 in the registry folder).",
     )
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
-        "auto", description="CUDA: a 4-bit base computing in bf16 (auto), or the whole model in bf16/fp32. CPU: an fp32 model whose decoding "
-        "products run on bf16 (bf16; auto on a CPU with AVX-512 BF16 or AMX) or int8 copies of the frozen weights, or on its fp32 weights.",
+        "auto", description="CUDA: a 4-bit base computing in bf16 (auto), or the whole model in bf16/fp32. CPU: an fp32 model decoding on its "
+        "own weights (auto, fp32), or on bf16 or int8 copies of them (faster, answers not the same: docs/results).",
     )
     replicas: int = Field(1, ge=1, le=64, description="Engine replicas, each holding the base model once.")
     max_adapters: int = Field(8, ge=1, le=1024, description="Adapters held per replica (LRU).")
