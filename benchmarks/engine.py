@@ -193,30 +193,30 @@ def main() -> None:
         return best
 
     decode, ceiling = {}, {}
-    for fmt in engines:
+    for f in engines:
         for b in batches:
-            decode[fmt, b], ceiling[fmt, b] = alternate(
-                lambda fmt=fmt, b=b: engine_rates(engines[fmt], b, ["a0"] * b, 1)[0], lambda fmt=fmt, b=b: b / ceiling_seconds(prods[fmt], shapes, b, 1)
+            decode[f, b], ceiling[f, b] = alternate(
+                lambda f=f, b=b: engine_rates(engines[f], b, ["a0"] * b, 1)[0], lambda f=f, b=b: b / ceiling_seconds(prods[f], shapes, b, 1)
             )
     # a prefill needs the output projection (the last shape) for each prompt's last token only
     prefill, prefill_ceiling = {}, {}
-    for fmt in engines:
+    for f in engines:
         for kind, texts in (("bare", prompts), ("5-shot", kshot)):
-            prefill[fmt, kind], prefill_ceiling[fmt, kind] = alternate(
-                lambda fmt=fmt, texts=texts: engine_rates(engines[fmt], len(texts), ["a0"] * len(texts), 1, texts)[1],
-                lambda fmt=fmt, kind=kind, n=len(texts): prefill_rows[kind] / (
-                    ceiling_seconds(prods[fmt][:-1], shapes[:-1], prefill_rows[kind], 1) + ceiling_seconds(prods[fmt][-1:], shapes[-1:], n, 1)
+            prefill[f, kind], prefill_ceiling[f, kind] = alternate(
+                lambda f=f, texts=texts: engine_rates(engines[f], len(texts), ["a0"] * len(texts), 1, texts)[1],
+                lambda f=f, kind=kind, n=len(texts): prefill_rows[kind] / (
+                    ceiling_seconds(prods[f][:-1], shapes[:-1], prefill_rows[kind], 1) + ceiling_seconds(prods[f][-1:], shapes[-1:], n, 1)
                 ),
             )
     # 4 adapters mixed against one adapter, both at B = 16: (single, mixed) per format
     mixing = {
-        fmt: alternate(
-            lambda fmt=fmt: engine_rates(engines[fmt], 16, ["a0"] * 16, 1)[0],
-            lambda fmt=fmt: engine_rates(engines[fmt], 16, [names[i % 4] for i in range(16)], 1)[0],
+        f: alternate(
+            lambda f=f: engine_rates(engines[f], 16, ["a0"] * 16, 1)[0],
+            lambda f=f: engine_rates(engines[f], 16, [names[i % 4] for i in range(16)], 1)[0],
         )
-        for fmt in engines
+        for f in engines
     }
-    mixed = {fmt: mixing[fmt][1] for fmt in engines}
+    mixed = {f: mixing[f][1] for f in engines}
 
     # -- Hugging Face generate on the same peft model: steps timed by a logits processor -------
     class StepClock:

@@ -262,9 +262,9 @@ class Runner:
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         rope = {kind: tuple(_take(t, packed) for t in self._rope(x, parts, kind)) for kind in self.layer_types}
-        masks = {  # None: whole prompts, causal within each row's own tokens (no mask to build or apply)
+        masks = {  # None: whole prompts, attended row by row over their own tokens (no mask over the padded square)
             kind: [
-                None if _whole_prompts(p.attention, p.cache.length, p.input_ids.shape[1], self._window(kind))
+                None if _whole_prompts(p.attention, p.cache.length, p.input_ids.shape[1])
                 else _attention_mask(p.attention, p.cache.length, p.input_ids.shape[1], p.positions, self._window(kind))
                 for p in parts
             ]
@@ -291,7 +291,9 @@ class Runner:
                     index, k_slice.reshape(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2), v_slice.reshape(rows, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
                 )
                 if mask is None:
-                    a = _causal_rows(q, cached_keys, cached_values, part.attention, self.attention_scale, self.heads != self.kv_heads)
+                    a = _rows_attention(
+                        q, cached_keys, cached_values, part.attention, self._window(layer.layer_type), self.attention_scale, self.heads != self.kv_heads
+                    )
                 else:
                     a = F.scaled_dot_product_attention(
                         q, cached_keys, cached_values, attn_mask=mask, scale=self.attention_scale, enable_gqa=self.heads != self.kv_heads
@@ -379,32 +381,51 @@ def _rotate_half(x: "torch.Tensor") -> "torch.Tensor":
 CAUSAL_ROWS_MIN_TOKENS = 64  # below this one masked product for all rows costs less than a call per row
 
 
-def _whole_prompts(attention: "torch.Tensor", cached: int, q_len: int, window: int | None) -> bool:
-    """Whether a part is whole left-padded prompts that plain causal attention per row covers exactly.
+def _whole_prompts(attention: "torch.Tensor", cached: int, q_len: int) -> bool:
+    """Whether a part is whole left-padded prompts, which :func:`_rows_attention` covers exactly.
 
-    Nothing cached before it, no window the prompts reach past, and long enough
-    that the masked square's upper half (which the CPU's kernel computes under
-    an explicit mask, and skips under ``is_causal``) outweighs a call per row.
+    Nothing cached before it, and long enough that the masked square's waste
+    (its upper half and its padding, which the CPU's kernel computes under an
+    explicit mask) outweighs a call per row.
     """
-    if cached or q_len < CAUSAL_ROWS_MIN_TOKENS or (window is not None and window < q_len):
+    if cached or q_len < CAUSAL_ROWS_MIN_TOKENS:
         return False
     return bool((attention[:, 1:] >= attention[:, :-1]).all())  # each row: padding, then its tokens
 
 
-def _causal_rows(
-    q: "torch.Tensor", keys: "torch.Tensor", values: "torch.Tensor", attention: "torch.Tensor", scale: float | None, gqa: bool
+def _rows_attention(
+    q: "torch.Tensor", keys: "torch.Tensor", values: "torch.Tensor", attention: "torch.Tensor", window: int | None, scale: float | None, gqa: bool
 ) -> "torch.Tensor":
-    """Causal attention of each row over its own tokens only (its left padding cut away); zeros at padding queries."""
+    """Each row's causal attention over its own tokens only (its left padding cut away); zeros at padding queries.
+
+    Under ``is_causal`` the CPU's kernel skips the upper half. A sliding window
+    (a key fewer than ``window`` positions before its query) is run in blocks of
+    ``window`` queries, each over the keys it can see, so a long row computes a
+    band rather than its square.
+    """
+    import torch
     import torch.nn.functional as F
 
     out = q.new_zeros(q.shape)
     width = q.shape[2]
     for row, start in enumerate((width - attention.sum(-1)).tolist()):
-        if start < width:
-            out[row : row + 1, :, start:] = F.scaled_dot_product_attention(
-                q[row : row + 1, :, start:], keys[row : row + 1, :, start:width], values[row : row + 1, :, start:width],
-                is_causal=True, scale=scale, enable_gqa=gqa,
-            )
+        n = width - start
+        if n <= 0:
+            continue
+        qr, kr, vr = q[row : row + 1, :, start:], keys[row : row + 1, :, start:width], values[row : row + 1, :, start:width]
+        block = n if window is None else window
+        for first in range(0, n, block):
+            last = min(first + block, n)
+            if first == 0:  # the first block sees every key before it: plain causal
+                a = F.scaled_dot_product_attention(qr[:, :, :last], kr[:, :, :last], vr[:, :, :last], is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                low = first - block + 1
+                queries, seen = torch.arange(first, last, device=q.device), torch.arange(low, last, device=q.device)
+                distance = queries[:, None] - seen[None, :]
+                a = F.scaled_dot_product_attention(
+                    qr[:, :, first:last], kr[:, :, low:last], vr[:, :, low:last], attn_mask=(distance >= 0) & (distance < block), scale=scale, enable_gqa=gqa
+                )
+            out[row : row + 1, :, start + first : start + last] = a
     return out
 
 
