@@ -22,8 +22,8 @@ alternation with its peer (best of --repeats rounds each), so the machine's drif
 Targets (issue 17): decode >= 70% of ceiling at B = 16, 32 and >= 50% at B = 1; prefill
 >= 70%; >= 2x HF generate at B = 16 and >= 3x at B = 1; 4 adapters mixed >= 0.9x one.
 
-The ratios (RESULT) are those of --engine-format, by default the format the engine picks on this
-machine (carve.engine.models.plan_load), each against the ceiling of the same weights.
+The ratios (RESULT) are those of --engine-format, by default the engine's own default format
+(carve.engine.models.plan_load), each against the ceiling of the same weights.
 
 Run: ../shared/tools/offline .venv/bin/python benchmarks/engine.py [--quick] [--formats native,bf16,int8] [--hf-bf16]
 """
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="B = 1, 16, 32 only, no naive loop")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
     parser.add_argument("--formats", default="native,bf16", help="the engine's weight formats to measure (native = the model's fp32, bf16, int8)")
-    parser.add_argument("--engine-format", default=None, help="the format the RESULT ratios are of (default: the engine's choice on this machine)")
+    parser.add_argument("--engine-format", default=None, help="the format the RESULT ratios are of (default: the engine's default)")
     parser.add_argument("--hf-bf16", action="store_true", help="also time HF generate on a whole-bf16 model")
     args = parser.parse_args()
 
@@ -130,9 +130,8 @@ def main() -> None:
     batches = (1, 16, 32) if args.quick else BATCHES
     resolved = resolve_model(args.model)
     names = [f"a{i}" for i in range(4)]
-    formats = args.formats.split(",")
     fmt = args.engine_format or plan_load(torch.cuda.is_available()).engine_weights
-    formats = ["native"] + [f for f in formats if f != "native"] + ([fmt] if fmt not in formats else [])
+    formats = list(dict.fromkeys(["native", *args.formats.split(","), fmt]))  # fp32 always: the HF peers run on its model
     engines: dict[str, Engine] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_random_adapters(resolved.path, names, Path(tmp))

@@ -122,9 +122,7 @@ class _Product:
 
         self.out_features = int(weight.shape[0])
         self.weight: "torch.Tensor | None" = None
-        self.compute_dtype: "torch.dtype | None" = None  # None: x's own dtype
         if weight_format == "bf16":
-            self.compute_dtype = torch.bfloat16
             self.weight = weight.detach().to(torch.bfloat16).contiguous()
         elif weight_format == "int8":
             w = weight.detach().float()
@@ -137,9 +135,9 @@ class _Product:
         import torch
 
         if self.weight is not None:
-            if self.compute_dtype is None or self.compute_dtype == x.dtype:
+            if self.weight.dtype == x.dtype:
                 return torch.nn.functional.linear(x, self.weight)
-            return torch.nn.functional.linear(x.to(self.compute_dtype), self.weight).to(x.dtype)
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)  # bf16 copies
         rows = x.reshape(-1, x.shape[-1]).float()
         row_scale = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True).div_(127.0).clamp_(min=1e-12)
         quantized = torch.div(rows, row_scale).round_().to(torch.int8)
@@ -262,12 +260,9 @@ class Runner:
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         rope = {kind: tuple(_take(t, packed) for t in self._rope(x, parts, kind)) for kind in self.layer_types}
+        whole = [_whole_prompts(p.attention, p.cache.length, p.input_ids.shape[1]) for p in parts]
         masks = {  # None: whole prompts, attended row by row over their own tokens (no mask over the padded square)
-            kind: [
-                None if _whole_prompts(p.attention, p.cache.length, p.input_ids.shape[1])
-                else _attention_mask(p.attention, p.cache.length, p.input_ids.shape[1], p.positions, self._window(kind))
-                for p in parts
-            ]
+            kind: [None if w else _attention_mask(p.attention, p.cache.length, p.input_ids.shape[1], p.positions, self._window(kind)) for p, w in zip(parts, whole)]
             for kind in self.layer_types
         }
         tokens, padded = x.shape[0], real.shape[0]
