@@ -9,6 +9,7 @@ from typing import Iterator
 import pytest
 
 from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
+from carve.engine.drafting import DraftSettings
 from carve.engine.models import load_base, plan_load, resolve_model
 
 PROMPTS = [
@@ -260,3 +261,31 @@ def test_an_adapter_loaded_again_under_its_name_takes_its_kept_prefixes_with_it(
     finally:
         engine.unload_adapter("alpha")
         engine.load_adapter("alpha", adapters["alpha"])
+
+
+REPEATING = "one two three one two three one two three one two"
+
+
+@pytest.mark.parametrize("max_rows", [1, 8])
+def test_drafted_tokens_change_no_token(engine: Engine, max_rows: int) -> None:
+    """Speculative decoding by prompt lookup: greedy rows check drafts from their own context in one pass, and every
+    request (greedy ones drafting, the sampled, the mixture and the contrast beside them) gets the tokens it gets alone."""
+    if engine.forward_path() != "runner":
+        pytest.skip("drafts are checked on the runner's cache only")
+    reqs = [
+        GenerationRequest.single(REPEATING, "alpha", Sampling(max_new_tokens=24)),
+        GenerationRequest.single(REPEATING + " " + PROMPTS[0], None, Sampling(max_new_tokens=20, stop=("three one",))),
+        *requests(),
+    ]
+    expected = [alone(engine, request) for request in reqs]
+    before = engine.drafted_tokens, engine.accepted_draft_tokens
+    engine.drafts = DraftSettings(tokens=4, max_rows=max_rows)
+    try:
+        got = drive(engine, {0: reqs[:2], 1: reqs[2:4], 3: reqs[4:]}, 7, fused=True)
+        for i, request in enumerate(reqs):
+            assert got[i] == expected[i], f"request {i}"
+            assert engine.generate([request])[0].token_ids == expected[i], f"request {i} alone, drafting"
+    finally:
+        engine.drafts = DraftSettings()
+    drafted, accepted = engine.drafted_tokens - before[0], engine.accepted_draft_tokens - before[1]
+    assert drafted > 0 and 0 < accepted <= drafted

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.constraints import prepare
+from carve.engine.drafting import DraftSettings
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
 from carve.engine.picking import adjust_scores, combine, nucleus_candidates, pick_token
 from carve.engine.prefix_cache import PrefixCache
@@ -96,6 +97,8 @@ class Engine:
         self.min_shared_prefix = 16  # below this an extra forward pass costs more than it saves
         self.shared_prefix_tokens = 0  # prompt tokens not recomputed thanks to shared prefixes
         self.prefix_cache: PrefixCache | None = None  # prefixes kept across requests (the runner's caches only)
+        self.drafts = DraftSettings()  # speculative decoding by prompt lookup for plain greedy rows (off: tokens 0)
+        self.drafted_tokens = self.accepted_draft_tokens = 0  # draft tokens checked, and kept
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
@@ -286,39 +289,39 @@ class Engine:
         self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: ForwardPath
     ) -> "torch.Tensor":
         """Run ``input_ids`` [rows, q] after the cached columns, row i under adapter ``adapters[i]``; the last position's logits."""
-        return self.forward_parts([(input_ids, attention, positions, adapters, cache)], path)[0]
+        return self.forward_parts([PartInput(input_ids, attention, positions, adapters, cache)], path)[0]
 
     def forward_parts(self, parts: Sequence[PartInput], path: ForwardPath) -> list["torch.Tensor"]:
-        """Several batches (input ids, mask, positions, row adapters, cache), each after its own cache; the last position's logits of each.
+        """Several batches (input ids, mask, positions, row adapters, cache), each after its own cache; the last positions' logits of each.
 
         The runner runs them in one pass (the weights read once for all their
         tokens); Hugging Face's forward runs them one after the other.
         """
-        for _, _, _, adapters, _ in parts:
-            if path != "peft" and self._multi is None and any(name != PEFT_BASE for name in adapters):
+        for part in parts:
+            if path != "peft" and self._multi is None and any(name != PEFT_BASE for name in part.adapters):
                 raise EngineError(f"the {path} forward needs the concatenated-factor LoRA, which the loaded adapters do not allow")
         if path == "runner":
             assert self.runner is not None
-            rows = Runner.token_rows([(ids, attention, adapters) for ids, attention, _, adapters, _ in parts])
+            rows = Runner.token_rows([(p.input_ids, p.attention, p.adapters) for p in parts])
             with self._multi.batch(rows, hooks=False) if self._multi is not None else contextlib.nullcontext():
-                return self.runner.forward_parts([Part(ids, attention, positions, cache) for ids, attention, positions, _, cache in parts], self._multi)
-        return [self._hf_forward(*part, path) for part in parts]
+                return self.runner.forward_parts([Part(p.input_ids, p.attention, p.positions, p.cache, p.logit_columns) for p in parts], self._multi)
+        return [self._hf_forward(part, path) for part in parts]
 
-    def _hf_forward(
-        self, input_ids: "torch.Tensor", attention: "torch.Tensor", positions: "torch.Tensor", adapters: list[str], cache: Any, path: ForwardPath
-    ) -> "torch.Tensor":
+    def _hf_forward(self, part: PartInput, path: ForwardPath) -> "torch.Tensor":
         """Hugging Face's forward: LoRA rows through MultiLora's hooks ("multi") or peft's mixed batches ("peft")."""
-        lora = self._multi.batch(adapters) if self._multi is not None and path == "multi" else contextlib.nullcontext()
+        lora = self._multi.batch(part.adapters) if self._multi is not None and path == "multi" else contextlib.nullcontext()
         with lora:
             kwargs: dict[str, Any] = dict(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                input_ids=part.input_ids, attention_mask=part.attention, position_ids=part.positions, past_key_values=part.cache,
+                use_cache=True, logits_to_keep=part.logit_columns,
             )
             if path == "peft":
                 if hasattr(self.model, "peft_config"):
-                    kwargs["adapter_names"] = adapters
-                elif any(name != PEFT_BASE for name in adapters):
+                    kwargs["adapter_names"] = part.adapters
+                elif any(name != PEFT_BASE for name in part.adapters):
                     raise EngineError("no adapter is loaded")
-            return self.model(**kwargs).logits[:, -1, :]
+            logits = self.model(**kwargs).logits
+            return logits[:, -1, :] if part.logit_columns == 1 else logits
 
 
 def base_model(model: Any) -> Any:

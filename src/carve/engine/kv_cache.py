@@ -74,6 +74,12 @@ class KVCache:
         """Every layer has written ``columns`` more: the next write starts after them."""
         self.length += columns
 
+    def rewind(self, columns: int) -> None:
+        """Forget the last ``columns`` written (draft tokens no row kept): the next write overwrites them."""
+        if not 0 <= columns <= self.length:
+            raise ValueError(f"cannot rewind {columns} of {self.length} columns")
+        self.length -= columns
+
     def batch_select_indices(self, index: "torch.Tensor") -> None:
         """Keep (or repeat) rows by index, copying only the columns written so far.
 

@@ -48,14 +48,16 @@ WEIGHT_FORMATS: tuple[str, ...] = ("native", "bf16", "int8")
 class Part(NamedTuple):
     """One batch of a forward pass: ``input_ids`` [rows, q] run after ``cache``'s columns.
 
-    ``attention`` [rows, cached + q] marks real tokens (0 = left padding),
-    ``positions`` [rows, q] are their position ids.
+    ``attention`` [rows, cached + q] marks real tokens (0 = padding),
+    ``positions`` [rows, q] are their position ids; the logits of the last
+    ``logit_columns`` positions come back (more than one: a draft checked).
     """
 
     input_ids: "torch.Tensor"
     attention: "torch.Tensor"
     positions: "torch.Tensor"
     cache: KVCache
+    logit_columns: int = 1
 
 
 class LoraDeltas(Protocol):
@@ -235,7 +237,7 @@ class Runner:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
     def forward_parts(self, parts: Sequence[Part], lora: LoraDeltas | None) -> list["torch.Tensor"]:
-        """Several batches in one pass, each after its own cache: the last position's logits of each.
+        """Several batches in one pass, each after its own cache: each part's logits, [rows, vocab] or [rows, logit_columns, vocab].
 
         Every real token of every part goes through each linear product together,
         so the weights are read once per layer for all of them (a decode step and
@@ -305,13 +307,16 @@ class Runner:
             x = x + (out if layer.post_mlp_norm is None else self._norm(out, self.hidden, layer.post_mlp_norm))
         last, start = [], 0
         for part, size in zip(parts, sizes):
-            part.cache.advance(part.input_ids.shape[1])
-            last.append(torch.arange(start + part.input_ids.shape[1] - 1, start + size, part.input_ids.shape[1], device=x.device))
+            rows, q_len = part.input_ids.shape
+            part.cache.advance(q_len)
+            ends = torch.arange(start + q_len, start + size + 1, q_len, device=x.device)  # one past each row's last position
+            last.append((ends[:, None] - torch.arange(part.logit_columns, 0, -1, device=x.device)).reshape(-1))
             start += size
         logits = self.lm_head(self._norm(_put(x, packed, padded)[torch.cat(last), 0], self.hidden, self.final_norm))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return list(logits.split([part.input_ids.shape[0] for part in parts]))
+        split = logits.split([part.input_ids.shape[0] * part.logit_columns for part in parts])
+        return [t if part.logit_columns == 1 else t.view(part.input_ids.shape[0], part.logit_columns, -1) for t, part in zip(split, parts)]
 
     def _norm(self, x: "torch.Tensor", size: int, weight: "torch.Tensor | None") -> "torch.Tensor":
         """RMS norm over the last ``size`` features (Gemma's in fp32, then back to the input's dtype, as its own)."""

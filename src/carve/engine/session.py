@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import count
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, NamedTuple, Protocol, Sequence
 
 from carve.engine.constraints import TokenConstraint
+from carve.engine.drafting import DraftSettings, propose
 from carve.engine.kv_cache import KVCache, joined
 from carve.engine.multi_lora import PEFT_BASE
 from carve.engine.picking import TextTracker, combine, new_generator, pick_token
@@ -31,8 +32,20 @@ if TYPE_CHECKING:  # pragma: no cover
 # How a call's forward passes run: the engine's own runner (carve.engine.runner), Hugging Face's
 # forward with the concatenated-factor LoRA hooks, or Hugging Face's forward with peft's mixed batches.
 ForwardPath = Literal["runner", "multi", "peft"]
-# One batch of a forward pass: input ids [rows, q], attention mask, positions, each row's adapter, its cache.
-PartInput = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", list[str], Any]
+
+
+class PartInput(NamedTuple):
+    """One batch of a forward pass: input ids [rows, q], attention mask, positions, each row's adapter, its cache.
+
+    The logits of the last ``logit_columns`` positions come back (more than one: drafts checked).
+    """
+
+    input_ids: "torch.Tensor"
+    attention: "torch.Tensor"
+    positions: "torch.Tensor"
+    adapters: list[str]
+    cache: Any
+    logit_columns: int = 1
 
 
 class EngineCore(Protocol):
@@ -47,6 +60,9 @@ class EngineCore(Protocol):
     min_shared_prefix: int
     shared_prefix_tokens: int
     prefix_cache: PrefixCache | None
+    drafts: DraftSettings
+    drafted_tokens: int
+    accepted_draft_tokens: int
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
     def forward_path(self) -> ForwardPath: ...
@@ -73,6 +89,7 @@ class _Request:
     prompt_tokens: int
     generator: "torch.Generator"
     tracker: TextTracker
+    prompt_ids: list[int]  # its (first) prompt's tokens: with its own, where drafts are looked up
     constraint: TokenConstraint | None = None  # its grammar's state, when it asks for structured output
     steps: int = 0
 
@@ -114,6 +131,31 @@ class _Rows:
         self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=1)
         self.positions = self.positions + 1
 
+    def advance_drafts(self, inputs: Sequence[int]) -> "torch.Tensor":
+        """Every row appends ``max(inputs)`` columns, row i's first ``inputs[i]`` real (a token and its draft); their positions [rows, width]."""
+        import torch
+
+        offsets = torch.arange(max(inputs), device=self.attention.device)
+        real = offsets[None, :] < torch.tensor(inputs, device=offsets.device)[:, None]
+        self.attention = torch.cat([self.attention, real.to(self.attention.dtype)], dim=1)
+        return self.positions + 1 + offsets[None, :]
+
+    def keep_drafts(self, kept: Sequence[int], width: int) -> int:
+        """After :meth:`advance_drafts` of ``width``: row i kept its token and ``kept[i]`` drafted ones, the rest masked.
+
+        Returns how many trailing columns no row kept (to be dropped from the cache too).
+        """
+        import torch
+
+        offsets = torch.arange(width, device=self.attention.device)
+        counts = torch.tensor(kept, device=offsets.device)[:, None]
+        self.attention[:, -width:] = (offsets[None, :] <= counts).to(self.attention.dtype)
+        self.positions = self.positions + 1 + counts
+        unused = width - 1 - max(kept)
+        if unused:
+            self.attention = self.attention[:, :-unused]
+        return unused
+
     def dead_columns(self) -> int:
         """Leading columns that are padding in every row (their keys can go)."""
         import torch
@@ -149,7 +191,7 @@ class _Prefill:
         self.prompts = [r.ids for r in rows]
         self.row_request = [r.request for r in rows]
         self.shared_ids = rows[0].ids[:shared]
-        self.cache = engine.new_cache(shared + width + max_new_tokens, path)
+        self.cache = engine.new_cache(shared + width + max_new_tokens + engine.drafts.spare_columns, path)
         self.done = 0  # columns of the rest run so far
         self.logits: "torch.Tensor | None" = None
 
@@ -201,7 +243,7 @@ class _Prefill:
         rows, width = len(self.adapters), self.input_ids.shape[1]
         columns = width - self.done if budget is None else max(1, min(width - self.done, budget // rows))
         end, shared = self.done + columns, len(self.shared_ids)
-        part = (self.input_ids[:, self.done : end], self.attention[:, : shared + end], self.positions[:, self.done : end], self.adapters, self.cache)
+        part = PartInput(self.input_ids[:, self.done : end], self.attention[:, : shared + end], self.positions[:, self.done : end], self.adapters, self.cache)
         return part, columns
 
     def ran(self, logits: "torch.Tensor", columns: int) -> None:
@@ -306,7 +348,7 @@ class DecodeSession:
             constraint = TokenConstraint(grammar, self.engine.tokenizer, self.engine.vocab_size, self.engine.eos_ids) if grammar else None
             states.append(_Request(
                 request, sum(len(ids) for ids in encoded), new_generator(request.sampling.seed),
-                TextTracker(self.engine.tokenizer, request.sampling.stop), constraint,
+                TextTracker(self.engine.tokenizer, request.sampling.stop), encoded[0], constraint,
             ))
             rows += [_Row(-1 - i, ids, branch.adapter or PEFT_BASE) for ids, branch in zip(encoded, request.branches)]
         with self.lock:
@@ -355,7 +397,7 @@ class DecodeSession:
             self._rows, self._cache, self._logits = rows, cache, logits
             return
         assert self._logits is not None
-        remaining = max(self.requests[req].remaining for req in (*self._rows.rows_of, *rows.rows_of))
+        remaining = max(self.requests[req].remaining for req in (*self._rows.rows_of, *rows.rows_of)) + self.engine.drafts.spare_columns
         self._cache, self._rows = _merged(self._cache, self._rows, cache, rows, remaining)
         self._logits = torch.cat([self._logits, logits])
 
@@ -375,14 +417,22 @@ class DecodeSession:
             return []
         events: list[StreamEvent] = []
         parts: list[PartInput] = []
+        drafts: list[list[int]] | None = None
         with self.lock, torch.inference_mode():
             if self._rows is not None:
                 events = self._pick()
             if self._rows is not None:  # rows still decoding (the pick may have retired them all)
                 rows = self._rows
-                step_ids = torch.tensor([[ids[-1]] for ids in (self.requests[req].tracker.ids for req in rows.row_request)], device=rows.attention.device)
-                rows.advance()
-                parts.append((step_ids, rows.attention, rows.positions, rows.adapters, self._cache))
+                last = [self.requests[req].tracker.ids[-1] for req in rows.row_request]
+                drafts = self._drafts(rows)
+                if drafts is None:
+                    rows.advance()
+                    parts.append(PartInput(torch.tensor([[token] for token in last], device=rows.attention.device), rows.attention, rows.positions, rows.adapters, self._cache))
+                else:
+                    width, pad = 1 + max(len(d) for d in drafts), int(self.engine.tokenizer.pad_token_id)
+                    step_ids = torch.tensor([[token, *d] + [pad] * (width - 1 - len(d)) for token, d in zip(last, drafts)], device=rows.attention.device)
+                    positions = rows.advance_drafts([1 + len(d) for d in drafts])
+                    parts.append(PartInput(step_ids, rows.attention, positions, rows.adapters, self._cache, width))
             group = self._prefills[0] if prefill_budget and self._prefills else None
             if group is not None and group.needs_prefix:  # rows sharing a prompt prefix: a pass of its own, unless copied
                 self.prefilled = group.run_prefix()
@@ -394,8 +444,10 @@ class DecodeSession:
                 return events
             assert self.path is not None
             logits = self.engine.forward_parts(parts, self.path)
-            if self._rows is not None:
+            if self._rows is not None and drafts is None:
                 self._logits = logits[0]
+            elif self._rows is not None and drafts is not None:
+                events += self._check_drafts(drafts, logits[0])
             if group is not None and chunk is not None:
                 group.ran(logits[-1], chunk[1])
                 self.prefilled = len(group.adapters) * chunk[1]
@@ -431,24 +483,92 @@ class DecodeSession:
                 if forbidden is not None:  # and after: contrast's -inf - w * -inf is NaN for a forbidden token
                     scores = scores.masked_fill(forbidden, -math.inf)
                 token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
-            state.steps += 1
-            complete = state.constraint.accept(token) if state.constraint else False
-            reason: FinishReason | None = None
-            if token in self.engine.eos_ids and not request.sampling.ignore_eos:
-                reason = "eos"
-            elif state.tracker.add(token) or complete:
-                reason = "stop"
-            elif state.steps >= request.sampling.max_new_tokens:
-                reason = "length"
-            events.append(StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if scores is not None and request.record_scores else None))
-            if reason:
-                del self.requests[req]
-            else:
+            event = self._record(req, token, scores)
+            events.append(event)
+            if not event.finish_reason:
                 staying.append(req)
+        self._logits = None  # read: the step's pass gives the next
+        self._keep_running(staying)
+        return events
+
+    def _record(self, req: int, token: int, scores: "torch.Tensor | None") -> StreamEvent:
+        """A request's next token: its event, with a finish reason when it ends (it then leaves ``requests``)."""
+        state = self.requests[req]
+        request = state.request
+        state.steps += 1
+        complete = state.constraint.accept(token) if state.constraint else False
+        reason: FinishReason | None = None
+        if token in self.engine.eos_ids and not request.sampling.ignore_eos:
+            reason = "eos"
+        elif state.tracker.add(token) or complete:
+            reason = "stop"
+        elif state.steps >= request.sampling.max_new_tokens:
+            reason = "length"
+        if reason:
+            del self.requests[req]
+        return StreamEvent(req, state.tracker.delta(final=reason is not None), token, reason, scores.clone() if scores is not None and request.record_scores else None)
+
+    def _keep_running(self, staying: list[int]) -> None:
+        """Only the rows of ``staying`` go on decoding (their cache rows and logits with them)."""
+        rows = self._rows
+        assert rows is not None
         if not staying:
             self._clear_running()
         elif len(staying) < len(rows.rows_of):
-            self._cache.batch_select_indices(rows.keep(staying))
+            index = rows.keep(staying)
+            self._cache.batch_select_indices(index)
+            if self._logits is not None:
+                self._logits = self._logits[index]
+
+    # -- speculative decoding (carve.engine.drafting) ---------------------------
+
+    def _drafts(self, rows: _Rows) -> list[list[int]] | None:
+        """Each row's draft for the tokens after the one it just picked ([] for none); None when no row has one.
+
+        Only plain greedy rows draft (their check is an argmax), only on the
+        runner's cache, and only while the cache keeps room for every row's
+        remaining tokens after the draft's columns (a row that keeps fewer than
+        another leaves masked columns behind).
+        """
+        settings = self.engine.drafts
+        if not settings.tokens or self.path != "runner" or len(rows.row_request) > settings.max_rows:
+            return None
+        remaining = [self.requests[req].remaining for req in rows.row_request]
+        room = self._cache.capacity - self._cache.length - max(remaining)
+        if room <= 0:
+            return None
+        drafts = []
+        for req, left in zip(rows.row_request, remaining):
+            state = self.requests[req]
+            plain = _plain_greedy(state.request)
+            drafts.append(propose(state.prompt_ids + state.tracker.ids, settings, min(room, left)) if plain else [])
+        return drafts if any(drafts) else None
+
+    def _check_drafts(self, drafts: list[list[int]], logits: "torch.Tensor") -> list[StreamEvent]:
+        """Keep each row's drafted tokens up to the first its own greedy choice disagrees with; their events.
+
+        ``logits`` [rows, width, vocab]: position 0 follows the picked token,
+        position i the i-th drafted one. Row i's next logits are those after
+        its last kept token; the columns no row kept leave the cache.
+        """
+        import torch
+
+        rows = self._rows
+        assert rows is not None
+        greedy = logits.argmax(dim=-1).tolist()
+        events: list[StreamEvent] = []
+        kept: list[int] = []
+        for row, (req, draft) in enumerate(zip(rows.row_request, drafts)):
+            n = 0
+            while n < len(draft) and req in self.requests and greedy[row][n] == draft[n]:
+                events.append(self._record(req, draft[n], None))
+                n += 1
+            kept.append(n)
+        self.engine.drafted_tokens += sum(len(d) for d in drafts)
+        self.engine.accepted_draft_tokens += sum(kept)
+        self._logits = logits[torch.arange(len(kept), device=logits.device), torch.tensor(kept, device=logits.device)]
+        self._cache.rewind(rows.keep_drafts(kept, logits.shape[1]))
+        self._keep_running([req for req in rows.rows_of if req in self.requests])
         return events
 
     def cancel(self, request_id: int) -> bool:
@@ -458,14 +578,7 @@ class DecodeSession:
         rows = self._rows
         if rows is not None and request_id in rows.rows_of:
             with self.lock:
-                others = [req for req in rows.rows_of if req != request_id]
-                if not others:
-                    self._clear_running()
-                else:
-                    index = rows.keep(others)
-                    self._cache.batch_select_indices(index)
-                    assert self._logits is not None
-                    self._logits = self._logits[index]
+                self._keep_running([req for req in rows.rows_of if req != request_id])
         self._prefills = [p for p in self._prefills if any(req in self.requests for req in p.row_request)]
         return True
 
