@@ -34,6 +34,8 @@ def serve_command(
     max_step_tokens: int = _option("max_step_tokens", "--max-step-tokens", min=1),
     max_step_ms: Optional[float] = _option("max_step_ms", "--max-step-ms", min=0.001),
     max_waiting: int = _option("max_waiting", "--max-waiting", min=0),
+    draft_tokens: int = _option("draft_tokens", "--draft-tokens", min=0, max=16),
+    draft_max_rows: int = _option("draft_max_rows", "--draft-max-rows", min=1),
     engine_cpus: float = _option("engine_num_cpus", "--engine-cpus", min=0.0),
     engine_gpus: float = _option("engine_num_gpus", "--engine-gpus", min=0.0),
     engine_nice: int = _option("engine_nice", "--engine-nice", min=0, max=19),
@@ -53,7 +55,7 @@ def serve_command(
         config = ServeConfig.from_env(
             model=model, registry_root=registry, database_url=database, replicas=replicas, max_adapters=max_adapters, max_tokens_cap=max_tokens_cap,
             batching=batching, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, max_step_ms=max_step_ms, max_waiting=max_waiting, engine_num_cpus=engine_cpus, engine_num_gpus=engine_gpus,
-            engine_nice=engine_nice,
+            engine_nice=engine_nice, draft_tokens=draft_tokens, draft_max_rows=draft_max_rows,
             proxy_location=proxy_location, jobs=JobSettings.resuming_after(job_resume_after, num_cpus=job_cpus), default_max_tokens=min(128, max_tokens_cap),
         )
     except ValidationError as exc:

@@ -80,6 +80,8 @@ class EngineLoad:
     steps: int = 0  # decoding steps run since the replica started
     cancelled: int = 0  # jobs whose callers went away, since the replica started
     cached_prompt_tokens: int = 0  # prompt tokens copied from the prefix cache instead of run, since the replica started
+    drafted_tokens: int = 0  # draft tokens checked (speculative decoding), since the replica started
+    accepted_draft_tokens: int = 0  # of them, kept
 
 
 @dataclass

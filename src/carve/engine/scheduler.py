@@ -223,7 +223,8 @@ class Scheduler:
             waiting = len(self._waiting)
         kept = self.engine.prefix_cache
         return EngineLoad(
-            self.replica, self.session.rows, waiting, self.step_s, self.step_tokens, self.steps, self.cancelled, kept.reused_tokens if kept is not None else 0
+            self.replica, self.session.rows, waiting, self.step_s, self.step_tokens, self.steps, self.cancelled, kept.reused_tokens if kept is not None else 0,
+            self.engine.drafted_tokens, self.engine.accepted_draft_tokens,
         )
 
     def close(self, timeout: float = 5.0) -> None:
@@ -263,7 +264,7 @@ class Scheduler:
                 rows, step_started = self.session.rows, time.perf_counter()
                 events = self.session.step(prefill_budget=budget)  # decoded rows and a prompt chunk in one pass
                 if events:
-                    self.forward_cost.observe(rows + self.session.prefilled, time.perf_counter() - step_started)
+                    self.forward_cost.observe(rows + self.session.drafted + self.session.prefilled, time.perf_counter() - step_started)
                 tokens += len(events) + self.session.prefilled
                 if tokens:
                     self._record_step(time.perf_counter() - started, tokens)

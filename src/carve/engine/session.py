@@ -292,6 +292,7 @@ class DecodeSession:
         self._cache: Any = None
         self._logits: "torch.Tensor | None" = None
         self.prefilled = 0  # prompt tokens the last step ran beside its decoded rows
+        self.drafted = 0  # draft tokens the last step checked beside its decoded rows
 
     # -- what is in it ------------------------------------------------------
 
@@ -412,7 +413,7 @@ class DecodeSession:
         """
         import torch
 
-        self.prefilled = 0
+        self.prefilled = self.drafted = 0
         if self._rows is None and not (prefill_budget and self._prefills):
             return []
         events: list[StreamEvent] = []
@@ -432,6 +433,7 @@ class DecodeSession:
                     width, pad = 1 + max(len(d) for d in drafts), int(self.engine.tokenizer.pad_token_id)
                     step_ids = torch.tensor([[token, *d] + [pad] * (width - 1 - len(d)) for token, d in zip(last, drafts)], device=rows.attention.device)
                     positions = rows.advance_drafts([1 + len(d) for d in drafts])
+                    self.drafted = sum(len(d) for d in drafts)
                     parts.append(PartInput(step_ids, rows.attention, positions, rows.adapters, self._cache, width))
             group = self._prefills[0] if prefill_budget and self._prefills else None
             if group is not None and group.needs_prefix:  # rows sharing a prompt prefix: a pass of its own, unless copied
@@ -564,7 +566,7 @@ class DecodeSession:
                 events.append(self._record(req, draft[n], None))
                 n += 1
             kept.append(n)
-        self.engine.drafted_tokens += sum(len(d) for d in drafts)
+        self.engine.drafted_tokens += self.drafted
         self.engine.accepted_draft_tokens += sum(kept)
         self._logits = logits[torch.arange(len(kept), device=logits.device), torch.tensor(kept, device=logits.device)]
         self._cache.rewind(rows.keep_drafts(kept, logits.shape[1]))

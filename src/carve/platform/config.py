@@ -49,6 +49,11 @@ class ServeConfig(BaseModel):
         None, gt=0, le=600000, description="Inter-token target while rows decode (continuous): a step's prefill chunk is cut to what fits beside "
         "the decode in this time, by the costs the replica measures (at least 16 prompt tokens a step); default: the token budget alone.",
     )
+    draft_tokens: int = Field(
+        0, ge=0, le=16, description="Speculative decoding by prompt lookup: tokens drafted from a greedy request's own text and checked in one pass "
+        "while at most draft_max_rows sequences decode (the same tokens, more per pass when the text repeats itself or its prompt); 0: off.",
+    )
+    draft_max_rows: int = Field(4, ge=1, le=512, description="Sequences decoding above which no drafts are made (a wide step is bound by arithmetic).")
     max_waiting: int = Field(128, ge=0, le=100000, description="Requests queued per replica (continuous); more get 429 with Retry-After.")
     batch_wait_s: float = Field(0.02, ge=0.0, le=5.0, description="How long a static batch waits to fill after its first request.")
     default_max_tokens: int = Field(128, ge=1)

@@ -25,6 +25,7 @@ from ray import serve
 
 from carve.engine.adapter_cache import AdapterCache
 from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
+from carve.engine.drafting import DraftSettings
 from carve.engine.requests import EngineError
 from carve.engine.scheduler import Limits, QueueFull, Scheduler
 from carve.platform.config import ServeConfig
@@ -64,6 +65,7 @@ class EngineServer:
 
             torch.set_num_threads(self.config.engine_threads)
         self.engine, self.resolved, self.plan = open_engine(self.config.model, precision=self.config.precision)
+        self.engine.drafts = DraftSettings(tokens=self.config.draft_tokens, max_rows=self.config.draft_max_rows)
         self.cache = AdapterCache(self.engine, self.config.max_adapters)
         try:
             self.engine.prepare_structured_output()

@@ -51,6 +51,10 @@ class ServerMetrics:
         self.cached_prompt_tokens = Gauge(
             "carve_engine_prefix_cache_tokens", "Prompt tokens copied from the prefix cache instead of run, since the replica started.", ["replica"], registry=self.registry
         )
+        self.draft_tokens = Gauge(
+            "carve_engine_draft_tokens", "Draft tokens of speculative decoding checked (drafted) and kept (accepted), since the replica started.",
+            ["replica", "kind"], registry=self.registry,
+        )
         self.cancelled = Gauge("carve_engine_cancelled_jobs", "Jobs cancelled because their callers went away, since the replica started.", ["replica"], registry=self.registry)
         self.replica_retries = Counter(
             "carve_replica_retries", "Engine calls sent again because the replica holding them went away, by Ray's error.", ["error"], registry=self.registry
@@ -97,6 +101,8 @@ class ServerMetrics:
             self.steps.labels(load.replica).set(load.steps)
             self.cancelled.labels(load.replica).set(load.cancelled)
             self.cached_prompt_tokens.labels(load.replica).set(load.cached_prompt_tokens)
+            self.draft_tokens.labels(load.replica, "drafted").set(load.drafted_tokens)
+            self.draft_tokens.labels(load.replica, "accepted").set(load.accepted_draft_tokens)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
