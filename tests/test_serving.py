@@ -45,6 +45,7 @@ def server(registry, tiny_model_dir: Path) -> Iterator[str]:
     with local_server(
         tiny_model_dir, registry.root, max_adapters=2, num_cpus=2, engine_num_cpus=0, admin_token=ADMIN,
         max_tokens_cap=64, default_max_tokens=16, batch_wait_s=0.05,
+        draft_tokens=4, draft_max_rows=64,  # speculative decoding on: every served token must still be the engine's own greedy one
     ) as url:
         yield url
 
@@ -320,6 +321,8 @@ def test_health_and_metrics(client):
     assert value(r"carve_adapter_load_failures_total") >= 1
     assert value(r'carve_routing_decisions_total\{mode="mixture",space="output",target="alpha\+beta"') >= 1
     assert value(r'carve_routing_decisions_total\{mode="explicit",space="single",target="alpha"') >= 3
+    drafted, accepted = value(r'carve_engine_draft_tokens\{kind="drafted"'), value(r'carve_engine_draft_tokens\{kind="accepted"')
+    assert 0 < accepted <= drafted  # greedy requests drafted from their own text; the tokens above are still the direct engine's
 
 # Keyed inference (CARVE_API_KEY) is tested with `carve serve` itself in test_serving_cli.py.
 

@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
-from carve.engine.drafting import DraftSettings
+from carve.engine.drafting import DraftSettings, propose
 from carve.engine.models import load_base, plan_load, resolve_model
 
 PROMPTS = [
@@ -289,3 +289,15 @@ def test_drafted_tokens_change_no_token(engine: Engine, max_rows: int) -> None:
         engine.drafts = DraftSettings()
     drafted, accepted = engine.drafted_tokens - before[0], engine.accepted_draft_tokens - before[1]
     assert drafted > 0 and 0 < accepted <= drafted
+
+
+def test_a_draft_is_what_followed_the_latest_longest_match_of_the_row_s_end() -> None:
+    settings = DraftSettings(tokens=3, min_match=2, max_match=3)
+    assert propose([5, 6, 7, 1, 2, 9, 9, 5, 6, 8, 8, 8, 5, 6], settings, 10) == [8, 8, 8]  # the latest "5 6", not the first
+    assert propose([1, 2, 3, 4, 9, 2, 3, 7, 1, 2, 3], settings, 10) == [4, 9, 2]  # "1 2 3" beats the later "2 3"
+    assert propose([1, 2, 3, 4, 9, 2, 3, 7, 1, 2, 3], settings, 2) == [4, 9]  # no more than the row may still write
+    assert propose([1, 2, 3, 4, 5, 6], settings, 10) == []  # nothing repeats
+    assert propose([4, 4, 4, 4], settings, 10) == [4]  # a run: the token after the match is the run's last
+    assert propose([1, 2, 1, 2], DraftSettings(), 10) == []  # tokens 0: off
+    with pytest.raises(ValueError, match="bad draft settings"):
+        DraftSettings(tokens=2, min_match=3, max_match=2)
