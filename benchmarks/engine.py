@@ -14,6 +14,9 @@ alternation with its peer (best of --repeats rounds each), so the machine's drif
            (timed by a logits processor called after every step's forward pass), on the fp32
            model users load by default and (--hf-bf16) on a whole-bf16 model
   mixing   at B = 16: 4 adapters mixed vs 1 adapter (run in alternation); the naive set_adapter+generate loop
+  drafts   at B = 1, answers to 6 questions one by one to their natural end (EOS not ignored:
+           the same tokens on every side), decode tokens/s of the engine without and with
+           speculative decoding by prompt lookup (--draft-tokens) and of HF generate, in alternation
   prefill  engine prefill tokens/s vs the prefill ceiling (the output projection for each
            prompt's last token only, as a prefill needs), on 16 bare questions and on 16
            5-shot prompts as evaluation builds them (the shipped biomedical seeds as
@@ -50,6 +53,7 @@ QUESTIONS = [
     "What does an MRI scan show?", "How does aspirin reduce pain?",
 ]
 BATCHES = (1, 8, 16, 32, 64)
+DRAFT_QUESTIONS = 6  # answered one by one in the speculative-decoding measurement
 
 
 def best_time(run: Callable[[], Any], repeats: int) -> float:
@@ -115,6 +119,8 @@ def main() -> None:
     parser.add_argument("--formats", default="native,bf16", help="the engine's weight formats to measure (native = the model's fp32, bf16, int8)")
     parser.add_argument("--engine-format", default=None, help="the format the RESULT ratios are of (default: the engine's default)")
     parser.add_argument("--hf-bf16", action="store_true", help="also time HF generate on a whole-bf16 model")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="also time B=1 answers with speculative decoding by prompt lookup (0: not)")
+    parser.add_argument("--draft-new-tokens", type=int, default=96, help="most new tokens of each answer in the B=1 drafting measurement")
     args = parser.parse_args()
 
     import torch
@@ -123,6 +129,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from carve.engine.decoding import Engine, GenerationRequest, Sampling
+    from carve.engine.drafting import DraftSettings
     from carve.engine.models import LoadPlan, load_base, plan_load, resolve_model
     from carve.engine.text import format_user_prompt
 
@@ -252,6 +259,44 @@ def main() -> None:
             beside_hf[dtype, b], hf[dtype, b] = alternate(
                 lambda b=b: engine_rates(engines[fmt], b, ["a0"] * b, 1)[0], lambda b=b, m=hf_model: hf_rate(m, b, 1)
             )
+
+    # -- speculative decoding at B=1: answers to their natural end, one request at a time ------
+    def answers_rate(drafts: DraftSettings) -> float:
+        """Decode tokens/s of the engine answering DRAFT_QUESTIONS one by one (first token to last, prefill excluded)."""
+        engine = engines[fmt]
+        engine.drafts = drafts
+        seconds = tokens = 0.0
+        try:
+            for text in prompts[:DRAFT_QUESTIONS]:
+                engine.prefix_cache and engine.prefix_cache.forget()
+                times = [time.perf_counter() for _ in engine.stream([GenerationRequest.single(text, "a0", Sampling(max_new_tokens=args.draft_new_tokens))])]
+                seconds, tokens = seconds + times[-1] - times[0], tokens + len(times) - 1
+        finally:
+            engine.drafts = DraftSettings()
+        return tokens / seconds
+
+    def hf_answers_rate() -> float:
+        """The same answers by HF generate on the fp32 peft model (greedy, to the end of sequence: the same tokens)."""
+        from transformers import LogitsProcessorList
+
+        model = hf_models["fp32"]
+        model.set_adapter("a0")
+        seconds = tokens = 0.0
+        for text in prompts[:DRAFT_QUESTIONS]:
+            clock = StepClock()
+            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=args.draft_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                               logits_processor=LogitsProcessorList([clock]))
+            seconds, tokens = seconds + clock.times[-1] - clock.times[0], tokens + len(clock.times) - 1
+        return tokens / seconds
+
+    drafting: tuple[float, float, float] | None = None
+    accepted = drafted = 0
+    if args.draft_tokens:
+        before = engines[fmt].drafted_tokens, engines[fmt].accepted_draft_tokens
+        drafting = tuple(alternate(lambda: answers_rate(DraftSettings()), lambda: answers_rate(DraftSettings(tokens=args.draft_tokens)), hf_answers_rate))
+        drafted, accepted = engines[fmt].drafted_tokens - before[0], engines[fmt].accepted_draft_tokens - before[1]
     naive = None
     if not args.quick:
         peft_model = fp32.model
@@ -282,6 +327,10 @@ def main() -> None:
     for dtype in hf_models:
         print(f"engine {label[fmt]} in alternation with HF generate on the {dtype} model: B=1 {beside_hf[dtype, 1]:.1f} vs {hf[dtype, 1]:.1f}, "
               f"B=16 {beside_hf[dtype, 16]:.1f} vs {hf[dtype, 16]:.1f} tokens/s")
+    if drafting is not None:
+        print(f"B=1, {DRAFT_QUESTIONS} answers one by one to their end (at most {args.draft_new_tokens} tokens), decode tokens/s in alternation: "
+              f"engine {drafting[0]:.1f}, engine with {args.draft_tokens} draft tokens {drafting[1]:.1f} ({accepted} of {drafted} drafted tokens kept), "
+              f"HF generate {drafting[2]:.1f}")
     print(f"ratios below: the engine on {label[fmt]} weights against the ceiling of the same weights; HF generate on the fp32 model")
     chart = _chart(batches, decode, ceiling, hf, resolved.name, label)
     print(f"chart: {chart}")
@@ -299,6 +348,9 @@ def main() -> None:
     result.update({f"{label[f]}_vs_fp32_b16": decode[f, 16] / decode["native", 16] for f in engines if f != "native"})
     if "bf16" in hf_models:
         result["engine_vs_hf_bf16"] = beside_hf["bf16", 16] / hf["bf16", 16]
+    if drafting is not None:
+        result["b1_answers_vs_hf"] = drafting[0] / drafting[2]
+        result["b1_drafts_vs_hf"] = drafting[1] / drafting[2]
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
 
 
