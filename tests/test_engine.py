@@ -313,27 +313,31 @@ def test_bf16_weight_copies_stay_close_to_fp32_and_leave_the_model_fp32(request:
     assert all(p.dtype == torch.float32 for p in engines["bf16"].model.parameters())
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["whole", "after-shared-prefix"])
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_long_prompts_of_unequal_length_run_unpadded_and_causal_as_with_the_mask(
-    request: pytest.FixtureRequest, architecture: str, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, architecture: str, shared: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Whole long prompts skip their padding in the products and attend row by row (causal, the Gemma's window in blocks): as the masked square."""
+    """Long prompts skip their padding in the products and attend row by row (causal, the Gemma's window in blocks): as the masked
+    square. Whole prompts from column 0, or after a prompt prefix they share, run once and cached (its keys gathered per row)."""
     from carve.engine import runner
 
     folder, adapters = _model_and_adapters(request, architecture)
     model, tokenizer = load_base(resolve_model(str(folder)), plan_load(False))
     eng = Engine(model, tokenizer)
     eng.load_adapter("alpha", adapters["alpha"])
-    eng.share_prefixes = False  # whole prompts from column 0: the causal path's case
-    notes = ["The patient, a 54 year old man with hypertension, was given metformin. " * n for n in (6, 3, 9)]
+    eng.share_prefixes = shared
+    start = "Clinical notes of the ward, night shift. Vitals were stable overnight. " if shared else ""
+    notes = [start + f"Bed {bed}: the patient, a 54 year old man with hypertension, was given metformin. " * n for bed, n in zip("ABC", (6, 3, 9))]
     requests = [GenerationRequest((Branch(note + "Name the drug:", a),), sampling=greedy(8), record_scores=True) for note, a in zip(notes, [None, "alpha", "alpha"])]
     lengths = [len(eng.encode(r.branches[0].prompt)) for r in requests]
     assert min(lengths) >= runner.CAUSAL_ROWS_MIN_TOKENS and len(set(lengths)) == 3
-    calls = []
+    calls: list[tuple[int | None, int]] = []  # (window, cached columns) of each row-by-row call
     rows_attention = runner._rows_attention
-    monkeypatch.setattr(runner, "_rows_attention", lambda *a: calls.append(a[4]) or rows_attention(*a))
+    monkeypatch.setattr(runner, "_rows_attention", lambda *a: calls.append((a[4], a[1].shape[2] - a[0].shape[2])) or rows_attention(*a))
     together = eng.generate(requests)
-    assert calls and (architecture == "llama" or 8 in calls)  # the path under test ran, on the Gemma over its window (8) too
+    assert calls and (architecture == "llama" or any(window == 8 for window, _ in calls))  # the path ran, on the Gemma over its window (8) too
+    assert any(cached for _, cached in calls) == shared  # after the shared prefix's columns, when there is one
     assert [c.token_ids for c in together] == [eng.generate([r])[0].token_ids for r in requests]
     monkeypatch.setattr(runner, "CAUSAL_ROWS_MIN_TOKENS", 10**9)  # every prompt through the explicit mask instead
     masked = eng.generate(requests)

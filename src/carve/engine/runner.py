@@ -262,9 +262,9 @@ class Runner:
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         rope = {kind: tuple(_take(t, packed) for t in self._rope(x, parts, kind)) for kind in self.layer_types}
-        whole = [_whole_prompts(p.attention, p.cache.length, p.input_ids.shape[1]) for p in parts]
-        masks = {  # None: whole prompts, attended row by row over their own tokens (no mask over the padded square)
-            kind: [None if w else _attention_mask(p.attention, p.cache.length, p.input_ids.shape[1], p.positions, self._window(kind)) for p, w in zip(parts, whole)]
+        by_row = [_causal_rows(p.attention, p.cache.length, p.input_ids.shape[1]) for p in parts]
+        masks = {  # None: attended row by row over each row's real keys (no mask over the padded square)
+            kind: [None if r else _attention_mask(p.attention, p.cache.length, p.input_ids.shape[1], p.positions, self._window(kind)) for p, r in zip(parts, by_row)]
             for kind in self.layer_types
         }
         tokens, padded = x.shape[0], real.shape[0]
@@ -381,41 +381,61 @@ def _rotate_half(x: "torch.Tensor") -> "torch.Tensor":
 CAUSAL_ROWS_MIN_TOKENS = 64  # below this one masked product for all rows costs less than a call per row
 
 
-def _whole_prompts(attention: "torch.Tensor", cached: int, q_len: int) -> bool:
-    """Whether a part is whole left-padded prompts, which :func:`_rows_attention` covers exactly.
+def _causal_rows(attention: "torch.Tensor", cached: int, q_len: int) -> bool:
+    """Whether a part's attention runs row by row (:func:`_rows_attention`) rather than under the masked square.
 
-    Nothing cached before it, and long enough that the masked square's waste
-    (its upper half and its padding, which the CPU's kernel computes under an
-    explicit mask) outweighs a call per row.
+    Its new tokens are left-padded (each row: padding, then its tokens) and
+    long enough that the square's waste (its upper half and its padding, which
+    the CPU's kernel computes under an explicit mask) outweighs a call per row;
+    and what is cached before them (a shared prompt prefix, an earlier chunk)
+    is no longer than they are, since each cached key costs a query of its own there.
     """
-    if cached or q_len < CAUSAL_ROWS_MIN_TOKENS:
+    if q_len < CAUSAL_ROWS_MIN_TOKENS:
         return False
-    return bool((attention[:, 1:] >= attention[:, :-1]).all())  # each row: padding, then its tokens
+    new = attention[:, cached:]
+    if not bool((new[:, 1:] >= new[:, :-1]).all()):
+        return False
+    return int(attention[:, :cached].sum()) <= int(new.sum())
 
 
 def _rows_attention(
     q: "torch.Tensor", keys: "torch.Tensor", values: "torch.Tensor", attention: "torch.Tensor", window: int | None, scale: float | None, gqa: bool
 ) -> "torch.Tensor":
-    """Each row's causal attention over its own tokens only (its left padding cut away); zeros at padding queries.
+    """Each row's causal attention over its real keys only (padding cut away); zeros at padding queries.
 
-    Under ``is_causal`` the CPU's kernel skips the upper half. A sliding window
-    (a key fewer than ``window`` positions before its query) is run in blocks of
-    ``window`` queries, each over the keys it can see, so a long row computes a
-    band rather than its square.
+    A row's real keys, in order, are its whole sequence so far (a key's
+    position is the count of real columns before it), so a row is one causal
+    square over them. Under ``is_causal`` the CPU's kernel skips the upper
+    half; its alignment is the square's top left, so the cached keys before
+    the new queries (a shared prefix) get queries of their own, zeros, whose
+    outputs are dropped. A sliding window (a key fewer than ``window``
+    positions before its query) is run in blocks of ``window`` queries, each
+    over the keys it can see, so a long row computes a band rather than its square.
     """
     import torch
     import torch.nn.functional as F
 
     out = q.new_zeros(q.shape)
-    width = q.shape[2]
-    for row, start in enumerate((width - attention.sum(-1)).tolist()):
-        n = width - start
+    rows, heads, q_len, head_dim = q.shape
+    width = keys.shape[2]
+    for row in range(rows):
+        mask = attention[row]
+        n, total = int(mask[width - q_len :].sum()), int(mask.sum())  # its new tokens (the last columns), all its tokens
         if n <= 0:
             continue
-        qr, kr, vr = q[row : row + 1, :, start:], keys[row : row + 1, :, start:width], values[row : row + 1, :, start:width]
-        block = n if window is None else window
-        for first in range(0, n, block):
-            last = min(first + block, n)
+        if bool(mask[width - total :].all()):  # one run of real columns at the end: a view
+            kr, vr = keys[row : row + 1, :, width - total :], values[row : row + 1, :, width - total :]
+        else:  # a shared prefix, then padding, then the row's own tokens: gathered
+            real = mask.nonzero().squeeze(1)
+            kr, vr = keys[row : row + 1].index_select(2, real), values[row : row + 1].index_select(2, real)
+        qr = q[row : row + 1, :, q_len - n :]
+        if total > n:
+            qr = torch.cat([qr.new_zeros(1, heads, total - n, head_dim), qr], dim=2)
+        block = total if window is None else window
+        for first in range(0, total, block):
+            last = min(first + block, total)
+            if last <= total - n:  # only the cached keys' stand-in queries
+                continue
             if first == 0:  # the first block sees every key before it: plain causal
                 a = F.scaled_dot_product_attention(qr[:, :, :last], kr[:, :, :last], vr[:, :, :last], is_causal=True, scale=scale, enable_gqa=gqa)
             else:
@@ -425,7 +445,8 @@ def _rows_attention(
                 a = F.scaled_dot_product_attention(
                     qr[:, :, first:last], kr[:, :, low:last], vr[:, :, low:last], attn_mask=(distance >= 0) & (distance < block), scale=scale, enable_gqa=gqa
                 )
-            out[row : row + 1, :, start + first : start + last] = a
+            keep = max(first, total - n)  # the block's first own query
+            out[row : row + 1, :, q_len - (total - keep) : q_len - (total - last)] = a[:, :, keep - first :]
     return out
 
 
