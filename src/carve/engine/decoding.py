@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from carve.engine.adapter_checks import check_adapter_files, check_adapter_fits
 from carve.engine.constraints import prepare
 from carve.engine.drafting import DraftSettings
+from carve.engine.host_memory import keep_freed_memory
 from carve.engine.multi_lora import PEFT_BASE, MultiLora
 from carve.engine.picking import adjust_scores, combine, nucleus_candidates, pick_token
 from carve.engine.prefix_cache import PrefixCache
@@ -104,6 +105,8 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # the width of a step's logits
         self.runner = self._build_runner(weight_format) if runner else None
+        if self.device().type == "cpu":
+            keep_freed_memory()  # a long prefill's activations reused, not page-faulted again at every layer
         if self.runner is not None:
             self.prefix_cache = PrefixCache(min_tokens=self.min_shared_prefix)
         if weight_format != "native" and self.runner is None:
