@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Ask glibc to serve every block from its heap and keep what is freed for reuse; False where there is no glibc."""
+    """Once per process, ask glibc to serve every block from its heap and keep what is freed for reuse; False where there is no glibc."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
