@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import make_random_adapters  # noqa: E402
 
-from carve.platform.local_cluster import free_port  # noqa: E402  (also what serving_load imports from here)
-
 TOPICS = [
     "the history of the printing press", "how vaccines train the immune system", "a day in the life of a lighthouse keeper",
     "why the sky is blue", "the rules of chess", "how interest rates affect mortgages", "the water cycle",
@@ -232,10 +230,9 @@ def main() -> None:
         for name, path in adapters.items():
             registry.add(path, name, base=resolved)
         names = list(adapters)
-        port = free_port()
         started = time.perf_counter()
         handle = start_local_server(
-            args.model, registry.root, port, max_adapters=8, num_cpus=os.cpu_count() or 2,
+            args.model, registry.root, 0, max_adapters=8, num_cpus=os.cpu_count() or 2,
             engine_num_cpus=0, engine_threads=args.threads, max_batch_size=args.concurrency, batch_wait_s=args.batch_wait,
         )
         print(f"server up in {time.perf_counter() - started:.0f}s at {handle.url}", flush=True)

@@ -50,7 +50,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import OUT_DIR, make_random_adapters  # noqa: E402
-from serving import free_port, naive_app  # noqa: E402
+from serving import naive_app  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "eval"
 LEVELS = (0.3, 0.7, 1.2)
@@ -388,7 +388,7 @@ def main() -> None:
             max_adapters=8, engine_num_cpus=0, engine_threads=args.threads, max_batch_size=args.batch, max_waiting=args.max_waiting,
             max_tokens_cap=256, batch_wait_s=0.05, max_step_tokens=args.max_step_tokens, max_step_ms=args.max_step_ms, engine_nice=args.engine_nice,
         )
-        handle = start_local_server(args.model, registry.root, free_port(), num_cpus=os.cpu_count() or 2, batching="continuous", **settings)
+        handle = start_local_server(args.model, registry.root, 0, num_cpus=os.cpu_count() or 2, batching="continuous", **settings)
         url = handle.url
         try:
             saturation: dict[str, Run] = {}

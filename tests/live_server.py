@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from carve.platform.local_cluster import free_port
-
 CARVE_ENV = ("CARVE_HOME", "CARVE_REGISTRY", "CARVE_ADMIN_TOKEN", "CARVE_API_KEY")
 
 
@@ -37,7 +35,7 @@ def local_server(model: Path, registry_root: Path, **settings: Any) -> Iterator[
     """`carve serve`'s application (gateway + engine) on loopback; its base URL. Serve is shut down afterwards."""
     from carve.platform.launcher import start_local_server, stop_local_server
 
-    handle = start_local_server(str(model), registry_root, free_port(), **settings)
+    handle = start_local_server(str(model), registry_root, 0, **settings)  # a free port once Ray is up
     try:
         yield handle.url
     finally:

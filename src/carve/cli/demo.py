@@ -10,7 +10,6 @@ A killed demo resumes where it stopped: the run folder is resumable.
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -86,12 +85,6 @@ def demo_command(
         raise fail(str(exc))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_demo(
     out: Path,
     model: str,
@@ -143,9 +136,9 @@ def _serve_and_ask(console: Console, model: str, registry_root: Path, tag: str) 
     from carve.engine.templates import alpaca_prompt
     from carve.platform.launcher import start_local_server, stop_local_server
 
-    port = _free_port()
-    console.print(f"starting the server on 127.0.0.1:{port} ...")
-    handle = start_local_server(model, registry_root, port=port, max_adapters=4)
+    console.print("starting the server on a free port of 127.0.0.1 ...")
+    handle = start_local_server(model, registry_root, port=0, max_adapters=4)
+    console.print(f"server up at {handle.url}")
     try:
         with httpx.Client(base_url=handle.url, timeout=300) as client:
             models = client.get("/v1/models").json()

@@ -58,7 +58,12 @@ def start_local_server(
     config: Optional[ServeConfig] = None,
     **settings: Any,
 ) -> ServerHandle:
-    """Start a local Ray, deploy Carve on ``host:port``, and return once it answers."""
+    """Start a local Ray, deploy Carve on ``host:port``, and return once it answers.
+
+    ``port=0`` takes a free port once Ray is up (Ray's own processes bind
+    ephemeral ports as they start, so a port picked earlier can be gone), and
+    another one if the proxy still loses it. A failed start stops what it started.
+    """
     global _started_ray
     import ray
 
@@ -67,7 +72,28 @@ def start_local_server(
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
         _started_ray = True
-    return _deploy(config, host, port, local_ray=True, warnings=warnings)
+    try:
+        if port == 0:
+            return _deploy_on_a_free_port(config, host, warnings)
+        return _deploy(config, host, port, local_ray=True, warnings=warnings)
+    except BaseException:
+        stop_local_server()
+        raise
+
+
+def _deploy_on_a_free_port(config: ServeConfig, host: str, warnings: tuple[str, ...], attempts: int = 3) -> ServerHandle:
+    from ray import serve
+
+    from carve.platform.local_cluster import free_port
+
+    for _ in range(attempts - 1):
+        try:
+            return _deploy(config, host, free_port(host), local_ray=True, warnings=warnings)
+        except Exception as error:  # Ray wraps the proxy's bind failure in a RayTaskError
+            if "Failed to bind" not in str(error):
+                raise
+            serve.shutdown()
+    return _deploy(config, host, free_port(host), local_ray=True, warnings=warnings)
 
 
 def deploy_to_cluster(address: str, config: ServeConfig, host: str = "0.0.0.0", port: int = 8000) -> ServerHandle:

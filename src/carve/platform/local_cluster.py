@@ -248,7 +248,8 @@ def _tail(log: Path, lines: int = 8) -> str:
         return f"(no log at {log})"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (another process may still take it before it is bound again)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
