@@ -25,7 +25,7 @@ def test_a_taken_port_stops_what_started_and_port_zero_takes_another(tmp_path: P
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(Exception, match="Failed to bind"):
+        with pytest.raises(launcher.PortTaken, match=f"port {port} on 127.0.0.1 is taken"):
             launcher.start_local_server(str(tiny_model_dir), tmp_path / "registry", port, **settings)
         assert not ray.is_initialized()  # no Ray or Serve left behind to confuse the next start
 

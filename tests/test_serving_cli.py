@@ -12,53 +12,47 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-
-from carve.platform.local_cluster import free_port
 
 pytestmark = pytest.mark.ray
 
 KEY = "sk-serving-cli-test"
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"carve serve exited early ({process.returncode}): {process.stdout.read() if process.stdout else ''}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("carve serve did not become healthy")
+def served_url(process: subprocess.Popen, seen: list[str]) -> str:
+    """The address `carve serve --port 0` prints once it serves; the lines read go to ``seen``."""
+    assert process.stdout is not None
+    for line in process.stdout:  # ends when the process exits
+        seen.append(line)
+        if found := re.match(r"serving on (http://\S+)/v1", line):
+            return found.group(1)
+    raise AssertionError(f"carve serve exited early ({process.wait()}): {''.join(seen)}")
 
 
 def metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}\S* (\S+)$", text, flags=re.M))
 
 
+@pytest.mark.timeout(480)
 def test_carve_serve_two_replicas_keyed_locality_and_sigterm(tmp_path: Path, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
     from carve.adapters.registry import Registry
 
     registry = Registry(tmp_path / "registry")
     for name in ("alpha", "beta"):
         registry.add(tiny_adapters[name], name, base=str(tiny_model_dir))
-    port = free_port()
     env = {**os.environ, "CARVE_HOME": str(tmp_path), "CARVE_REGISTRY": str(registry.root), "CARVE_API_KEY": KEY, "CARVE_ADMIN_TOKEN": "admin-token-cli"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "carve.cli.app", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        [sys.executable, "-m", "carve.cli.app", "serve", "--model", str(tiny_model_dir), "--port", "0",
          "--replicas", "2", "--max-adapters", "1", "--engine-cpus", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    seen: list[str] = []
     try:
-        wait_healthy(url, process)
+        url = served_url(process, seen)
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 200
         body = {"model": "alpha", "prompt": "The patient", "max_tokens": 4, "temperature": 0}
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.post("/v1/completions", json=body).status_code == 401
@@ -79,6 +73,7 @@ def test_carve_serve_two_replicas_keyed_locality_and_sigterm(tmp_path: Path, tin
         except subprocess.TimeoutExpired:
             process.kill()
             output, _ = process.communicate()
+    output = "".join(seen) + output
     assert process.returncode == 0, output
     assert "serving on" in output and output.rstrip().endswith("stopped")
     with pytest.raises(httpx.HTTPError):

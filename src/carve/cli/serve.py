@@ -23,7 +23,7 @@ def serve_command(
     model: str = _option("model", "--model", "-m"),
     address: Optional[str] = typer.Option(None, "--address", help="Deploy onto this existing Ray cluster (e.g. ray://head:10001); default: start a local Ray."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP server binds."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="HTTP port; 0: any free one (local Ray only), shown once serving."),
     replicas: int = _option("replicas", "--replicas", min=1),
     max_adapters: int = _option("max_adapters", "--max-adapters", min=1),
     registry: Optional[Path] = registry_option("Adapter registry folder (adapter files and job folders; on a cluster, a filesystem every node sees)."),
@@ -49,7 +49,7 @@ def serve_command(
     from pydantic import ValidationError
 
     from carve.common.database import DatabaseError
-    from carve.platform.launcher import deploy_to_cluster, serve_forever, start_local_server
+    from carve.platform.launcher import PortTaken, deploy_to_cluster, serve_forever, start_local_server
 
     try:
         config = ServeConfig.from_env(
@@ -65,6 +65,8 @@ def serve_command(
     generated = not config.admin_token
     config = config.with_generated_admin_token()
     if address:
+        if port == 0:
+            raise fail("--port 0 needs a local Ray: on a cluster every node's proxy must use the same, known port")
         try:
             handle = deploy_to_cluster(address, config, host="0.0.0.0" if host == "127.0.0.1" else host, port=port)
         except DatabaseError as exc:
@@ -79,7 +81,7 @@ def serve_command(
     typer.echo(f"starting a local Ray and Carve ({model}, {replicas} replica(s), {max_adapters} adapters each)...")
     try:
         handle = start_local_server(config=config, host=host, port=port)
-    except DatabaseError as exc:
+    except (DatabaseError, PortTaken) as exc:
         raise fail(str(exc))
     _print_warnings(handle.warnings)
     typer.echo(f"serving on {handle.url}/v1 (OpenAI-compatible); Ctrl-C stops")

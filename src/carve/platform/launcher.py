@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
 _started_ray = False
 
 
+class PortTaken(RuntimeError):
+    """Serve's HTTP proxy could not bind its address: another process holds the port."""
+
+
 @dataclass(frozen=True)
 class ServerHandle:
     """A running server: where to reach it and with which settings."""
@@ -89,9 +93,7 @@ def _deploy_on_a_free_port(config: ServeConfig, host: str, warnings: tuple[str, 
     for _ in range(attempts - 1):
         try:
             return _deploy(config, host, free_port(host), local_ray=True, warnings=warnings)
-        except Exception as error:  # Ray wraps the proxy's bind failure in a RayTaskError
-            if "Failed to bind" not in str(error):
-                raise
+        except PortTaken:
             serve.shutdown()
     return _deploy(config, host, free_port(host), local_ray=True, warnings=warnings)
 
@@ -111,7 +113,12 @@ def _deploy(config: ServeConfig, host: str, port: int, local_ray: bool, warnings
 
     from carve.platform.app import APP_NAME, build_app
 
-    serve.start(proxy_location=config.proxy_location, http_options={"host": host, "port": port})
+    try:
+        serve.start(proxy_location=config.proxy_location, http_options={"host": host, "port": port})
+    except Exception as error:  # Ray wraps the proxy's failure in a RayTaskError
+        if "Failed to bind" in str(error):
+            raise PortTaken(f"port {port} on {host} is taken by another process: pass another port, or 0 for any free one") from None
+        raise
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix, blocking=False)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return ServerHandle(f"http://{shown_host}:{port}", config, local_ray, warnings)
