@@ -149,6 +149,23 @@ class MultiLora:
 
         None when nothing: no adapter in the batch, or none of them targets these layers.
         """
+        found = self._low(modules, x)
+        return None if found is None else found[0] @ found[1].T
+
+    def add_delta(self, out: "torch.Tensor", modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor":
+        """``out``, the base outputs of ``modules`` (all reading ``x``) side by side, with their deltas added in place.
+
+        One product accumulating into ``out`` (addmm): no delta tensor to
+        write and add, which a long prefill paid for as two passes over its widest outputs.
+        """
+        found = self._low(modules, x)
+        if found is not None:
+            low, b_cat = found
+            out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]).to(out.dtype), b_cat.T.to(out.dtype))
+        return out
+
+    def _low(self, modules: Sequence[Any], x: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """(x through the A factors, each row masked to its own adapter's; the B factors), or None when no delta applies."""
         if not self._active or not self._adapters:
             return None
         factors = self._factors_of(modules)
@@ -157,7 +174,7 @@ class MultiLora:
         low = x.to(factors.a_cat.dtype) @ factors.a_cat.T
         if len(self._adapters) > 1 or PEFT_BASE in self._rows:
             low = low * self._mask(factors.layout, low)
-        return low @ factors.b_cat.T
+        return low, factors.b_cat
 
     def _factors_of(self, modules: Sequence[Any]) -> _Factors | None:
         """The concatenated factors of ``modules`` for the current adapter set, built on first use."""

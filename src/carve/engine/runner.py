@@ -61,9 +61,9 @@ class Part(NamedTuple):
 
 
 class LoraDeltas(Protocol):
-    """What the runner needs of MultiLora: the deltas of linear layers reading one input, side by side."""
+    """What the runner needs of MultiLora: the deltas of linear layers reading one input added to their base outputs."""
 
-    def delta(self, modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor | None": ...
+    def add_delta(self, out: "torch.Tensor", modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor": ...
 
 
 ACTIVATIONS = {"llama": "silu", "gemma3_text": "gelu_pytorch_tanh"}
@@ -272,7 +272,7 @@ class Runner:
             attn, mlp = layer.module.self_attn, layer.module.mlp
             cos, sin = rope[layer.layer_type]
             h = self._norm(x, self.hidden, layer.input_norm)
-            qkv = _plus(layer.qkv(h), lora.delta((attn.q_proj, attn.k_proj, attn.v_proj), h) if lora else None)
+            qkv = _with_lora(layer.qkv(h), lora, (attn.q_proj, attn.k_proj, attn.v_proj), h)
             qk, v = qkv.split(self.qk_v_split, dim=-1)
             qk = qk.view(tokens, self.heads + self.kv_heads, self.head_dim)
             if layer.qk_norm is not None:  # Gemma: each head's own q or k norm weights, [heads + kv_heads, head_dim]
@@ -297,13 +297,13 @@ class Runner:
                     )
                 outputs.append(a.transpose(1, 2).reshape(rows * q_len, self.heads * self.head_dim))
             a = _take(torch.cat(outputs), packed).unsqueeze(1)
-            out = _plus(layer.o(a), lora.delta((attn.o_proj,), a) if lora else None)
+            out = _with_lora(layer.o(a), lora, (attn.o_proj,), a)
             x = x + (out if layer.post_attention_norm is None else self._norm(out, self.hidden, layer.post_attention_norm))
             h = self._norm(x, self.hidden, layer.pre_mlp_norm)
-            gate_up = _plus(layer.gate_up(h), lora.delta((mlp.gate_proj, mlp.up_proj), h) if lora else None)
+            gate_up = _with_lora(layer.gate_up(h), lora, (mlp.gate_proj, mlp.up_proj), h)
             gate, up = gate_up.chunk(2, dim=-1)
             inner = (F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)) * up
-            out = _plus(layer.down(inner), lora.delta((mlp.down_proj,), inner) if lora else None)
+            out = _with_lora(layer.down(inner), lora, (mlp.down_proj,), inner)
             x = x + (out if layer.post_mlp_norm is None else self._norm(out, self.hidden, layer.post_mlp_norm))
         last, start = [], 0
         for part, size in zip(parts, sizes):
@@ -367,8 +367,8 @@ def _put(t: "torch.Tensor", packed: "torch.Tensor | None", padded: int) -> "torc
     return out.index_copy_(0, packed, t)
 
 
-def _plus(out: "torch.Tensor", delta: "torch.Tensor | None") -> "torch.Tensor":
-    return out if delta is None else out + delta.to(out.dtype)
+def _with_lora(out: "torch.Tensor", lora: LoraDeltas | None, modules: Sequence[Any], x: "torch.Tensor") -> "torch.Tensor":
+    return out if lora is None else lora.add_delta(out, modules, x)
 
 
 def _rotate_half(x: "torch.Tensor") -> "torch.Tensor":
