@@ -1,44 +1,109 @@
-"""Where a prefill of long k-shot prompts spends its time: torch's profiler over one Engine.generate of 4 five-shot prompts.
+"""Where a prefill of long k-shot prompts spends its time: wall-clock time by part of the runner's forward pass.
 
-Run: .venv/bin/python benchmarks/profile_prefill.py [--model gemma3-270m]   (the prefix cache off)
-Prints the prefill rate and the top operators by self CPU time, with their shapes. A profile, not a target: no RESULT line.
+Run: .venv/bin/python benchmarks/profile_prefill.py [--model gemma3-270m] [--prompts 16] [--adapter] [--torch-profiler]
+(the prefix cache off: every run prefills the whole prompts).
+
+Each of the runner's fused products (per kind, summed over layers), the row-by-row
+attention, the norms and the LoRA deltas are timed with a clock around the call,
+the rest of the pass is what remains. ``--torch-profiler`` adds torch's profiler
+table by operator and shape; on this CPU it inflated some operators 2-10x
+(the fused gate/up product at 78 GFLOP/s in it, 175 by the clock), so its
+shares are read with that in mind. A profile, not a target: no RESULT line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine import kshot_prompts  # noqa: E402
+from common import make_random_adapters  # noqa: E402
+from engine import QUESTIONS, kshot_prompts  # noqa: E402
+
+PRODUCTS = ("qkv", "o", "gate_up", "down")
+
+
+def clocked(spent: Counter[str], name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+
+    return timed
+
+
+def weights(product: Any) -> int:
+    """The weights one of the runner's products multiplies by (any format)."""
+    return int((product.weight if product.weight is not None else product.int8_t).numel())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--bare", action="store_true", help="the engine benchmark's bare questions in the chat template, not five-shot prompts")
+    parser.add_argument("--adapter", action="store_true", help="every row through one random rank-8 adapter on all linears (as benchmarks/engine.py)")
+    parser.add_argument("--torch-profiler", action="store_true")
     args = parser.parse_args()
 
-    from torch.profiler import ProfilerActivity, profile
-
+    import carve.engine.multi_lora as multi_lora
+    import carve.engine.runner as runner_module
     from carve.engine.decoding import GenerationRequest, Sampling
     from carve.engine.loading import open_engine
+    from carve.engine.models import resolve_model
+    from carve.engine.text import format_user_prompt
 
     engine = open_engine(args.model)[0]
-    engine.prefix_cache = None  # every run prefills the whole prompts
-    requests = [GenerationRequest.single(text, None, Sampling(max_new_tokens=1)) for text in kshot_prompts(5)[: args.prompts]]
-    engine.generate(requests[:1])  # warm-up
+    engine.prefix_cache = None
+    adapter = None
+    if args.adapter:
+        adapter = "a0"
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.load_adapter(adapter, make_random_adapters(resolve_model(args.model).path, [adapter], Path(tmp))[adapter])
+    texts = [format_user_prompt(engine.tokenizer, q) for q in QUESTIONS] if args.bare else kshot_prompts(5)
+    requests = [GenerationRequest.single(text, adapter, Sampling(max_new_tokens=1)) for text in texts[: args.prompts]]
     tokens = sum(len(engine.encode(r.branches[0].prompt)) for r in requests)
+    engine.generate(requests)  # warm-up (bare prompts are short: the first run would time the allocator)
+
+    spent: Counter[str] = Counter()
+    runner = engine.runner
+    flops = Counter({name: 2 * tokens * sum(weights(getattr(layer, name)) for layer in runner.layers) for name in PRODUCTS})
+    for layer in runner.layers:
+        for name in PRODUCTS:
+            setattr(layer, name, clocked(spent, name, getattr(layer, name)))
+    runner.lm_head = clocked(spent, "output projection", runner.lm_head)
+    runner._norm = clocked(spent, "norms", runner._norm)
+    runner.forward_parts = clocked(spent, "forward passes", runner.forward_parts)
+    runner_module._rows_attention = clocked(spent, "attention (row by row)", runner_module._rows_attention)
+    multi_lora.MultiLora.add_delta = clocked(spent, "LoRA deltas", multi_lora.MultiLora.add_delta)  # type: ignore[method-assign]
+
     start = time.perf_counter()
     engine.generate(requests)
     took = time.perf_counter() - start
-    print(f"{args.model}: {len(requests)} five-shot prompts, {tokens} prompt tokens in {took:.2f} s = {tokens / took:.0f} tokens/s")
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        engine.generate(requests)
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45, max_shapes_column_width=70))
+    print(f"{args.model}: {len(requests)} {'bare' if args.bare else 'five-shot'} prompts{' through an adapter' if adapter else ''}, "
+          f"{tokens} prompt tokens in {took:.2f} s = {tokens / took:.0f} tokens/s")
+    passes = spent.pop("forward passes")
+    shares = dict(spent.most_common())
+    shares["the rest of the passes (element-wise work, RoPE, layout)"] = passes - sum(spent.values())
+    shares["outside the passes (tokenizing, scheduling)"] = took - passes
+    for name, seconds in shares.items():
+        rate = f"  {flops[name] / seconds / 1e9:4.0f} GFLOP/s" if name in flops else ""
+        print(f"  {name:<58} {seconds:7.2f} s  {100 * seconds / took:5.1f}%{rate}")
+
+    if args.torch_profiler:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            engine.generate(requests)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45, max_shapes_column_width=70))
 
 
 if __name__ == "__main__":
