@@ -16,7 +16,8 @@ alternation with its peer (best of --repeats rounds each), so the machine's drif
   mixing   at B = 16: 4 adapters mixed vs 1 adapter (run in alternation); the naive set_adapter+generate loop
   drafts   at B = 1, answers to 6 questions one by one to their natural end (EOS not ignored:
            the same tokens on every side), decode tokens/s of the engine without and with
-           speculative decoding by prompt lookup (--draft-tokens) and of HF generate, in alternation
+           speculative decoding by prompt lookup (--draft-tokens) and of HF generate, in alternation;
+           and the same answers sampled (seeded: the same text with drafts or without)
   prefill  engine prefill tokens/s vs the prefill ceiling (the output projection for each
            prompt's last token only, as a prefill needs), on 16 bare questions and on 16
            5-shot prompts as evaluation builds them (the shipped biomedical seeds as
@@ -261,19 +262,28 @@ def main() -> None:
             )
 
     # -- speculative decoding at B=1: answers to their natural end, one request at a time ------
-    def answers_rate(drafts: DraftSettings) -> float:
-        """Decode tokens/s of the engine answering DRAFT_QUESTIONS one by one (first token to last, prefill excluded)."""
+    kept_drafts: dict[str, list[int]] = {"greedy": [0, 0], "sampled": [0, 0]}  # drafted tokens kept, drafted
+
+    def answers_rate(drafts: DraftSettings, sampled: bool = False) -> float:
+        """Decode tokens/s of the engine answering DRAFT_QUESTIONS one by one (first token to last, prefill excluded).
+
+        ``sampled``: at temperature 0.7, top-p 0.9, question i with seed i (the same text with drafts or without)."""
         engine = engines[fmt]
         engine.drafts = drafts
         seconds = tokens = 0.0
+        before = engine.accepted_draft_tokens, engine.drafted_tokens
         try:
-            for text in prompts[:DRAFT_QUESTIONS]:
+            for i, text in enumerate(prompts[:DRAFT_QUESTIONS]):
                 if engine.prefix_cache is not None:
                     engine.prefix_cache.forget()  # the same prompts again would be copied, not run
-                times = [time.perf_counter() for _ in engine.stream([GenerationRequest.single(text, "a0", Sampling(max_new_tokens=args.draft_new_tokens))])]
+                sampling = Sampling(max_new_tokens=args.draft_new_tokens, **(dict(temperature=0.7, top_p=0.9, seed=i) if sampled else {}))
+                times = [time.perf_counter() for _ in engine.stream([GenerationRequest.single(text, "a0", sampling)])]
                 seconds, tokens = seconds + times[-1] - times[0], tokens + len(times) - 1
         finally:
             engine.drafts = DraftSettings()
+        counts = kept_drafts["sampled" if sampled else "greedy"]
+        counts[0] += engine.accepted_draft_tokens - before[0]
+        counts[1] += engine.drafted_tokens - before[1]
         return tokens / seconds
 
     def hf_answers_rate() -> float:
@@ -292,12 +302,13 @@ def main() -> None:
             seconds, tokens = seconds + clock.times[-1] - clock.times[0], tokens + len(clock.times) - 1
         return tokens / seconds
 
-    drafting: tuple[float, float, float] | None = None
-    accepted = drafted = 0
+    drafting: list[float] | None = None
     if args.draft_tokens:
-        before = engines[fmt].drafted_tokens, engines[fmt].accepted_draft_tokens
-        drafting = tuple(alternate(lambda: answers_rate(DraftSettings()), lambda: answers_rate(DraftSettings(tokens=args.draft_tokens)), hf_answers_rate))
-        drafted, accepted = engines[fmt].drafted_tokens - before[0], engines[fmt].accepted_draft_tokens - before[1]
+        with_drafts = DraftSettings(tokens=args.draft_tokens)
+        drafting = alternate(
+            lambda: answers_rate(DraftSettings()), lambda: answers_rate(with_drafts), hf_answers_rate,
+            lambda: answers_rate(DraftSettings(), sampled=True), lambda: answers_rate(with_drafts, sampled=True),
+        )
     naive = None
     if not args.quick:
         peft_model = fp32.model
@@ -329,9 +340,11 @@ def main() -> None:
         print(f"engine {label[fmt]} in alternation with HF generate on the {dtype} model: B=1 {beside_hf[dtype, 1]:.1f} vs {hf[dtype, 1]:.1f}, "
               f"B=16 {beside_hf[dtype, 16]:.1f} vs {hf[dtype, 16]:.1f} tokens/s")
     if drafting is not None:
+        (g_kept, g_drafted), (s_kept, s_drafted) = kept_drafts["greedy"], kept_drafts["sampled"]
         print(f"B=1, {DRAFT_QUESTIONS} answers one by one to their end (at most {args.draft_new_tokens} tokens), decode tokens/s in alternation: "
-              f"engine {drafting[0]:.1f}, engine with {args.draft_tokens} draft tokens {drafting[1]:.1f} ({accepted} of {drafted} drafted tokens kept), "
-              f"HF generate {drafting[2]:.1f}")
+              f"greedy: engine {drafting[0]:.1f}, engine with {args.draft_tokens} draft tokens {drafting[1]:.1f} ({g_kept} of {g_drafted} drafted tokens kept), "
+              f"HF generate {drafting[2]:.1f}; sampled (T 0.7, top-p 0.9, seeded): engine {drafting[3]:.1f}, "
+              f"with drafts {drafting[4]:.1f} ({s_kept} of {s_drafted} kept)")
     print(f"ratios below: the engine on {label[fmt]} weights against the ceiling of the same weights; HF generate on the fp32 model")
     chart = _chart(batches, decode, ceiling, hf, resolved.name, label)
     print(f"chart: {chart}")
@@ -352,6 +365,7 @@ def main() -> None:
     if drafting is not None:
         result["b1_answers_vs_hf"] = drafting[0] / drafting[2]
         result["b1_drafts_vs_hf"] = drafting[1] / drafting[2]
+        result["b1_sampled_drafts_gain"] = drafting[4] / drafting[3]
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
 
 

@@ -4,9 +4,11 @@ and requests cancelled mid-way decode exactly as each request does alone, on eve
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Iterator
 
 import pytest
+import torch
 
 from carve.engine.decoding import Branch, Engine, EngineError, GenerationRequest, Sampling
 from carve.engine.drafting import DraftSettings, propose
@@ -287,6 +289,34 @@ def test_drafted_tokens_change_no_token(engine: Engine, max_rows: int) -> None:
             assert engine.generate([request])[0].token_ids == expected[i], f"request {i} alone, drafting"
     finally:
         engine.drafts = DraftSettings()
+    drafted, accepted = engine.drafted_tokens - before[0], engine.accepted_draft_tokens - before[1]
+    assert drafted > 0 and 0 < accepted <= drafted
+
+
+def test_sampled_rows_draft_and_keep_their_seeded_text(engine: Engine) -> None:
+    """A sampled row checks its draft by sampling each position as it would without drafts (its generator restored
+    at the first token it would not have drafted): a seeded request's text is the same with drafts or without."""
+    if engine.forward_path() != "runner":
+        pytest.skip("drafts are checked on the runner's cache only")
+    two = tuple((token, 30.0) for token in engine.encode("one two")[:2])  # a tiny random model's sample then repeats itself
+    reqs = [
+        GenerationRequest.single(REPEATING, "alpha", Sampling(max_new_tokens=24, temperature=0.05, seed=3)),
+        GenerationRequest.single(REPEATING, None, Sampling(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=4, frequency_penalty=0.2)),
+        replace(GenerationRequest.single(REPEATING, "beta", Sampling(max_new_tokens=24, temperature=1.0, seed=5, logit_bias=two)), record_scores=True),
+    ]
+    expected = [engine.generate([request])[0] for request in reqs]
+    before = engine.drafted_tokens, engine.accepted_draft_tokens
+    engine.drafts = DraftSettings(tokens=4, max_rows=4)
+    try:
+        got = engine.generate(reqs)
+    finally:
+        engine.drafts = DraftSettings()
+    for i, (completion, alone_) in enumerate(zip(got, expected)):
+        assert completion.token_ids == alone_.token_ids, f"request {i}"
+    recorded, alone_scores = got[2].step_scores or [], expected[2].step_scores or []
+    assert len(recorded) == len(alone_scores) == len(got[2].token_ids)  # every kept draft token has its scores
+    tolerance = 5e-2 if engine.runner.weight_format == "bf16" else 1e-4  # a draft's columns run in a wider product: bf16 rounds them otherwise
+    assert all(torch.allclose(a, b, atol=tolerance) for a, b in zip(recorded, alone_scores))
     drafted, accepted = engine.drafted_tokens - before[0], engine.accepted_draft_tokens - before[1]
     assert drafted > 0 and 0 < accepted <= drafted
 

@@ -4,9 +4,10 @@ A request's text often repeats itself or its prompt (names, numbers, a
 format the demonstrations set). The draft for the next tokens is what followed
 the latest earlier occurrence of the request's last few tokens. The engine
 checks a draft in one forward pass with the token before it and keeps the
-longest part its own greedy choice agrees with, so the tokens are the ones
-plain greedy decoding gives; a pass then yields several tokens for about the
-price of one (a decode step reads every weight once whatever its width).
+longest part the request's own choice agrees with (its argmax, or its seeded
+sample drawn as without drafts), so the tokens are the ones decoding without
+drafts gives; a pass then yields several tokens for about the price of one (a
+decode step reads every weight once whatever its width).
 """
 
 from __future__ import annotations

@@ -471,20 +471,11 @@ class DecodeSession:
         events: list[StreamEvent] = []
         staying: list[int] = []
         for req, positions in rows.rows_of.items():
-            state = self.requests[req]
-            request = state.request
             if plain[req]:
                 scores, token = None, int(argmax[positions[0]])
             else:
                 assert logprobs is not None
-                branches = logprobs[positions]
-                forbidden = ~state.constraint.allowed(branches.device) if state.constraint else None
-                if forbidden is not None:  # before the branches combine, so contrast judges plausibility among allowed tokens
-                    branches = branches.masked_fill(forbidden, -math.inf)
-                scores = combine(branches, request.rule, [b.weight for b in request.branches], request.sampling.alpha)
-                if forbidden is not None:  # and after: contrast's -inf - w * -inf is NaN for a forbidden token
-                    scores = scores.masked_fill(forbidden, -math.inf)
-                token = pick_token(scores, request.sampling, state.generator, state.tracker.ids)
+                token, scores = self._choose(req, logprobs[positions])
             event = self._record(req, token, scores)
             events.append(event)
             if not event.finish_reason:
@@ -492,6 +483,18 @@ class DecodeSession:
         self._logits = None  # read: the step's pass gives the next
         self._keep_running(staying)
         return events
+
+    def _choose(self, req: int, branches: "torch.Tensor") -> tuple[int, "torch.Tensor"]:
+        """A request's next token and its scores, from its branches' log-probabilities [branches, vocab]: rule, grammar, sampling."""
+        state = self.requests[req]
+        request = state.request
+        forbidden = ~state.constraint.allowed(branches.device) if state.constraint else None
+        if forbidden is not None:  # before the branches combine, so contrast judges plausibility among allowed tokens
+            branches = branches.masked_fill(forbidden, -math.inf)
+        scores = combine(branches, request.rule, [b.weight for b in request.branches], request.sampling.alpha)
+        if forbidden is not None:  # and after: contrast's -inf - w * -inf is NaN for a forbidden token
+            scores = scores.masked_fill(forbidden, -math.inf)
+        return pick_token(scores, request.sampling, state.generator, state.tracker.ids), scores
 
     def _record(self, req: int, token: int, scores: "torch.Tensor | None") -> StreamEvent:
         """A request's next token: its event, with a finish reason when it ends (it then leaves ``requests``)."""
@@ -527,10 +530,10 @@ class DecodeSession:
     def _drafts(self, rows: _Rows) -> list[list[int]] | None:
         """Each row's draft for the tokens after the one it just picked ([] for none); None when no row has one.
 
-        Only plain greedy rows draft (their check is an argmax), only on the
-        runner's cache, and only while the cache keeps room for every row's
-        remaining tokens after the draft's columns (a row that keeps fewer than
-        another leaves masked columns behind).
+        Rows of single-branch requests draft (a mixture's or contrast's token
+        comes from several rows), only on the runner's cache, and only while
+        the cache keeps room for every row's remaining tokens after the draft's
+        columns (a row that keeps fewer than another leaves masked columns behind).
         """
         settings = self.engine.drafts
         if not settings.tokens or self.path != "runner" or len(rows.row_request) > settings.max_rows:
@@ -542,36 +545,63 @@ class DecodeSession:
         drafts = []
         for req, left in zip(rows.row_request, remaining):
             state = self.requests[req]
-            plain = _plain_greedy(state.request)
-            drafts.append(propose(state.prompt_ids + state.tracker.ids, settings, min(room, left)) if plain else [])
+            single = len(rows.rows_of[req]) == 1
+            drafts.append(propose(state.prompt_ids + state.tracker.ids, settings, min(room, left)) if single else [])
         return drafts if any(drafts) else None
 
     def _check_drafts(self, drafts: list[list[int]], logits: "torch.Tensor") -> list[StreamEvent]:
-        """Keep each row's drafted tokens up to the first its own greedy choice disagrees with; their events.
+        """Keep each row's drafted tokens up to the first its own choice differs from; their events.
 
         ``logits`` [rows, width, vocab]: position 0 follows the picked token,
         position i the i-th drafted one. Row i's next logits are those after
-        its last kept token; the columns no row kept leave the cache.
+        its last kept token; the columns no row kept leave the cache. Every
+        row's tokens are those it would pick without drafts (see :meth:`_kept`).
         """
         import torch
 
         rows = self._rows
         assert rows is not None
-        greedy = logits.argmax(dim=-1).tolist()
         events: list[StreamEvent] = []
         kept: list[int] = []
+        greedy = logits.argmax(dim=-1).tolist()
         for row, (req, draft) in enumerate(zip(rows.row_request, drafts)):
-            n = 0
-            while n < len(draft) and req in self.requests and greedy[row][n] == draft[n]:
-                events.append(self._record(req, draft[n], None))
-                n += 1
-            kept.append(n)
+            kept.append(self._kept(req, draft, logits[row], greedy[row], events))
         self.engine.drafted_tokens += self.drafted
         self.engine.accepted_draft_tokens += sum(kept)
         self._logits = logits[torch.arange(len(kept), device=logits.device), torch.tensor(kept, device=logits.device)]
         self._cache.rewind(rows.keep_drafts(kept, logits.shape[1]))
         self._keep_running([req for req in rows.rows_of if req in self.requests])
         return events
+
+    def _kept(self, req: int, draft: list[int], logits: "torch.Tensor", greedy: list[int], events: list[StreamEvent]) -> int:
+        """How many of ``draft`` request ``req`` keeps: each is recorded (its event to ``events``) while it is the request's own choice.
+
+        A plain greedy row's choice is its argmax. Any other row chooses as
+        :meth:`_pick` does, with its generator; at the first token it would not
+        have drafted, the generator goes back to before that choice, so the
+        next pick draws it again from the same logits: a seeded request's text
+        is the same with drafts or without.
+        """
+        import torch
+
+        state = self.requests.get(req)
+        if state is None:
+            return 0
+        plain = _plain_greedy(state.request)
+        n = 0
+        while n < len(draft) and req in self.requests:
+            before = None if plain else state.generator.get_state()
+            if plain:
+                token, scores = greedy[n], None
+            else:
+                token, scores = self._choose(req, torch.log_softmax(logits[n : n + 1].float(), dim=-1))
+            if token != draft[n]:
+                if before is not None:
+                    state.generator.set_state(before)
+                break
+            events.append(self._record(req, token, scores))
+            n += 1
+        return n
 
     def cancel(self, request_id: int) -> bool:
         """Stop decoding a request now (a client went away); its rows leave the batch. False if it is not here."""

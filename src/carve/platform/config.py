@@ -50,7 +50,7 @@ class ServeConfig(BaseModel):
         "the decode in this time, by the costs the replica measures (at least 16 prompt tokens a step); default: the token budget alone.",
     )
     draft_tokens: int = Field(
-        0, ge=0, le=16, description="Speculative decoding by prompt lookup: tokens drafted from a greedy request's own text and checked in one pass "
+        0, ge=0, le=16, description="Speculative decoding by prompt lookup: tokens drafted from a request's own text and checked in one pass "
         "while at most draft_max_rows sequences decode (the same tokens, more per pass when the text repeats itself or its prompt); 0: off.",
     )
     draft_max_rows: int = Field(4, ge=1, le=512, description="Sequences decoding above which no drafts are made (a wide step is bound by arithmetic).")
