@@ -67,6 +67,7 @@ class LoraDeltas(Protocol):
 
 
 ACTIVATIONS = {"llama": "silu", "gemma3_text": "gelu_pytorch_tanh"}
+SMALL_PRODUCT_ROWS = 256  # up to this many rows a product runs as (W @ x^T)^T (see _linear); measured faster up to 256
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -138,13 +139,32 @@ class _Product:
 
         if self.weight is not None:
             if self.weight.dtype == x.dtype:
-                return torch.nn.functional.linear(x, self.weight)
+                return _linear(x, self.weight)
             return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)  # bf16 copies
         rows = x.reshape(-1, x.shape[-1]).float()
         row_scale = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True).div_(127.0).clamp_(min=1e-12)
         quantized = torch.div(rows, row_scale).round_().to(torch.int8)
         out = torch.mul(torch._int_mm(quantized, self.int8_t), row_scale).mul_(self.scale)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _linear(x: "torch.Tensor", weight: "torch.Tensor") -> "torch.Tensor":
+    """x @ W^T; on the CPU in fp32, up to SMALL_PRODUCT_ROWS rows as (W @ x^T)^T.
+
+    For a decode step's few rows, MKL's product with the rows as its
+    transposed right operand read the weights 1.5-5x faster on this CPU than
+    ``F.linear`` (docs/results), and a lone row runs as two (the second zeros):
+    as one it takes a matrix-vector path as slow as ``F.linear``'s.
+    """
+    import torch
+
+    rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    if count > SMALL_PRODUCT_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
+        return torch.nn.functional.linear(x, weight)
+    if count == 1:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return (weight @ rows.T)[:, :count].T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
 def _fused(modules: list[Any], weight_format: WeightFormat) -> _Product:
