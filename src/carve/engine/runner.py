@@ -67,7 +67,7 @@ class LoraDeltas(Protocol):
 
 
 ACTIVATIONS = {"llama": "silu", "gemma3_text": "gelu_pytorch_tanh"}
-SMALL_PRODUCT_ROWS = 256  # up to this many rows a product runs as (W @ x^T)^T (see _linear); measured faster up to 256
+SMALL_PRODUCT_ROWS = 256  # up to this many rows a product runs as (W @ x^T)^T (see linear); measured faster up to 256
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -139,7 +139,7 @@ class _Product:
 
         if self.weight is not None:
             if self.weight.dtype == x.dtype:
-                return _linear(x, self.weight)
+                return linear(x, self.weight)
             return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)  # bf16 copies
         rows = x.reshape(-1, x.shape[-1]).float()
         row_scale = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True).div_(127.0).clamp_(min=1e-12)
@@ -148,7 +148,7 @@ class _Product:
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _linear(x: "torch.Tensor", weight: "torch.Tensor") -> "torch.Tensor":
+def linear(x: "torch.Tensor", weight: "torch.Tensor") -> "torch.Tensor":
     """x @ W^T; on the CPU in fp32, up to SMALL_PRODUCT_ROWS rows as (W @ x^T)^T.
 
     For a decode step's few rows, MKL's product with the rows as its
