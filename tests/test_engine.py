@@ -363,3 +363,17 @@ def test_large_tensors_freed_on_the_cpu_are_reused_without_page_faults() -> None
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         del block
     assert max(faults[-2:]) < size * 4 // 4096 // 10, faults  # a tenth of its pages at most
+
+
+@pytest.mark.parametrize("shape", [(0, 48), (1, 48), (2, 48), (5, 1, 48), (256, 48), (257, 48), (3, 4, 48)])
+def test_small_products_equal_f_linear(shape: tuple[int, ...]) -> None:
+    """The runner's (W @ x^T)^T for few rows (a lone row padded to two) is x @ W^T in every input layout, contiguous."""
+    from carve.engine.runner import linear
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(shape, generator=generator), torch.randn(96, 48, generator=generator)
+    out = linear(x, weight)
+    assert out.shape == (*shape[:-1], 96) and out.is_contiguous()
+    assert torch.allclose(out, torch.nn.functional.linear(x, weight), atol=1e-5)
+    if len(shape) == 2 and shape[0] >= 2:  # a lone row (padded) gets what it gets beside another row
+        assert torch.equal(linear(x[:1], weight)[0], linear(x[:2], weight)[0])
