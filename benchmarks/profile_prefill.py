@@ -3,12 +3,11 @@
 Run: .venv/bin/python benchmarks/profile_prefill.py [--model gemma3-270m] [--prompts 16] [--adapter] [--torch-profiler]
 (the prefix cache off: every run prefills the whole prompts).
 
-Each of the runner's fused products (per kind, summed over layers), the row-by-row
-attention, the norms and the LoRA deltas are timed with a clock around the call,
-the rest of the pass is what remains. ``--torch-profiler`` adds torch's profiler
-table by operator and shape; on this CPU it inflated some operators 2-10x
-(the fused gate/up product at 78 GFLOP/s in it, 175 by the clock), so its
-shares are read with that in mind. A profile, not a target: no RESULT line.
+Each of the runner's fused products (per kind, summed over layers), attention,
+the norms and the LoRA deltas are timed with a clock around the call
+(benchmarks/clocks.py), the rest of the pass is what remains. ``--torch-profiler``
+adds torch's profiler table by operator and shape, read with its inflation in
+mind (clocks.py). A profile, not a target: no RESULT line.
 """
 
 from __future__ import annotations
@@ -19,25 +18,13 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from clocks import PRODUCTS, clock_runner, shares  # noqa: E402
 from common import make_random_adapters  # noqa: E402
 from engine import QUESTIONS, kshot_prompts  # noqa: E402
-
-PRODUCTS = ("qkv", "o", "gate_up", "down")
-
-
-def clocked(spent: Counter[str], name: str, call: Callable[..., Any]) -> Callable[..., Any]:
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return call(*args, **kwargs)
-        finally:
-            spent[name] += time.perf_counter() - start
-
-    return timed
 
 
 def weights(product: Any) -> int:
@@ -54,8 +41,6 @@ def main() -> None:
     parser.add_argument("--torch-profiler", action="store_true")
     args = parser.parse_args()
 
-    import carve.engine.multi_lora as multi_lora
-    import carve.engine.runner as runner_module
     from carve.engine.decoding import GenerationRequest, Sampling
     from carve.engine.loading import open_engine
     from carve.engine.models import resolve_model
@@ -79,30 +64,17 @@ def main() -> None:
             engine.generate(requests)
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45, max_shapes_column_width=70))
 
-    spent: Counter[str] = Counter()
     runner = engine.runner
     flops = Counter({name: 2 * tokens * sum(weights(getattr(layer, name)) for layer in runner.layers) for name in PRODUCTS})
-    for layer in runner.layers:
-        for name in PRODUCTS:
-            setattr(layer, name, clocked(spent, name, getattr(layer, name)))
-    runner.lm_head = clocked(spent, "output projection", runner.lm_head)
-    runner._norm = clocked(spent, "norms", runner._norm)
-    runner.forward_parts = clocked(spent, "forward passes", runner.forward_parts)
-    runner_module._rows_attention = clocked(spent, "attention (row by row)", runner_module._rows_attention)
-    multi_lora.MultiLora.add_delta = clocked(spent, "LoRA deltas", multi_lora.MultiLora.add_delta)  # type: ignore[method-assign]
-
+    spent = clock_runner(engine)
     start = time.perf_counter()
     engine.generate(requests)
     took = time.perf_counter() - start
     print(f"{args.model}: {len(requests)} {'bare' if args.bare else 'five-shot'} prompts{' through an adapter' if adapter else ''}, "
           f"{tokens} prompt tokens in {took:.2f} s = {tokens / took:.0f} tokens/s")
-    passes = spent.pop("forward passes")
-    shares = dict(spent.most_common())
-    shares["the rest of the passes (element-wise work, RoPE, layout)"] = passes - sum(spent.values())
-    shares["outside the passes (tokenizing, scheduling)"] = took - passes
-    for name, seconds in shares.items():
+    for name, seconds in shares(spent, took).items():
         rate = f"  {flops[name] / seconds / 1e9:4.0f} GFLOP/s" if name in flops else ""
-        print(f"  {name:<58} {seconds:7.2f} s  {100 * seconds / took:5.1f}%{rate}")
+        print(f"  {name:<60} {seconds:7.2f} s  {100 * seconds / took:5.1f}%{rate}")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,31 @@ form (``carve.engine.runner.linear``: a lone row padded to two) against
 ``F.linear``, alternated; best of ``--repeats``. Prints ms per step and the
 weight bytes read per second, then
 ``RESULT b1_speedup=.. b16_speedup=.. b64_speedup=..``.
+
+``--other-kernels`` then times two other CPU kernels on the same step (after
+the pair above, numpy last, as OpenBLAS's threads keep spinning after a call):
+MKL's packed product (``cblas_sgemm_pack`` once per weight and row count,
+through ``torch.ops.mkl._mkl_linear``, the kernel inductor's freezing uses) and
+numpy's ``W @ x.T`` (OpenBLAS), and adds ``b1_other_vs_runner`` and
+``b16_other_vs_runner`` (the faster other kernel's time over the runner's; above
+1: the runner's form stays faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--other-kernels", action="store_true", help="also MKL's packed product and numpy's (OpenBLAS) on the same step")
     args = parser.parse_args()
 
     import torch
@@ -49,16 +61,47 @@ def main() -> None:
             product(inputs[w.shape[1]], w)
         return time.perf_counter() - start
 
-    speedup = {}
+    speedup, runner_seconds = {}, {}
     for rows in (1, 2, 4, 16, 64):
         best = {"F.linear": float("inf"), "runner": float("inf")}
         for _ in range(args.repeats):
             for name, product in (("F.linear", F.linear), ("runner", linear)):
                 best[name] = min(best[name], step_seconds(product, rows))
-        speedup[rows] = best["F.linear"] / best["runner"]
+        speedup[rows], runner_seconds[rows] = best["F.linear"] / best["runner"], best["runner"]
         print(f"B={rows:3d}: F.linear {1000 * best['F.linear']:7.1f} ms ({megabytes / 1000 / best['F.linear']:5.1f} GB/s), "
               f"(W @ x^T)^T {1000 * best['runner']:7.1f} ms ({megabytes / 1000 / best['runner']:5.1f} GB/s): {speedup[rows]:.2f}x")
-    print(f"RESULT b1_speedup={speedup[1]:.3f} b16_speedup={speedup[16]:.3f} b64_speedup={speedup[64]:.3f}")
+    result = f"RESULT b1_speedup={speedup[1]:.3f} b16_speedup={speedup[16]:.3f} b64_speedup={speedup[64]:.3f}"
+    if args.other_kernels:
+        others = other_kernels(weights, args.repeats, megabytes, runner_seconds)
+        result += f" b1_other_vs_runner={others[1]:.3f} b16_other_vs_runner={others[16]:.3f}"
+    print(result)
+
+
+def other_kernels(weights: list["torch.Tensor"], repeats: int, megabytes: float, runner_seconds: dict[int, float]) -> dict[int, float]:
+    """Time MKL's packed product and numpy's (OpenBLAS) on the step; the faster one's time over the runner's, by rows."""
+    import torch
+
+    ratio = {}
+    for rows in (1, 2, 4, 16):
+        inputs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
+        best = {"MKL packed": float("inf"), "numpy (OpenBLAS)": float("inf")}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w, p in zip(weights, packed):
+                torch.ops.mkl._mkl_linear(inputs[w.shape[1]], p, w, None, rows)
+            best["MKL packed"] = min(best["MKL packed"], time.perf_counter() - start)
+        del packed
+        arrays = [(w.numpy(), inputs[w.shape[1]].numpy().T.copy()) for w in weights]
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w, x in arrays:
+                w @ x
+            best["numpy (OpenBLAS)"] = min(best["numpy (OpenBLAS)"], time.perf_counter() - start)
+        ratio[rows] = min(best.values()) / runner_seconds[rows]
+        print(f"B={rows:3d}: " + ", ".join(f"{name} {1000 * t:7.1f} ms ({megabytes / 1000 / t:5.1f} GB/s)" for name, t in best.items())
+              + f"; the faster over the runner's {ratio[rows]:.2f}x")
+    return ratio
 
 
 if __name__ == "__main__":
