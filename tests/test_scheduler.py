@@ -221,3 +221,46 @@ def test_a_broken_adapter_or_an_oversized_mixture_fails_its_job_only(scheduler, 
     assert "broken@v1 could not be loaded" in results[0].error
     assert "needs 3 adapters" in results[2].error and "at most 2" in results[2].error
     assert results[1].completion_tokens == results[3].completion_tokens == 5
+
+
+def test_an_engine_thread_runs_its_work_in_order_on_one_thread_and_raises_its_errors():
+    from carve.engine.engine_thread import EngineThread
+
+    worker = EngineThread("test-engine")
+    try:
+        seen = [worker.submit(lambda i=i: (i, threading.get_ident())) for i in range(5)]
+        assert [f.result() for f in seen] == [(i, worker.ident) for i in range(5)]
+        assert worker.ident != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            worker.run(lambda: 1 / 0)
+        assert worker.run(lambda: "still serving") == "still serving"
+    finally:
+        worker.shutdown()
+
+
+def test_a_scheduler_decodes_on_the_engine_thread_it_is_given_and_hands_it_back_when_closed(engine):
+    """A replica loads and decodes on one thread (one OpenMP pool): every forward pass of the loop runs there."""
+    from carve.engine.engine_thread import EngineThread
+
+    worker = EngineThread("test-engine")
+    passes: list[int] = []
+    forward = engine.runner.forward_parts
+
+    def recorded(*args, **kwargs):
+        passes.append(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    engine.runner.forward_parts = recorded
+    sched = Scheduler(engine, AdapterCache(engine, 2), Limits(), thread=worker)
+    try:
+        collector = Collector()
+        sched.submit(Job(PROMPTS[0], 1, None, 5, ignore_eos=True), collector)
+        assert collector.result().completion_tokens == 5
+        assert passes and set(passes) == {worker.ident}
+        assert sched.alive
+    finally:
+        sched.close()
+        engine.runner.forward_parts = forward
+    assert not sched.alive
+    assert worker.run(threading.get_ident) == worker.ident  # the loop gave the thread back
+    worker.shutdown()

@@ -1,8 +1,9 @@
 """Continuous batching for one engine replica: a loop that admits, prefills and decodes per step.
 
-One thread owns the engine. Callers :meth:`Scheduler.submit` jobs from any
-thread and receive their events through a callback; at every decoding step the
-loop
+One thread owns the engine (an EngineThread: in a server, the one that also
+loaded it, so that the process keeps one OpenMP pool). Callers
+:meth:`Scheduler.submit` jobs from any thread and receive their events through
+a callback; at every decoding step the loop
 
 1. drops the jobs whose callers went away,
 2. admits waiting jobs, oldest first, while the running batch has room for
@@ -29,11 +30,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from carve.engine.adapter_cache import AdapterCache, AdapterLoadError, CacheFull
 from carve.engine.batching import EngineLoad, Job, JobEvent, job_event, job_request, job_spec, prompt_events, with_first
+from carve.engine.engine_thread import EngineThread
 from carve.engine.requests import EngineError
 from carve.engine.scoring import AdapterSpec, branches_of
 
@@ -170,12 +173,16 @@ class _Failed(Exception):
 class Scheduler:
     """The engine's loop; ``submit`` and ``cancel`` are thread-safe."""
 
-    def __init__(self, engine: Any, cache: AdapterCache, limits: Limits = Limits(), replica: str = "engine"):
+    def __init__(self, engine: Any, cache: AdapterCache, limits: Limits = Limits(), replica: str = "engine", thread: Optional[EngineThread] = None):
+        """``thread``: the engine's own thread (carve.engine.engine_thread), which the loop then occupies until :meth:`close`;
+        None: a thread of the scheduler's own."""
         self.engine = engine
         self.cache = cache
         self.limits = limits
         self.replica = replica
-        self.session = engine.session()
+        self._own_thread = thread is None
+        self._thread = thread if thread is not None else EngineThread(f"carve-scheduler-{replica}")
+        self.session = self._thread.run(engine.session)
         self._waiting: deque[Ticket] = deque()
         self._live: dict[int, Ticket] = {}  # session id -> ticket
         self._cancelled: list[Ticket] = []
@@ -188,8 +195,7 @@ class Scheduler:
         self.step_tokens = 0.0
         self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
         self.forward_cost = ForwardCost()
-        self._thread = threading.Thread(target=self._loop, name=f"carve-scheduler-{replica}", daemon=True)
-        self._thread.start()
+        self._running = self._thread.submit(self._loop)
 
     # -- callers' side ---------------------------------------------------------
 
@@ -216,7 +222,7 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._running.done()
 
     def load(self) -> EngineLoad:
         with self._cond:
@@ -232,7 +238,9 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout)
+        futures.wait([self._running], timeout)
+        if self._own_thread:
+            self._thread.shutdown()
 
     def _retry_after(self) -> float:
         backlog = (len(self._waiting) + 1) / self.limits.max_running

@@ -26,6 +26,7 @@ from ray import serve
 from carve.engine.adapter_cache import AdapterCache
 from carve.engine.batching import BatchRunner, Job, JobEvent, JobResult
 from carve.engine.drafting import DraftSettings
+from carve.engine.engine_thread import EngineThread
 from carve.engine.requests import EngineError
 from carve.engine.scheduler import Limits, QueueFull, Scheduler
 from carve.platform.config import ServeConfig
@@ -57,28 +58,32 @@ class EngineServer:
     """One base model, an LRU of adapters, and a batch queue shared by every adapter."""
 
     def __init__(self, config: dict[str, Any]):
-        from carve.engine.loading import open_engine
-
         self.config = ServeConfig.model_validate(config)
-        if self.config.engine_threads:
-            import torch
-
-            torch.set_num_threads(self.config.engine_threads)
-        self.engine, self.resolved, self.plan = open_engine(self.config.model, precision=self.config.precision)
-        self.engine.drafts = DraftSettings(tokens=self.config.draft_tokens, max_rows=self.config.draft_max_rows)
+        replica = _replica_name()
+        # Every torch call of this replica on one thread: loading, adapters, decoding (carve.engine.engine_thread).
+        self.thread = EngineThread(f"carve-engine-{replica}", torch_threads=self.config.engine_threads)
+        self.engine, self.resolved, self.plan = self.thread.run(self._open_engine)
         self.cache = AdapterCache(self.engine, self.config.max_adapters)
-        try:
-            self.engine.prepare_structured_output()
-        except EngineError as exc:  # the rest serves; a constrained request fails alone, saying why
-            logger.warning("structured output unavailable on this replica: %s", exc)
         self.scheduler: Optional[Scheduler] = None
         if self.config.batching == "continuous":
             step_s = self.config.max_step_ms / 1000 if self.config.max_step_ms is not None else None
             limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting, max_step_s=step_s, nice=self.config.engine_nice)
-            self.scheduler = Scheduler(self.engine, self.cache, limits, replica=_replica_name())
+            self.scheduler = Scheduler(self.engine, self.cache, limits, replica=replica, thread=self.thread)
         self.runner = BatchRunner(self.engine, self.cache)
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
+
+    def _open_engine(self) -> Any:
+        """The engine, its drafting settings and structured output (on the engine thread)."""
+        from carve.engine.loading import open_engine
+
+        engine, resolved, plan = open_engine(self.config.model, precision=self.config.precision)
+        engine.drafts = DraftSettings(tokens=self.config.draft_tokens, max_rows=self.config.draft_max_rows)
+        try:
+            engine.prepare_structured_output()
+        except EngineError as exc:  # the rest serves; a constrained request fails alone, saying why
+            logger.warning("structured output unavailable on this replica: %s", exc)
+        return engine, resolved, plan
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
     async def _run_batch(self, pending: list[_Pending]) -> list[None]:
@@ -88,7 +93,7 @@ class EngineServer:
             loop.call_soon_threadsafe(pending[index].queue.put_nowait, event)
 
         try:
-            await asyncio.to_thread(self.runner.run, [p.job for p in pending], emit)
+            await asyncio.wrap_future(self.thread.submit(self.runner.run, [p.job for p in pending], emit))
         finally:  # events emitted above are queued before this runs (FIFO callbacks)
             for p in pending:
                 p.queue.put_nowait(None)
