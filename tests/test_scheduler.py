@@ -231,6 +231,8 @@ def test_an_engine_thread_runs_its_work_in_order_on_one_thread_and_raises_its_er
         seen = [worker.submit(lambda i=i: (i, threading.get_ident())) for i in range(5)]
         assert [f.result() for f in seen] == [(i, worker.ident) for i in range(5)]
         assert worker.ident != threading.get_ident()
+        (thread,) = [t for t in threading.enumerate() if t.ident == worker.ident]
+        assert thread.daemon and thread.name == "test-engine"  # a loop left running never holds up the process's exit
         with pytest.raises(ZeroDivisionError):
             worker.run(lambda: 1 / 0)
         assert worker.run(lambda: "still serving") == "still serving"

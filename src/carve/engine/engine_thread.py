@@ -15,25 +15,36 @@ callers hand it work with :meth:`run` (wait for the result) or :meth:`submit`.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
+_Work = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class EngineThread:
-    """A single worker thread; ``torch_threads`` (optional) is set on it first, so its own pool has that many threads."""
+    """A single daemon worker thread; ``torch_threads`` (optional) is set on it first, so its own pool has that many threads.
+
+    Daemon, as the scheduler's loop thread was: a process that exits while a
+    loop still runs on it is not held up by it.
+    """
 
     def __init__(self, name: str = "carve-engine", torch_threads: Optional[int] = None):
         self.name = name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.ident: int = self.run(_thread_ident)
+        self._work: "queue.SimpleQueue[_Work | None]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        self.ident: int = self.run(threading.get_ident)
         if torch_threads:
             self.run(_set_torch_threads, torch_threads)
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
         """``fn(*args, **kwargs)`` queued on the thread (after the work already queued, a scheduler's loop included)."""
-        return self._executor.submit(fn, *args, **kwargs)
+        future: "Future[T]" = Future()
+        self._work.put((future, fn, args, kwargs))
+        return future
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on the thread; its result, or its exception raised here."""
@@ -41,13 +52,17 @@ class EngineThread:
 
     def shutdown(self) -> None:
         """No more work; what is queued still runs (a running loop must be told to stop first)."""
-        self._executor.shutdown(wait=False)
+        self._work.put(None)
 
-
-def _thread_ident() -> int:
-    import threading
-
-    return threading.get_ident()
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            future, fn, args, kwargs = work
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller, who raises it)
+                future.set_exception(exc)
 
 
 def _set_torch_threads(count: int) -> None:
