@@ -119,7 +119,7 @@ def test_the_loop_thread_lowers_its_own_priority_only():
     """nice applies to the calling thread (Linux): the engine's loop yields the CPU, the thread that started it keeps its priority."""
     import os
 
-    from carve.engine.scheduler import lower_thread_priority
+    from carve.engine.engine_thread import lower_thread_priority
 
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen: dict[str, int] = {}
@@ -236,6 +236,21 @@ def test_an_engine_thread_runs_its_work_in_order_on_one_thread_and_raises_its_er
         with pytest.raises(ZeroDivisionError):
             worker.run(lambda: 1 / 0)
         assert worker.run(lambda: "still serving") == "still serving"
+    finally:
+        worker.shutdown()
+
+
+def test_an_engine_thread_takes_its_nice_before_any_work():
+    """The priority is set first, so the torch workers it starts when loading inherit it (the caller keeps its own)."""
+    import os
+
+    from carve.engine.engine_thread import EngineThread
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = EngineThread("test-nice", nice=2)
+    try:
+        assert worker.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) == min(19, mine + 2)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
     finally:
         worker.shutdown()
 

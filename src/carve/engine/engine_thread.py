@@ -25,18 +25,19 @@ _Work = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]
 
 
 class EngineThread:
-    """A single daemon worker thread; ``torch_threads`` (optional) is set on it first, so its own pool has that many threads.
+    """A single daemon worker thread, at ``nice`` below the process's priority, with ``torch_threads`` threads in its torch pool.
 
     Daemon, as the scheduler's loop thread was: a process that exits while a
     loop still runs on it is not held up by it.
     """
 
-    def __init__(self, name: str = "carve-engine", torch_threads: Optional[int] = None):
+    def __init__(self, name: str = "carve-engine", torch_threads: Optional[int] = None, nice: int = 0):
         self.name = name
         self._work: "queue.SimpleQueue[_Work | None]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
         self.ident: int = self.run(threading.get_ident)
+        self.run(lower_thread_priority, nice)  # first, so the torch workers this thread starts inherit it
         if torch_threads:
             self.run(_set_torch_threads, torch_threads)
 
@@ -63,6 +64,25 @@ class EngineThread:
                 future.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # noqa: BLE001  (handed to the caller, who raises it)
                 future.set_exception(exc)
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux: per thread; threads it starts inherit it).
+
+    On a machine whose cores the engine fills, the HTTP proxy and gateway that
+    carry its tokens out (and answer 429s) wait behind its steps; a lower
+    priority lets them run first, at no cost to the engine when they are idle.
+    Torch's worker threads for this thread's parallel regions are started by it,
+    so they inherit the value. Silently skipped where the OS refuses or lacks it.
+    """
+    if increment <= 0:
+        return
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + increment)
+    except (AttributeError, OSError):
+        pass
 
 
 def _set_torch_threads(count: int) -> None:

@@ -53,7 +53,7 @@ class Limits:
     max_waiting: int = 128  # jobs queued for admission; more are refused (HTTP 429)
     max_step_s: Optional[float] = None  # inter-token target while rows decode: prefill chunks cut to fit beside the decode (None: tokens only)
     min_prefill_tokens: int = 16  # prefill tokens a step runs at least, whatever the target (a prompt always progresses)
-    nice: int = 0  # the loop thread's (and its torch workers') nice increment: the engine yields the CPU to light, latency-bound work
+    nice: int = 0  # nice increment of a loop thread the scheduler makes itself (and its torch workers): the engine yields the CPU to light work
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_step_tokens < 1 or self.max_waiting < 0 or self.min_prefill_tokens < 1:
@@ -62,25 +62,6 @@ class Limits:
             raise ValueError(f"nice must be in 0..19: {self.nice}")
         if self.max_step_s is not None and self.max_step_s <= 0:
             raise ValueError(f"max_step_s must be positive: {self.max_step_s}")
-
-
-def lower_thread_priority(increment: int) -> None:
-    """Raise the calling thread's nice value by ``increment`` (Linux: per thread; threads it starts inherit it).
-
-    On a machine whose cores the engine fills, the HTTP proxy and gateway that
-    carry its tokens out (and answer 429s) wait behind its steps; a lower
-    priority lets them run first, at no cost to the engine when they are idle.
-    Torch's worker threads for this thread's parallel regions are started by it,
-    so they inherit the value. Silently skipped where the OS refuses or lacks it.
-    """
-    if increment <= 0:
-        return
-    import os
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + increment)
-    except (AttributeError, OSError):
-        pass
 
 
 class ForwardCost:
@@ -174,14 +155,14 @@ class Scheduler:
     """The engine's loop; ``submit`` and ``cancel`` are thread-safe."""
 
     def __init__(self, engine: Any, cache: AdapterCache, limits: Limits = Limits(), replica: str = "engine", thread: Optional[EngineThread] = None):
-        """``thread``: the engine's own thread (carve.engine.engine_thread), which the loop then occupies until :meth:`close`;
-        None: a thread of the scheduler's own."""
+        """``thread``: the engine's own thread (carve.engine.engine_thread), which the loop then occupies until :meth:`close`
+        (its priority is its maker's choice); None: a thread of the scheduler's own, at ``limits.nice``."""
         self.engine = engine
         self.cache = cache
         self.limits = limits
         self.replica = replica
         self._own_thread = thread is None
-        self._thread = thread if thread is not None else EngineThread(f"carve-scheduler-{replica}")
+        self._thread = thread if thread is not None else EngineThread(f"carve-scheduler-{replica}", nice=limits.nice)
         self.session = self._thread.run(engine.session)
         self._waiting: deque[Ticket] = deque()
         self._live: dict[int, Ticket] = {}  # session id -> ticket
@@ -249,7 +230,6 @@ class Scheduler:
     # -- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        lower_thread_priority(self.limits.nice)
         while True:
             with self._cond:
                 while not (self._closed or self._waiting or self._cancelled or not self.session.idle):

@@ -61,13 +61,13 @@ class EngineServer:
         self.config = ServeConfig.model_validate(config)
         replica = _replica_name()
         # Every torch call of this replica on one thread: loading, adapters, decoding (carve.engine.engine_thread).
-        self.thread = EngineThread(f"carve-engine-{replica}", torch_threads=self.config.engine_threads)
+        self.thread = EngineThread(f"carve-engine-{replica}", torch_threads=self.config.engine_threads, nice=self.config.engine_nice)
         self.engine, self.resolved, self.plan = self.thread.run(self._open_engine)
         self.cache = AdapterCache(self.engine, self.config.max_adapters)
         self.scheduler: Optional[Scheduler] = None
         if self.config.batching == "continuous":
             step_s = self.config.max_step_ms / 1000 if self.config.max_step_ms is not None else None
-            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting, max_step_s=step_s, nice=self.config.engine_nice)
+            limits = Limits(self.config.max_batch_size, self.config.max_step_tokens, self.config.max_waiting, max_step_s=step_s)
             self.scheduler = Scheduler(self.engine, self.cache, limits, replica=replica, thread=self.thread)
         self.runner = BatchRunner(self.engine, self.cache)
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
