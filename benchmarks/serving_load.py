@@ -311,16 +311,16 @@ async def burst(url: str, requests: list[Request], count: int, label: str) -> Ru
     return run
 
 
-async def overload(url: str, requests: list[Request], fill: int, extra: int, gap_s: float, label: str) -> Run:
+async def overload(url: str, requests: list[Request], fill: int, extra: int, gap_s: float, label: str) -> tuple[Run, Run]:
     """``fill`` requests at once take every place (rows and queue), then ``extra`` arrive ``gap_s`` apart while they hold them.
 
     The fill asks for the longest outputs so that no place frees meanwhile.
-    Outcomes: the late arrivals' (each should be a 429), then the fill's (each
-    accepted and completed, or counted as lost).
+    Two runs: the late arrivals (each should be a 429, timed) and the fill
+    (each accepted and completed, or counted as lost).
     """
     import httpx
 
-    run = Run(label, "overload", None)
+    run, filled = Run(label, "overload", None), Run(label, "overload fill", None)
     holders = [Request(r.model, r.prompt, 128) for r in requests[:fill]]
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=4096)) as client:
@@ -330,9 +330,11 @@ async def overload(url: str, requests: list[Request], fill: int, extra: int, gap
         for r in requests[fill : fill + extra]:
             late.append(asyncio.ensure_future(send(client, r, True)))
             await asyncio.sleep(gap_s)
-        run.outcomes = list(await asyncio.gather(*late)) + list(await asyncio.gather(*held))
-    run.elapsed = time.perf_counter() - started
-    return run
+        run.outcomes = list(await asyncio.gather(*late))
+        filled.outcomes = list(await asyncio.gather(*held))
+    run.elapsed = filled.elapsed = time.perf_counter() - started
+    print(f"overload: {len(run.rejected())} of {extra} late arrivals refused, {len(filled.done())} of {fill} filling requests completed", flush=True)
+    return run, filled
 
 
 def table(runs: list[Run]) -> str:
@@ -447,8 +449,8 @@ def main() -> None:
                     print(table(runs[-1:]).splitlines()[1], flush=True)
                 if variant == "continuous":  # the excess is refused, how fast: one at a time when full, then all at once
                     places = args.batch + args.max_waiting
-                    runs.append(asyncio.run(overload(url, requests, places, args.burst_extra, args.overload_gap_s, variant)))
-                    print(table(runs[-1:]).splitlines()[1], flush=True)
+                    runs.extend(asyncio.run(overload(url, requests, places, args.burst_extra, args.overload_gap_s, variant)))
+                    print("\n".join(table(runs[-2:]).splitlines()[1:3]), flush=True)
                     runs.append(asyncio.run(burst(url, requests[places + args.burst_extra :], places + args.burst_extra, variant)))
                     print(table(runs[-1:]).splitlines()[1], flush=True)
             serve.delete(APP_NAME)
