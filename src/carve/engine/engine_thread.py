@@ -64,6 +64,7 @@ class EngineThread:
                 future.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # noqa: BLE001  (handed to the caller, who raises it)
                 future.set_exception(exc)
+            del work, future, fn, args, kwargs  # a finished loop or batch (engine, tensors) not held until the next item
 
 
 def lower_thread_priority(increment: int) -> None:

@@ -27,6 +27,7 @@ receives exactly one final event.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -39,6 +40,8 @@ from carve.engine.batching import EngineLoad, Job, JobEvent, job_event, job_requ
 from carve.engine.engine_thread import EngineThread
 from carve.engine.requests import EngineError
 from carve.engine.scoring import AdapterSpec, branches_of
+
+logger = logging.getLogger(__name__)
 
 JobEmit = Callable[[JobEvent], None]
 _RECENT = 0.1  # weight of the newest step in the running means
@@ -177,6 +180,7 @@ class Scheduler:
         self.job_s = 1.0  # running mean of admission-to-finish time (retry hints)
         self.forward_cost = ForwardCost()
         self._running = self._thread.submit(self._loop)
+        self._running.add_done_callback(self._report_end)
 
     # -- callers' side ---------------------------------------------------------
 
@@ -204,6 +208,16 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return not self._running.done()
+
+    @property
+    def failure(self) -> Optional[BaseException]:
+        """What ended the loop, when something outside its per-step guard did (None: running, or closed)."""
+        return self._running.exception() if self._running.done() and not self._running.cancelled() else None
+
+    def _report_end(self, ended: "futures.Future[None]") -> None:
+        """A loop that died says why (its thread's own handler never sees the exception of queued work)."""
+        if not ended.cancelled() and ended.exception() is not None:
+            logger.error("the scheduler loop of %s stopped", self.replica, exc_info=ended.exception())
 
     def load(self) -> EngineLoad:
         with self._cond:

@@ -61,7 +61,7 @@ class ServeConfig(BaseModel):
     engine_num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves for each engine replica.")
     engine_threads: Optional[int] = Field(None, ge=1, description="torch threads per engine replica (default: Ray's, from num_cpus).")
     engine_nice: int = Field(
-        0, ge=0, le=19, description="Nice increment of each replica's decoding thread: the proxy and gateway carrying its tokens run first on a busy CPU."
+        0, ge=0, le=19, description="Nice increment of each replica's engine thread (loading and decoding): the proxy and gateway carrying its tokens run first on a busy CPU."
     )
     engine_num_gpus: float = Field(0.0, ge=0.0, description="GPUs Ray reserves for each engine replica.")
     gateway_num_cpus: float = Field(0.0, ge=0.0, description="CPUs Ray reserves for the HTTP gateway.")

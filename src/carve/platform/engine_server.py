@@ -1,7 +1,8 @@
 """The engine replica: the base model loaded once, up to N adapters, mixed-adapter batches.
 
 Continuous batching (the default): the replica's scheduler (carve.engine.scheduler)
-owns the engine in a thread of its own; a request joins the running batch at
+owns the engine on the replica's one engine thread (carve.engine.engine_thread),
+the thread that also loaded it; a request joins the running batch at
 the next decoding step and leaves it when it finishes, or when its caller goes
 away. A full queue answers at once with an "overloaded" event (HTTP 429).
 
@@ -154,11 +155,14 @@ class EngineServer:
     def check_health(self) -> None:
         """Polled by Serve: a replica whose scheduler loop died is restarted."""
         if self.scheduler is not None and not self.scheduler.alive:
-            raise RuntimeError("the engine scheduler loop has stopped")
+            failure = self.scheduler.failure
+            raise RuntimeError("the engine scheduler loop has stopped" + (f": {type(failure).__name__}: {failure}" if failure else ""))
 
     def __del__(self) -> None:
         if getattr(self, "scheduler", None) is not None:
             self.scheduler.close()
+        if getattr(self, "thread", None) is not None:
+            self.thread.shutdown()
 
 
 def _replica_name() -> str:
