@@ -6,7 +6,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 OUT_DIR = Path(os.environ.get("CARVE_BENCH_OUT", Path(__file__).parent / "out"))
 
@@ -33,6 +33,28 @@ def make_random_adapters(model_dir: Path, names: list[str], out_dir: Path, rank:
         paths[name] = out_dir / name
         peft_model.save_pretrained(paths[name])
     return paths
+
+
+class StreamTimes(NamedTuple):
+    """One ``engine.stream`` run: the prefill (start to first token), the decode (first token to last) and its steps."""
+
+    prefill_s: float
+    decode_s: float
+    steps: int  # decode steps after the first token (row 0's tokens less one)
+
+
+def timed_stream(engine: Any, requests: list[Any], on_first: Callable[[], None] = lambda: None) -> StreamTimes:
+    """Stream ``requests`` through ``engine`` and time it; ``on_first`` runs as the first token arrives (the prefill is over)."""
+    start = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    for event in engine.stream(requests):
+        if not first:
+            on_first()
+        last = time.perf_counter()
+        first = first or last
+        tokens += event.index == 0
+    return StreamTimes(first - start, last - first, tokens - 1)
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import OUT_DIR, make_random_adapters  # noqa: E402
+from common import OUT_DIR, make_random_adapters, timed_stream  # noqa: E402
 
 QUESTIONS = [
     "What does the BRCA1 gene do?", "Name three symptoms of measles.", "Explain what an enzyme inhibitor is.",
@@ -178,13 +178,9 @@ def main() -> None:
         for _ in range(repeats + 1):  # the first is a warm-up
             if engine.prefix_cache is not None:
                 engine.prefix_cache.forget()  # the same prompts again would be copied, not run
-            start = time.perf_counter()
-            first = last = 0.0
-            for event in engine.stream(requests):
-                last = time.perf_counter()
-                first = first or last
-            best_decode = max(best_decode, b * (args.tokens - 1) / (last - first))
-            best_prefill = max(best_prefill, prompt_tokens / (first - start))
+            prefill_s, decode_s, _ = timed_stream(engine, requests)
+            best_decode = max(best_decode, b * (args.tokens - 1) / decode_s)
+            best_prefill = max(best_prefill, prompt_tokens / prefill_s)
         return best_decode, best_prefill
 
     def alternate(*measures: Callable[[], float]) -> list[float]:

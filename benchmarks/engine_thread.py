@@ -23,10 +23,11 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from common import timed_stream  # noqa: E402
 
 LAYOUTS = ("one thread", "two threads")
 BATCHES = (1, 16)
@@ -44,14 +45,8 @@ def decode_rates(engine: object, tokens: int) -> dict[int, float]:
     for batch in BATCHES:
         requests = [GenerationRequest.single(prompts[i % len(prompts)], None, Sampling(max_new_tokens=tokens, ignore_eos=True)) for i in range(batch)]
         engine.generate(requests)  # type: ignore[attr-defined]
-        first = last = 0.0
-        steps = 0
-        for event in engine.stream(requests):  # type: ignore[attr-defined]
-            if event.index == 0:
-                last = time.perf_counter()
-                first = first or last
-                steps += 1
-        rates[batch] = batch * (steps - 1) / (last - first)
+        _, seconds, steps = timed_stream(engine, requests)
+        rates[batch] = batch * steps / seconds
     return rates
 
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from clocks import clock_runner, shares  # noqa: E402
-from common import make_random_adapters  # noqa: E402
+from common import make_random_adapters, timed_stream  # noqa: E402
 from engine import QUESTIONS, ceiling_seconds, model_shapes, products  # noqa: E402
 
 
@@ -62,21 +60,8 @@ def main() -> None:
         for i in range(args.batch)
     ]
 
-    def decode(on_first: Callable[[], None] = lambda: None) -> tuple[float, int]:
-        """(seconds from the first streamed token to the last, steps in between); ``on_first`` runs at the first token."""
-        first = last = 0.0
-        steps = 0
-        for event in engine.stream(requests):
-            if event.index == 0:
-                if not first:
-                    on_first()
-                last = time.perf_counter()
-                first = first or last
-                steps += 1
-        return last - first, steps - 1
-
-    decode()  # warm-up
-    plain_seconds, plain_steps = decode()
+    timed_stream(engine, requests)  # warm-up
+    _, plain_seconds, plain_steps = timed_stream(engine, requests)
     step_ms = 1000 * plain_seconds / plain_steps
     shapes = model_shapes(engine)
     ceiling_ms = 1000 * ceiling_seconds(products(shapes, plan.engine_weights), shapes, args.batch, 2)
@@ -87,11 +72,11 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-            decode()
+            timed_stream(engine, requests)
         print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
     spent = clock_runner(engine)
-    took, steps = decode(on_first=spent.clear)  # the prompts' prefill (before the first token) left out
+    _, took, steps = timed_stream(engine, requests, on_first=spent.clear)  # the prompts' prefill (before the first token) left out
     print(f"by the clock ({steps} steps, {1000 * took / steps:.1f} ms each with the clocks in), ms per step:")
     parts = {name: 1000 * seconds / steps for name, seconds in shares(spent, took).items()}
     for name, ms in parts.items():

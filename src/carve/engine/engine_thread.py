@@ -32,14 +32,17 @@ class EngineThread:
     """
 
     def __init__(self, name: str = "carve-engine", torch_threads: Optional[int] = None, nice: int = 0):
-        self.name = name
         self._work: "queue.SimpleQueue[_Work | None]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
-        self.ident: int = self.run(threading.get_ident)
         self.run(lower_thread_priority, nice)  # first, so the torch workers this thread starts inherit it
         if torch_threads:
             self.run(_set_torch_threads, torch_threads)
+
+    @property
+    def ident(self) -> int:
+        """The thread's identifier (``threading.get_ident()`` on it)."""
+        return int(self._thread.ident)  # type: ignore[arg-type]  (set once started)
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
         """``fn(*args, **kwargs)`` queued on the thread (after the work already queued, a scheduler's loop included)."""

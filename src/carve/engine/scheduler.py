@@ -212,11 +212,11 @@ class Scheduler:
     @property
     def failure(self) -> Optional[BaseException]:
         """What ended the loop, when something outside its per-step guard did (None: running, or closed)."""
-        return self._running.exception() if self._running.done() and not self._running.cancelled() else None
+        return self._running.exception() if self._running.done() else None
 
     def _report_end(self, ended: "futures.Future[None]") -> None:
         """A loop that died says why (its thread's own handler never sees the exception of queued work)."""
-        if not ended.cancelled() and ended.exception() is not None:
+        if ended.exception() is not None:
             logger.error("the scheduler loop of %s stopped", self.replica, exc_info=ended.exception())
 
     def load(self) -> EngineLoad:
